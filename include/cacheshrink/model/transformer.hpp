@@ -1,0 +1,237 @@
+#pragma once
+// The CPU transformer forward pass for every supported family, one code path for
+// MHA/GQA/MQA (query head h reads KV head Kind::kv_head(h, group)).
+//
+// Batches are packed: each sequence contributes only its real tokens, stacked into one
+// (tokens, hidden) matrix so every projection is one GEMM; attention runs per sequence and
+// head against that sequence's cache. Padding therefore never enters the arithmetic; the
+// padded-batch front door (forward_padded) packs with the attention mask and scatters back.
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "cacheshrink/backend/cpu/cpu.hpp"
+#include "cacheshrink/core/error.hpp"
+#include "cacheshrink/model/attention_kind.hpp"
+#include "cacheshrink/model/kv_cache.hpp"
+#include "cacheshrink/model/layers.hpp"
+#include "cacheshrink/model/weights.hpp"
+
+namespace cacheshrink::model {
+
+enum class LogitsFor { All, Last, None };
+
+/// Observation hooks (calibration, tests). Called with packed (tokens, features) matrices.
+struct ForwardHooks {
+  /// Input of layer l's attention (after its input norm): the calibration signal.
+  std::function<void(int layer, const MatrixRf& h)> on_attn_input;
+  /// index 0: embedding output; 1..n_layers: output of layer index-1; n_layers+1: after final norm.
+  std::function<void(int index, const MatrixRf& x)> on_hidden;
+};
+
+struct ForwardOptions {
+  LogitsFor logits = LogitsFor::All;
+  const ForwardHooks* hooks = nullptr;
+};
+
+/// Causal attention of `n` queries (rows of q, positions p0..p0+n-1) over keys/values
+/// 0..p0+n-1 of one sequence; `window` > 0 keeps only keys j > i - window.
+/// q: (n, n_heads*hd) block, out: (n, n_heads*hd) block. K/V: (>= p0+n, n_kv*hd).
+template <AttentionKind Kind, class QBlock, class OBlock>
+void causal_attention(const QBlock& q, int p0, const MatrixRf& K, const MatrixRf& V, int n_heads, int n_kv_heads, int hd, int window,
+                      OBlock&& out) {
+  const int n = static_cast<int>(q.rows());
+  const int L = p0 + n;
+  const int group = n_heads / n_kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  MatrixRf scores(n, L);
+  for (int h = 0; h < n_heads; ++h) {
+    const int kvh = Kind::kv_head(h, group);
+    // Keys that any query of this block may see: [lo, L).
+    const int lo = window > 0 ? std::max(0, p0 - window + 1) : 0;
+    const int span = L - lo;
+    auto S = scores.leftCols(span);
+    S.noalias() = (q.middleCols(h * hd, hd) * scale) * K.block(lo, kvh * hd, span, hd).transpose();
+    for (int i = 0; i < n; ++i) {
+      const int pos = p0 + i;
+      const int first = window > 0 ? std::max(0, pos - window + 1) : 0;
+      auto row = S.row(i);
+      const int a = first - lo, b = pos - lo + 1;  // visible: [a, b)
+      float m = -std::numeric_limits<float>::infinity();
+      for (int j = a; j < b; ++j) m = std::max(m, row[j]);
+      float sum = 0.0f;
+      for (int j = 0; j < span; ++j) {
+        const float e = (j >= a && j < b) ? std::exp(row[j] - m) : 0.0f;
+        row[j] = e;
+        sum += e;
+      }
+      row *= 1.0f / sum;
+    }
+    out.middleCols(h * hd, hd).noalias() = S * V.block(lo, kvh * hd, span, hd);
+  }
+}
+
+template <AttentionKind Kind, class Backend = Cpu>
+class Transformer {
+  static_assert(sizeof(Backend) == 0, "Transformer<Kind, Backend>: this backend is not available here; for Backend = Cuda include "
+                                      "cacheshrink/cuda.hpp from a .cu translation unit");
+};
+
+template <AttentionKind Kind>
+class Transformer<Kind, Cpu> {
+ public:
+  explicit Transformer(const Model& m) : m_(m), c_(m.config), rope_() {
+    check_attention_kind<Kind>(c_);
+    if (c_.uses_rope()) rope_ = Rope(c_);
+  }
+
+  const ModelConfig& config() const { return c_; }
+  const Model& model() const { return m_; }
+  KvCache make_cache(int n_seqs) const { return KvCache(c_.n_layers, c_.d_kv(), n_seqs); }
+
+  /// Runs the new tokens of each sequence (appended after `cache` when given, else from
+  /// position 0). Returns logits: All -> one row per packed token in order; Last -> one
+  /// row per sequence; None -> empty.
+  MatrixRf forward(std::span<const std::vector<int>> seqs, KvCache* cache = nullptr, const ForwardOptions& opt = {}) {
+    const int B = static_cast<int>(seqs.size());
+    if (B == 0) throw InvalidArgument("forward: empty batch");
+    if (cache != nullptr && cache->n_seqs() != B)
+      throw InvalidArgument("forward: cache holds " + std::to_string(cache->n_seqs()) + " sequences, batch has " + std::to_string(B));
+    KvCache local;
+    if (cache == nullptr) {
+      local = make_cache(B);
+      cache = &local;
+    }
+    // Packing: offsets and start positions.
+    std::vector<int> off(B + 1, 0), p0(B, 0);
+    for (int s = 0; s < B; ++s) {
+      const auto& t = seqs[s];
+      if (t.empty()) throw InvalidArgument("forward: sequence " + std::to_string(s) + " has no tokens");
+      p0[s] = cache->length[s];
+      if (p0[s] + static_cast<int>(t.size()) > c_.max_position && c_.family == Family::Gpt2)
+        throw InvalidArgument("forward: sequence " + std::to_string(s) + " reaches position " + std::to_string(p0[s] + t.size()) +
+                              " but the model has max_position_embeddings " + std::to_string(c_.max_position));
+      for (int id : t)
+        if (id < 0 || id >= c_.vocab_size)
+          throw InvalidArgument("forward: token id " + std::to_string(id) + " in sequence " + std::to_string(s) +
+                                " is outside the vocabulary [0, " + std::to_string(c_.vocab_size) + ")");
+      off[s + 1] = off[s] + static_cast<int>(t.size());
+    }
+    const int N = off[B];
+    const auto& W = m_.weights;
+    const int H = c_.hidden_size, hd = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads;
+
+    x_.resize(N, H);
+    for (int s = 0; s < B; ++s)
+      for (int i = 0; i < off[s + 1] - off[s]; ++i) {
+        x_.row(off[s] + i) = W.embed.row(seqs[s][i]);
+        if (c_.family == Family::Gpt2) x_.row(off[s] + i) += W.pos_embed.row(p0[s] + i);
+      }
+    const ForwardHooks* hk = opt.hooks;
+    if (hk && hk->on_hidden) hk->on_hidden(0, x_);
+
+    for (int l = 0; l < c_.n_layers; ++l) {
+      const auto& lw = W.layers[l];
+      apply_norm(c_, x_, lw.norm1_w, lw.norm1_b, h_);
+      if (hk && hk->on_attn_input) hk->on_attn_input(l, h_);
+      q_.noalias() = h_ * lw.wq.transpose();
+      k_.noalias() = h_ * lw.wk.transpose();
+      v_.noalias() = h_ * lw.wv.transpose();
+      if (lw.bq.size()) q_.rowwise() += lw.bq.transpose();
+      if (lw.bk.size()) k_.rowwise() += lw.bk.transpose();
+      if (lw.bv.size()) v_.rowwise() += lw.bv.transpose();
+      if (lw.q_norm.size()) {
+        head_rms_norm(q_, hd, lw.q_norm, static_cast<float>(c_.norm_eps));
+        head_rms_norm(k_, hd, lw.k_norm, static_cast<float>(c_.norm_eps));
+      }
+      if (c_.uses_rope())
+        for (int s = 0; s < B; ++s)
+          for (int i = 0; i < off[s + 1] - off[s]; ++i) {
+            rope_.apply_row(q_.row(off[s] + i).data(), nh, p0[s] + i);
+            rope_.apply_row(k_.row(off[s] + i).data(), nkv, p0[s] + i);
+          }
+      attn_.resize(N, nh * hd);
+      for (int s = 0; s < B; ++s) {
+        const int n = off[s + 1] - off[s];
+        cache->reserve(l, s, p0[s] + n);
+        cache->k[l][s].middleRows(p0[s], n) = k_.middleRows(off[s], n);
+        cache->v[l][s].middleRows(p0[s], n) = v_.middleRows(off[s], n);
+      }
+#pragma omp parallel for schedule(dynamic) if (B > 1)
+      for (int s = 0; s < B; ++s) {
+        const int n = off[s + 1] - off[s];
+        causal_attention<Kind>(q_.middleRows(off[s], n), p0[s], cache->k[l][s], cache->v[l][s], nh, nkv, hd, c_.sliding_window,
+                               attn_.middleRows(off[s], n));
+      }
+      x_.noalias() += attn_ * lw.wo.transpose();
+      if (lw.bo.size()) x_.rowwise() += lw.bo.transpose();
+
+      apply_norm(c_, x_, lw.norm2_w, lw.norm2_b, h_);
+      if (c_.family == Family::Gpt2) {
+        up_.noalias() = h_ * lw.w_up.transpose();
+        up_.rowwise() += lw.b_up.transpose();
+        up_ = up_.unaryExpr([](float t) { return gelu_tanh(t); });
+      } else {
+        gate_.noalias() = h_ * lw.w_gate.transpose();
+        up_.noalias() = h_ * lw.w_up.transpose();
+        if (lw.b_gate.size()) gate_.rowwise() += lw.b_gate.transpose();
+        if (lw.b_up.size()) up_.rowwise() += lw.b_up.transpose();
+        up_.array() *= gate_.unaryExpr([](float t) { return silu(t); }).array();
+      }
+      x_.noalias() += up_ * lw.w_down.transpose();
+      if (lw.b_down.size()) x_.rowwise() += lw.b_down.transpose();
+      if (hk && hk->on_hidden) hk->on_hidden(l + 1, x_);
+    }
+    for (int s = 0; s < B; ++s) cache->length[s] = p0[s] + (off[s + 1] - off[s]);
+
+    if (opt.logits == LogitsFor::None) return {};
+    if (opt.logits == LogitsFor::Last) {
+      MatrixRf last(B, H);
+      for (int s = 0; s < B; ++s) last.row(s) = x_.row(off[s + 1] - 1);
+      apply_norm(c_, last, W.final_norm_w, W.final_norm_b, h_);
+    } else {
+      apply_norm(c_, x_, W.final_norm_w, W.final_norm_b, h_);
+    }
+    if (hk && hk->on_hidden) hk->on_hidden(c_.n_layers + 1, h_);
+    MatrixRf logits;
+    logits.noalias() = h_ * W.head().transpose();
+    return logits;
+  }
+
+  /// Convenience: one sequence.
+  MatrixRf forward(const std::vector<int>& ids, KvCache* cache = nullptr, const ForwardOptions& opt = {}) {
+    return forward(std::span<const std::vector<int>>(&ids, 1), cache, opt);
+  }
+
+  /// Padded batch front door: ids (B, T) row-major with attention mask (1 = real token).
+  /// Position ids count real tokens (HF's cumsum(mask) - 1), so left and right padding both
+  /// work. Returns logits (B*T, vocab) with zero rows at padded positions.
+  MatrixRf forward_padded(std::span<const int> ids, std::span<const int> mask, int batch, int T) {
+    if (static_cast<int>(ids.size()) != batch * T || static_cast<int>(mask.size()) != batch * T)
+      throw InvalidArgument("forward_padded: ids and mask must both hold batch*T entries");
+    std::vector<std::vector<int>> seqs(batch);
+    for (int b = 0; b < batch; ++b)
+      for (int t = 0; t < T; ++t)
+        if (mask[b * T + t]) seqs[b].push_back(ids[b * T + t]);
+    MatrixRf packed = forward(seqs);
+    MatrixRf out = MatrixRf::Zero(batch * T, c_.vocab_size);
+    int r = 0;
+    for (int b = 0; b < batch; ++b)
+      for (int t = 0; t < T; ++t)
+        if (mask[b * T + t]) out.row(b * T + t) = packed.row(r++);
+    return out;
+  }
+
+ private:
+  const Model& m_;
+  ModelConfig c_;
+  Rope rope_;
+  // Buffers reused across calls (allocated once per batch shape).
+  MatrixRf x_, h_, q_, k_, v_, attn_, gate_, up_;
+};
+
+}  // namespace cacheshrink::model

@@ -161,7 +161,6 @@ class Transformer<Kind, Cpu> {
         cache->k[l][s].middleRows(p0[s], n) = k_.middleRows(off[s], n);
         cache->v[l][s].middleRows(p0[s], n) = v_.middleRows(off[s], n);
       }
-#pragma omp parallel for schedule(dynamic) if (B > 1)
       for (int s = 0; s < B; ++s) {
         const int n = off[s + 1] - off[s];
         causal_attention<Kind>(q_.middleRows(off[s], n), p0[s], cache->k[l][s], cache->v[l][s], nh, nkv, hd, c_.sliding_window,

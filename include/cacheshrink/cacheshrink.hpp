@@ -1,0 +1,16 @@
+#pragma once
+// Umbrella header for CPU users. Never pulls in CUDA headers (see cacheshrink/cuda.hpp).
+#include "cacheshrink/core/config.hpp"
+#include "cacheshrink/core/dtype.hpp"
+#include "cacheshrink/core/error.hpp"
+#include "cacheshrink/core/progress.hpp"
+#include "cacheshrink/io/file.hpp"
+#include "cacheshrink/io/hf_config.hpp"
+#include "cacheshrink/io/model_dir.hpp"
+#include "cacheshrink/io/safetensors.hpp"
+#include "cacheshrink/model/attention_kind.hpp"
+#include "cacheshrink/model/generate.hpp"
+#include "cacheshrink/model/transformer.hpp"
+#include "cacheshrink/model/weights.hpp"
+#include "cacheshrink/pipeline/evaluate.hpp"
+#include "cacheshrink/tokenizer/tokenizer.hpp"

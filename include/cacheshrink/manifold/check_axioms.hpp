@@ -7,7 +7,7 @@
 //   CHECK_MESSAGE(report.ok(), report.summary());
 //
 // Errors are max-abs residuals, tangent vectors have unit Frobenius norm scaled by a random
-// factor in [0.05, 2]; tolerances scale with the type's epsilon.
+// factor in [0.05, 2]; default tolerances scale with the type's epsilon and max_rows.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -26,11 +26,15 @@ struct AxiomTolerances {
   double derivative;  // | (R(h u) - R(-h u)) / 2h - u |, central difference
   double fd_step;     // h of that central difference
 
-  static AxiomTolerances defaults() {
+  /// Algebraic residuals grow like eps * n (n x n products), so the bound is
+  /// 20 eps max(max_rows, 8); the derivative bound covers O(h^2) truncation + O(eps / h).
+  static AxiomTolerances defaults(Eigen::Index max_rows = 24) {
+    constexpr double eps = std::numeric_limits<Scalar>::epsilon();
+    const double algebraic = 20.0 * eps * static_cast<double>(std::max<Eigen::Index>(max_rows, 8));
     if constexpr (std::is_same_v<Scalar, float>)
-      return {2e-4, 2e-2, 2e-2};  // h^2 truncation and eps/h roundoff both ~1e-4..1e-3
+      return {algebraic, 5e-3, 2e-2};
     else
-      return {1e-11, 1e-7, 1e-5};
+      return {algebraic, 5e-9, 1e-5};
   }
 };
 
@@ -69,9 +73,18 @@ struct AxiomReport {
 };
 
 template <Manifold M>
-AxiomReport check_axioms(const M& m, AxiomCheckOptions opt = {},
-                         AxiomTolerances<typename M::Scalar> tol =
-                             AxiomTolerances<typename M::Scalar>::defaults()) {
+AxiomReport check_axioms(const M& m, AxiomCheckOptions opt,
+                         AxiomTolerances<typename M::Scalar> tol);
+
+/// check_axioms with AxiomTolerances<Scalar>::defaults(opt.max_rows).
+template <Manifold M>
+AxiomReport check_axioms(const M& m, AxiomCheckOptions opt = {}) {
+  return check_axioms(m, opt, AxiomTolerances<typename M::Scalar>::defaults(opt.max_rows));
+}
+
+template <Manifold M>
+AxiomReport check_axioms(const M& m, AxiomCheckOptions opt,
+                         AxiomTolerances<typename M::Scalar> tol) {
   using Scalar = typename M::Scalar;
   using Mat = Matrix<Scalar>;
   Rng rng(opt.seed);

@@ -191,6 +191,20 @@ TEST_CASE("tokenizer: invalid UTF-8 is byte-level encoded and round-trips") {
   CHECK(g.token_bytes(ids[0]) == "\xff");
 }
 
+TEST_CASE("tokenizer: Unicode whitespace follows Oniguruma (HF), not PCRE2's legacy \\s") {
+  // Expected ids from HF tokenizers 0.23.3. U+180E is not White_Space since Unicode 6.3, but
+  // PCRE2's \s still matches it; the pattern rewrite to \p{White_Space} makes us agree with HF.
+  const std::string mvs = "\xe1\xa0\x8e's x\xe1\xa0\x8ey";
+  CHECK(gpt2_tokenizer().encode(mvs) == std::vector<int>{157, 254, 236, 6, 82, 2124, 157, 254, 236, 88});
+  CHECK(qwen3_tokenizer().encode(mvs) == std::vector<int>{123970, 236, 6, 82, 856, 123970, 236, 88});
+  const std::string ws = "a\xe3\x80\x80\xe3\x80\x80" "b\xc2\x85 \xe2\x80\xa8" "c\xc2\xa0 d";
+  CHECK(gpt2_tokenizer().encode(ws) == std::vector<int>{64, 5099, 222, 5099, 222, 65, 126, 227, 220, 447, 101, 66, 1849, 288});
+  CHECK(qwen3_tokenizer().encode(ws) == std::vector<int>{64, 22441, 22441, 65, 126, 227, 220, 378, 101, 66, 4102, 294});
+  CHECK(gpt2_tokenizer().encode("x\xe2\x80\x8b y") == std::vector<int>{87, 9525, 331});  // U+200B is not whitespace
+  CHECK(cacheshrink::tokenizer::Regex::oniguruma_spaces(R"([^\s\p{L}]|\S|\\s|\Q\s\E)") ==
+        R"([^\p{White_Space}\p{L}]|\P{White_Space}|\\s|\Q\s\E)");
+}
+
 TEST_CASE("tokenizer: NFC normalization (Qwen)") {
   using cacheshrink::tokenizer::nfc;
   CHECK(nfc("e\xcc\x81") == "\xc3\xa9");                           // e + U+0301 -> é
@@ -338,28 +352,75 @@ TEST_CASE("tokenizer: errors name the file and the problem") {
   CHECK(tiny.decode(std::vector<int>{4, 5}) == "abc<s>");
 }
 
-TEST_CASE("tokenizer: Split behaviours, prefix space, single_word/lstrip/rstrip") {
-  const std::string vocab = R"("vocab": {"a": 0, "b": 1, "Ġ": 2, "-": 3, "Ġa": 4, "<m>": 5, "<": 6, "m": 7, ">": 8})";
+TEST_CASE("tokenizer: Split behaviours, prefix space, single_word/lstrip/rstrip (ids from HF tokenizers 0.23.3)") {
+  const std::string vocab =
+      R"("vocab": {"a": 0, "b": 1, "Ġ": 2, "-": 3, "Ġa": 4, "<m>": 5, "<": 6, "m": 7, ">": 8, "a-": 9, "-a": 10, "--": 11,
+                   "Ġ-": 12, "a--": 13}, "merges": ["Ġ a", "a -", "- a", "- -", "Ġ -", "a --"])";
   auto make = [&](const std::string& pre, const std::string& added = "[]") {
-    return Tokenizer::from_json_string(R"({"model": {"type": "BPE", )" + vocab + R"(, "merges": ["Ġ a"]}, "pre_tokenizer": )" + pre +
+    return Tokenizer::from_json_string(R"({"model": {"type": "BPE", )" + vocab + R"(}, "pre_tokenizer": )" + pre +
                                        R"(, "added_tokens": )" + added + "}");
   };
   const std::string bl = R"({"type": "ByteLevel", "add_prefix_space": false, "use_regex": false})";
-  auto split = [&](const std::string& behavior, bool invert = false) {
-    return make(R"({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"String": "-"}, "behavior": ")" + behavior +
+  auto split = [&](const std::string& behavior, bool invert) {
+    return make(R"({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "-+"}, "behavior": ")" + behavior +
                 R"(", "invert": )" + (invert ? "true" : "false") + "}, " + bl + "]}");
   };
-  // " a" merges to Ġa only when the space and the a stay in one piece.
-  CHECK(split("Isolated").encode(" a- a") == std::vector<int>{4, 3, 4});
-  CHECK(split("Removed").encode(" a- a") == std::vector<int>{4, 4});
-  CHECK(split("MergedWithPrevious").encode("- a") == std::vector<int>{3, 4});
-  const Tokenizer prefix = make(R"({"type": "ByteLevel", "add_prefix_space": true, "use_regex": true})");
+  CHECK(split("Isolated", false).encode(" a--a- ") == std::vector<int>{4, 11, 0, 3, 2});
+  CHECK(split("Isolated", false).encode("---a") == std::vector<int>{11, 3, 0});
+  CHECK(split("Isolated", false).encode("a-a-a") == std::vector<int>{0, 3, 0, 3, 0});
+  CHECK(split("Isolated", false).encode("-- a-") == std::vector<int>{11, 4, 3});
+  CHECK(split("Isolated", true).encode(" a--a- ") == std::vector<int>{4, 11, 0, 3, 2});
+  CHECK(split("Isolated", true).encode("---a") == std::vector<int>{11, 3, 0});
+  CHECK(split("Isolated", true).encode("a-a-a") == std::vector<int>{0, 3, 0, 3, 0});
+  CHECK(split("Isolated", true).encode("-- a-") == std::vector<int>{11, 4, 3});
+  CHECK(split("Removed", false).encode(" a--a- ") == std::vector<int>{4, 0, 2});
+  CHECK(split("Removed", false).encode("---a") == std::vector<int>{0});
+  CHECK(split("Removed", false).encode("a-a-a") == std::vector<int>{0, 0, 0});
+  CHECK(split("Removed", false).encode("-- a-") == std::vector<int>{4});
+  CHECK(split("Removed", true).encode(" a--a- ") == std::vector<int>{11, 3});
+  CHECK(split("Removed", true).encode("---a") == std::vector<int>{11, 3});
+  CHECK(split("Removed", true).encode("a-a-a") == std::vector<int>{3, 3});
+  CHECK(split("Removed", true).encode("-- a-") == std::vector<int>{11, 3});
+  CHECK(split("MergedWithPrevious", false).encode(" a--a- ") == std::vector<int>{4, 11, 9, 2});
+  CHECK(split("MergedWithPrevious", false).encode("---a") == std::vector<int>{11, 3, 0});
+  CHECK(split("MergedWithPrevious", false).encode("a-a-a") == std::vector<int>{9, 9, 0});
+  CHECK(split("MergedWithPrevious", false).encode("-- a-") == std::vector<int>{11, 4, 3});
+  CHECK(split("MergedWithPrevious", true).encode(" a--a- ") == std::vector<int>{4, 3, 10, 3, 2});
+  CHECK(split("MergedWithPrevious", true).encode("---a") == std::vector<int>{11, 10});
+  CHECK(split("MergedWithPrevious", true).encode("a-a-a") == std::vector<int>{0, 10, 10});
+  CHECK(split("MergedWithPrevious", true).encode("-- a-") == std::vector<int>{11, 4, 3});
+  CHECK(split("MergedWithNext", false).encode(" a--a- ") == std::vector<int>{4, 3, 10, 3, 2});
+  CHECK(split("MergedWithNext", false).encode("---a") == std::vector<int>{11, 10});
+  CHECK(split("MergedWithNext", false).encode("a-a-a") == std::vector<int>{0, 10, 10});
+  CHECK(split("MergedWithNext", false).encode("-- a-") == std::vector<int>{11, 4, 3});
+  CHECK(split("MergedWithNext", true).encode(" a--a- ") == std::vector<int>{4, 11, 9, 2});
+  CHECK(split("MergedWithNext", true).encode("---a") == std::vector<int>{11, 3, 0});
+  CHECK(split("MergedWithNext", true).encode("a-a-a") == std::vector<int>{9, 9, 0});
+  CHECK(split("MergedWithNext", true).encode("-- a-") == std::vector<int>{11, 4, 3});
+  CHECK(split("Contiguous", false).encode(" a--a- ") == std::vector<int>{4, 11, 0, 3, 2});
+  CHECK(split("Contiguous", false).encode("---a") == std::vector<int>{11, 3, 0});
+  CHECK(split("Contiguous", false).encode("a-a-a") == std::vector<int>{0, 3, 0, 3, 0});
+  CHECK(split("Contiguous", false).encode("-- a-") == std::vector<int>{11, 4, 3});
+  CHECK(split("Contiguous", true).encode(" a--a- ") == std::vector<int>{4, 11, 0, 3, 2});
+  CHECK(split("Contiguous", true).encode("---a") == std::vector<int>{11, 3, 0});
+  CHECK(split("Contiguous", true).encode("a-a-a") == std::vector<int>{0, 3, 0, 3, 0});
+  CHECK(split("Contiguous", true).encode("-- a-") == std::vector<int>{11, 4, 3});
+  const std::string prefix_bl = R"({"type": "ByteLevel", "add_prefix_space": true, "use_regex": true})";
+  const Tokenizer prefix = make(prefix_bl);
   CHECK(prefix.encode("a") == std::vector<int>{4});
   CHECK(prefix.encode(" a") == std::vector<int>{4});
-  const Tokenizer sw = make(bl, R"([{"id": 5, "content": "<m>", "single_word": true, "special": false}])");
-  CHECK(sw.encode(" <m> ") == std::vector<int>{2, 5, 2});
-  CHECK(sw.encode("a<m>").size() == 4);  // touches a word character: not recognized
+  auto added = [&](const std::string& flags) {
+    return make(prefix_bl, R"([{"id": 5, "content": "<m>", "special": false, )" + flags + "}]");
+  };
+  // The prefix space goes in front of every stretch between added tokens, as in HF.
+  CHECK(added(R"("lstrip": false)").encode("a<m>a") == std::vector<int>{4, 5, 4});
+  CHECK(added(R"("single_word": true)").encode("a<m>-a") == std::vector<int>{4, 6, 7, 8, 3, 0});  // touches a word: plain text
+  CHECK(added(R"("single_word": true)").encode("-<m> a") == std::vector<int>{12, 5, 4});
+  CHECK(added(R"("single_word": true)").encode(" <m>-") == std::vector<int>{2, 5, 12});
+  CHECK(added(R"("lstrip": true)").encode("a<m>-a") == std::vector<int>{4, 5, 12, 0});
+  CHECK(added(R"("lstrip": true)").encode(" <m>-") == std::vector<int>{5, 12});
+  CHECK(added(R"("rstrip": true)").encode(" <m>-") == std::vector<int>{2, 5, 12});
   const Tokenizer strip = make(bl, R"([{"id": 5, "content": "<m>", "lstrip": true, "rstrip": true, "special": true}])");
   CHECK(strip.encode("a  <m>  b") == std::vector<int>{0, 5, 1});
-  CHECK(strip.encode("a  <m>  b", false).size() == 9);
+  CHECK(strip.encode("a  <m>  b", false).size() == 9);  // special tokens off: plain text
 }

@@ -27,7 +27,8 @@ class Regex {
     PCRE2_SIZE err_offset = 0;
     // PCRE2_LITERAL rejects UCP (it has no classes to apply it to).
     const std::uint32_t options = PCRE2_UTF | PCRE2_MATCH_INVALID_UTF | (literal ? PCRE2_LITERAL : PCRE2_UCP);
-    pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), options, &err,
+    const std::string source = literal ? std::string(pattern) : oniguruma_spaces(pattern);
+    pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(source.data()), source.size(), options, &err,
                                      &err_offset, nullptr);
     if (code == nullptr) {
       PCRE2_UCHAR buf[256];
@@ -87,6 +88,36 @@ class Regex {
   }
 
   bool jit() const { return jit_; }
+
+  /// PCRE2's \s also matches U+180E (MONGOLIAN VOWEL SEPARATOR, whitespace before Unicode
+  /// 6.3); Oniguruma's, which HF tokenizers runs, is exactly the White_Space property. So
+  /// \s and \S become \p{White_Space} and \P{White_Space}, which work inside and outside
+  /// character classes. Escaped backslashes and \Q...\E quoting are respected.
+  static std::string oniguruma_spaces(std::string_view p) {
+    std::string out;
+    out.reserve(p.size() + 32);
+    bool quoted = false;
+    for (std::size_t i = 0; i < p.size(); ++i) {
+      if (p[i] != '\\' || i + 1 == p.size()) {
+        out.push_back(p[i]);
+        continue;
+      }
+      const char c = p[i + 1];
+      if (quoted) {
+        if (c == 'E') quoted = false;
+        out.append(p.substr(i, 2));
+      } else if (c == 's') {
+        out += "\\p{White_Space}";
+      } else if (c == 'S') {
+        out += "\\P{White_Space}";
+      } else {
+        if (c == 'Q') quoted = true;
+        out.append(p.substr(i, 2));
+      }
+      ++i;
+    }
+    return out;
+  }
 
  private:
   struct Free {

@@ -10,6 +10,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cacheshrink/io/file.hpp"
@@ -423,4 +424,33 @@ TEST_CASE("tokenizer: Split behaviours, prefix space, single_word/lstrip/rstrip 
   const Tokenizer strip = make(bl, R"([{"id": 5, "content": "<m>", "lstrip": true, "rstrip": true, "special": true}])");
   CHECK(strip.encode("a  <m>  b") == std::vector<int>{0, 5, 1});
   CHECK(strip.encode("a  <m>  b", false).size() == 9);  // special tokens off: plain text
+}
+
+TEST_CASE("tokenizer: ignore_merges, unk_token and fuse_unk (ids from HF tokenizers 0.23.3)") {
+  auto make = [](bool ignore_merges, const std::string& unk, bool fuse) {
+    return Tokenizer::from_json_string(R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "c": 2, "ab": 3, "abc": 4, "<unk>": 5},
+        "merges": ["a b"], "ignore_merges": )" + std::string(ignore_merges ? "true" : "false") + R"(, "unk_token": )" + unk +
+                                       R"(, "fuse_unk": )" + (fuse ? "true" : "false") +
+                                       R"(}, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true}})");
+  };
+  CHECK(make(true, "null", false).encode("abc abcab") == std::vector<int>{4, 3, 2, 3});
+  CHECK(make(false, "null", false).encode("abc abcab") == std::vector<int>{3, 2, 3, 2, 3});
+  CHECK(make(false, R"("<unk>")", false).encode("axxb") == std::vector<int>{0, 5, 5, 1});
+  CHECK(make(false, R"("<unk>")", true).encode("axxbx") == std::vector<int>{0, 5, 1, 5});
+  CHECK(make(false, "null", false).encode("axxb") == std::vector<int>{3});  // unknown bytes vanish, then a+b merge
+}
+
+TEST_CASE("tokenizer: concurrent encode shares the word cache safely") {
+  const Tokenizer& tok = project_tokenizer();
+  const std::string text = cacheshrink::io::read_text_file(kFixtures / "data/wikitext2_valid.txt").substr(0, 200000);
+  tok.clear_cache();
+  const auto want = tok.encode(text, false);
+  tok.clear_cache();
+  std::vector<std::vector<int>> got(4);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) threads.emplace_back([&, t] { got[t] = tok.encode(text, false); });
+  for (auto& th : threads) th.join();
+  for (const auto& g : got) CHECK(g == want);
+  CHECK(tok.cache_size() > 0);
+  CHECK(tok.cache_size() <= cacheshrink::tokenizer::detail::WordCache::kMaxEntries);
 }

@@ -15,6 +15,18 @@ enum class AttentionKindId { Mha, Gqa, Mqa };
 
 enum class Activation { GeluTanh, Silu };
 
+/// MLA compression methods (see compression/policies.hpp for the typed policies).
+enum class CompressionMethod { Separate, Xkv, Joint };
+
+inline const char* compression_method_name(CompressionMethod m) {
+  switch (m) {
+    case CompressionMethod::Separate: return "separate";
+    case CompressionMethod::Xkv: return "xkv";
+    case CompressionMethod::Joint: return "joint";
+  }
+  return "?";
+}
+
 struct RopeScaling {
   std::string type = "default";  // default | linear | llama3
   double factor = 1.0;

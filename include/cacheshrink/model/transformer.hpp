@@ -91,7 +91,19 @@ class Transformer<Kind, Cpu> {
 
   const ModelConfig& config() const { return c_; }
   const Model& model() const { return m_; }
-  KvCache make_cache(int n_seqs) const { return KvCache(c_.n_layers, c_.d_kv(), n_seqs); }
+  KvCache make_cache(int n_seqs) const {
+    std::vector<int> kw, vw;
+    for (const auto& lw : m_.weights.layers) {
+      if (lw.mla) {
+        kw.push_back(lw.mla->d_latent);
+        vw.push_back(lw.mla->method == CompressionMethod::Joint ? 0 : lw.mla->d_latent);
+      } else {
+        kw.push_back(c_.d_kv());
+        vw.push_back(c_.d_kv());
+      }
+    }
+    return KvCache(std::move(kw), std::move(vw), n_seqs);
+  }
 
   /// Runs the new tokens of each sequence (appended after `cache` when given, else from
   /// position 0). Returns logits: All -> one row per packed token in order; Last -> one
@@ -139,32 +151,52 @@ class Transformer<Kind, Cpu> {
       apply_norm(c_, x_, lw.norm1_w, lw.norm1_b, h_);
       if (hk && hk->on_attn_input) hk->on_attn_input(l, h_);
       q_.noalias() = h_ * lw.wq.transpose();
-      k_.noalias() = h_ * lw.wk.transpose();
-      v_.noalias() = h_ * lw.wv.transpose();
       if (lw.bq.size()) q_.rowwise() += lw.bq.transpose();
-      if (lw.bk.size()) k_.rowwise() += lw.bk.transpose();
-      if (lw.bv.size()) v_.rowwise() += lw.bv.transpose();
-      if (lw.q_norm.size()) {
-        head_rms_norm(q_, hd, lw.q_norm, static_cast<float>(c_.norm_eps));
-        head_rms_norm(k_, hd, lw.k_norm, static_cast<float>(c_.norm_eps));
-      }
+      if (lw.q_norm.size()) head_rms_norm(q_, hd, lw.q_norm, static_cast<float>(c_.norm_eps));
       if (c_.uses_rope())
         for (int s = 0; s < B; ++s)
-          for (int i = 0; i < off[s + 1] - off[s]; ++i) {
-            rope_.apply_row(q_.row(off[s] + i).data(), nh, p0[s] + i);
-            rope_.apply_row(k_.row(off[s] + i).data(), nkv, p0[s] + i);
-          }
+          for (int i = 0; i < off[s + 1] - off[s]; ++i) rope_.apply_row(q_.row(off[s] + i).data(), nh, p0[s] + i);
       attn_.resize(N, nh * hd);
-      for (int s = 0; s < B; ++s) {
-        const int n = off[s + 1] - off[s];
-        cache->reserve(l, s, p0[s] + n);
-        cache->k[l][s].middleRows(p0[s], n) = k_.middleRows(off[s], n);
-        cache->v[l][s].middleRows(p0[s], n) = v_.middleRows(off[s], n);
-      }
-      for (int s = 0; s < B; ++s) {
-        const int n = off[s + 1] - off[s];
-        causal_attention<Kind>(q_.middleRows(off[s], n), p0[s], cache->k[l][s], cache->v[l][s], nh, nkv, hd, c_.sliding_window,
-                               attn_.middleRows(off[s], n));
+      if (!lw.mla) {
+        k_.noalias() = h_ * lw.wk.transpose();
+        v_.noalias() = h_ * lw.wv.transpose();
+        finish_kv(lw, k_, v_, off, p0);
+        for (int s = 0; s < B; ++s) {
+          const int n = off[s + 1] - off[s];
+          cache->reserve(l, s, p0[s] + n);
+          cache->k[l][s].middleRows(p0[s], n) = k_.middleRows(off[s], n);
+          cache->v[l][s].middleRows(p0[s], n) = v_.middleRows(off[s], n);
+        }
+        for (int s = 0; s < B; ++s) {
+          const int n = off[s + 1] - off[s];
+          causal_attention<Kind>(q_.middleRows(off[s], n), p0[s], cache->k[l][s], cache->v[l][s], nh, nkv, hd, c_.sliding_window,
+                                 attn_.middleRows(off[s], n));
+        }
+      } else {
+        // MLA: cache the latents only; rebuild K and V of the whole visible cache from them
+        // (the original package's decode path; issue 9 replaces it with absorption).
+        const MlaLayer& mla = *lw.mla;
+        const bool joint = mla.method == CompressionMethod::Joint;
+        k_.noalias() = h_ * mla.w_down_k.transpose();  // c_k or the joint c: (N, d_latent)
+        if (!joint) v_.noalias() = h_ * mla.w_down_v.transpose();
+        for (int s = 0; s < B; ++s) {
+          const int n = off[s + 1] - off[s];
+          cache->reserve(l, s, p0[s] + n);
+          cache->k[l][s].middleRows(p0[s], n) = k_.middleRows(off[s], n);
+          if (!joint) cache->v[l][s].middleRows(p0[s], n) = v_.middleRows(off[s], n);
+        }
+        for (int s = 0; s < B; ++s) {
+          const int n = off[s + 1] - off[s];
+          const int Ltot = p0[s] + n;
+          const auto& ck = cache->k[l][s];
+          const auto& cv = joint ? cache->k[l][s] : cache->v[l][s];
+          kfull_.noalias() = ck.topRows(Ltot) * mla.w_up_k->transpose();
+          vfull_.noalias() = cv.topRows(Ltot) * mla.w_up_v->transpose();
+          std::vector<int> off1{0, Ltot}, p01{0};
+          finish_kv(lw, kfull_, vfull_, off1, p01);
+          causal_attention<Kind>(q_.middleRows(off[s], n), p0[s], kfull_, vfull_, nh, nkv, hd, c_.sliding_window,
+                                 attn_.middleRows(off[s], n));
+        }
       }
       x_.noalias() += attn_ * lw.wo.transpose();
       if (lw.bo.size()) x_.rowwise() += lw.bo.transpose();
@@ -226,11 +258,23 @@ class Transformer<Kind, Cpu> {
   }
 
  private:
+  /// K/V post-processing shared by the standard and MLA paths: biases, k-norm, RoPE on keys.
+  /// Rows of packed sequence s (offsets off) sit at positions p0[s]...
+  void finish_kv(const LayerWeights& lw, MatrixRf& k, MatrixRf& v, const std::vector<int>& off,
+                 const std::vector<int>& p0) const {
+    if (lw.bk.size()) k.rowwise() += lw.bk.transpose();
+    if (lw.bv.size()) v.rowwise() += lw.bv.transpose();
+    if (lw.k_norm.size()) head_rms_norm(k, c_.head_dim, lw.k_norm, static_cast<float>(c_.norm_eps));
+    if (c_.uses_rope())
+      for (std::size_t s = 0; s + 1 < off.size(); ++s)
+        for (int i = 0; i < off[s + 1] - off[s]; ++i) rope_.apply_row(k.row(off[s] + i).data(), c_.n_kv_heads, p0[s] + i);
+  }
+
   const Model& m_;
   ModelConfig c_;
   Rope rope_;
   // Buffers reused across calls (allocated once per batch shape).
-  MatrixRf x_, h_, q_, k_, v_, attn_, gate_, up_;
+  MatrixRf x_, h_, q_, k_, v_, attn_, gate_, up_, kfull_, vfull_;
 };
 
 }  // namespace cacheshrink::model

@@ -2,6 +2,7 @@
 // Plain weight structs for the CPU runtime (float32, row-major, HF (out, in) orientation)
 // and the per-family name maps that fill them from safetensors.
 #include <filesystem>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -12,6 +13,22 @@
 #include "cacheshrink/io/model_dir.hpp"
 
 namespace cacheshrink::model {
+
+/// MLA replacement of a layer's K/V projections. The cache holds the latents:
+///   separate/xkv: c_k = h Wdk^T, c_v = h Wdv^T (2*d_latent per token);
+///   joint:        c   = h Wd^T (d_latent per token) feeding both K and V.
+/// K~ = c_k Wuk^T + bk, V~ = c_v Wuv^T + bv; q/k-norm and RoPE then apply to K~ exactly
+/// where the original model applies them to K. Wuk, Wuv: (d_kv, d_latent), orthonormal
+/// columns (for joint, [Wuk; Wuv] jointly). xkv layers of a group share the same Wu objects.
+struct MlaLayer {
+  CompressionMethod method = CompressionMethod::Separate;
+  int d_latent = 0;
+  int group = -1;                              // xkv group index, -1 otherwise
+  MatrixRf w_down_k;                           // (d_latent, hidden); joint: the shared down-projection
+  MatrixRf w_down_v;                           // (d_latent, hidden); empty for joint
+  std::shared_ptr<MatrixRf> w_up_k, w_up_v;    // (d_kv, d_latent)
+  int cache_width() const { return method == CompressionMethod::Joint ? d_latent : 2 * d_latent; }
+};
 
 struct LayerWeights {
   // Norms: LayerNorm has weight and bias, RMSNorm weight only (bias empty).
@@ -26,6 +43,7 @@ struct LayerWeights {
   MatrixRf w_up;            // (inter, hidden)  (GPT-2: c_fc transposed)
   MatrixRf w_down;          // (hidden, inter)  (GPT-2: c_proj transposed)
   VectorXf b_gate, b_up, b_down;
+  std::optional<MlaLayer> mla;  // set when the layer is converted to MLA
 };
 
 struct ModelWeights {

@@ -1,0 +1,300 @@
+#pragma once
+// Conversion of a loaded model to MLA.
+//
+// Calibration streams the real attention input X_l of every layer (after its input norm)
+// into a float64 Gram matrix G_l = sum X_l^T X_l (hidden x hidden); no hidden state is kept.
+// For a projection W (d_kv x hidden) the Gram of its activations is W G W^T, so one statistic
+// per layer initializes K, V and joint bases alike:
+//   separate: Wu = top-d_latent eigenvectors of Wk G Wk^T, Wd = Wu^T Wk (per layer; same for V)
+//   xkv:      Wu = top eigenvectors of sum_{l in group} Wk_l G_l Wk_l^T / tr(...), Wd_l = Wu^T Wk_l
+//   joint:    Wu = top eigenvectors of [Wk; Wv] G [Wk; Wv]^T, Wd = Wu^T [Wk; Wv]
+// For orthonormal Wu, Wd = Wu^T W is the least-squares optimal down-projection for any X, so
+// the reconstruction of the calibration activations is governed by Wu alone; its captured
+// energy (eigenvalue mass) is reported per layer. Without calibration G = I (weight SVD).
+// Biases stay outside the compression: K~ = X Wd^T Wu^T + bk.
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cacheshrink/compression/policies.hpp"
+#include "cacheshrink/core/error.hpp"
+#include "cacheshrink/core/progress.hpp"
+#include "cacheshrink/linalg/eigen.hpp"
+#include "cacheshrink/linalg/gram.hpp"
+#include "cacheshrink/model/transformer.hpp"
+#include "cacheshrink/model/weights.hpp"
+
+namespace cacheshrink::compression {
+
+struct ConvertOptions {
+  double compression_ratio = 4.0;
+  std::string method = "auto";  // separate | xkv | joint | auto
+  int d_latent = 0;             // 0: from the ratio
+  bool use_calibration = true;
+  bool store_original_weights = false;
+  std::optional<int> cross_layer_group_size;  // xkv only; default 4
+  std::optional<int> xkv_skip_early_layers;   // xkv only; default 0
+  bool keep_early_layers_original = false;    // xkv only
+  int calibration_batch = 8;
+  bool verbose = false;
+};
+
+struct LayerReport {
+  int layer = 0;
+  std::string kind;       // "mla", "original"
+  int group = -1;
+  double energy_k = 1.0;  // captured fraction of the activation energy (joint: of [K V])
+  double energy_v = 1.0;
+  double rel_err_k = 0.0;  // sqrt(1 - energy): relative reconstruction error on calibration data
+  double rel_err_v = 0.0;
+};
+
+struct ConversionReport {
+  CompressionMethod method = CompressionMethod::Separate;
+  int d_latent = 0;
+  int d_kv = 0;
+  bool calibrated = false;
+  long long calibration_tokens = 0;
+  double calibration_seconds = 0;
+  double seconds = 0;
+  std::size_t cache_floats_per_token_original = 0;
+  std::size_t cache_floats_per_token_mla = 0;
+  std::vector<LayerReport> layers;
+  std::vector<std::string> warnings;
+};
+
+/// Resolves "auto" and validates option combinations against the model.
+inline CompressionMethod resolve_method(const ModelConfig& c, const ConvertOptions& o) {
+  CompressionMethod m;
+  if (o.method == "auto") m = c.attention_kind() == AttentionKindId::Mha ? CompressionMethod::Separate : CompressionMethod::Xkv;
+  else if (o.method == "separate") m = CompressionMethod::Separate;
+  else if (o.method == "xkv") m = CompressionMethod::Xkv;
+  else if (o.method == "joint") m = CompressionMethod::Joint;
+  else if (o.method == "decoupled_rope")
+    throw InvalidArgument("compression_method 'decoupled_rope' is not implemented yet (use separate, xkv, joint or auto)");
+  else throw InvalidArgument("compression_method '" + o.method + "' is unknown (expected separate, xkv, joint, decoupled_rope or auto)");
+  if (!(o.compression_ratio >= 1.0)) throw InvalidArgument("compression_ratio must be >= 1 (got " + std::to_string(o.compression_ratio) + ")");
+  if (o.d_latent < 0) throw InvalidArgument("d_latent must be positive (got " + std::to_string(o.d_latent) + ")");
+  if (o.d_latent > c.d_kv())
+    throw InvalidArgument("d_latent " + std::to_string(o.d_latent) + " exceeds d_kv = " + std::to_string(c.d_kv()) + " (n_kv_heads * head_dim)");
+  if (m != CompressionMethod::Xkv && (o.cross_layer_group_size || o.xkv_skip_early_layers || o.keep_early_layers_original))
+    throw InvalidArgument(std::string("cross_layer_group_size, xkv_skip_early_layers and keep_early_layers_original apply to the xkv method only (method is '") +
+                          compression_method_name(m) + "')");
+  if (o.cross_layer_group_size && *o.cross_layer_group_size < 1)
+    throw InvalidArgument("cross_layer_group_size must be >= 1 (got " + std::to_string(*o.cross_layer_group_size) + ")");
+  if (o.xkv_skip_early_layers && (*o.xkv_skip_early_layers < 0 || *o.xkv_skip_early_layers >= c.n_layers))
+    throw InvalidArgument("xkv_skip_early_layers must be in [0, " + std::to_string(c.n_layers) + ") (got " +
+                          std::to_string(*o.xkv_skip_early_layers) + ")");
+  if (o.calibration_batch < 1) throw InvalidArgument("calibration batch must be >= 1");
+  return m;
+}
+
+/// Per-layer Gram matrices of the attention input over the calibration sequences.
+inline std::vector<linalg::Matrix<double>> attention_input_grams(const model::Model& m, const std::vector<std::vector<int>>& seqs,
+                                                                 int batch, bool progress, long long* tokens = nullptr) {
+  const int L = m.config.n_layers;
+  std::vector<linalg::GramAccumulator> acc;
+  for (int l = 0; l < L; ++l) acc.emplace_back(m.config.hidden_size, linalg::Centering::None);
+  model::ForwardHooks hooks;
+  hooks.on_attn_input = [&](int l, const MatrixRf& h) { acc[l].add(h); };
+  model::ForwardOptions fo;
+  fo.logits = model::LogitsFor::None;
+  fo.hooks = &hooks;
+  Progress bar("calibration", static_cast<long long>(seqs.size()), "sequences", progress);
+  long long n = 0;
+  dispatch_attention_kind(m.config, [&](auto kind) {
+    model::Transformer<decltype(kind)> tf(m);
+    for (std::size_t b = 0; b < seqs.size(); b += batch) {
+      const std::size_t e = std::min(seqs.size(), b + batch);
+      std::vector<std::vector<int>> chunk(seqs.begin() + b, seqs.begin() + e);
+      for (const auto& s : chunk) n += static_cast<long long>(s.size());
+      tf.forward(std::span<const std::vector<int>>(chunk), nullptr, fo);
+      bar.update(static_cast<long long>(e), static_cast<double>(n), "tok");
+    }
+  });
+  if (tokens) *tokens = n;
+  std::vector<linalg::Matrix<double>> out;
+  for (auto& a : acc) out.push_back(a.statistic());
+  return out;
+}
+
+namespace detail {
+
+using MatD = linalg::Matrix<double>;
+
+struct Basis {
+  MatD u;  // (d, k)
+  double energy = 1.0;
+};
+
+inline Basis top_basis(const MatD& s, int k) {
+  auto es = linalg::symmetric_eigen(s, k);
+  const double tr = s.trace();
+  Basis b;
+  b.u = es.vectors;
+  b.energy = tr > 0 ? std::clamp(es.values.sum() / tr, 0.0, 1.0) : 1.0;
+  return b;
+}
+
+inline double energy_of(const MatD& s, const MatD& u) {
+  const double tr = s.trace();
+  return tr > 0 ? std::clamp((u.transpose() * s * u).trace() / tr, 0.0, 1.0) : 1.0;
+}
+
+inline MatrixRf to_f(const MatD& m) { return m.cast<float>(); }
+
+}  // namespace detail
+
+/// Converts `original` to MLA. `calibration`: token sequences (ignored when
+/// use_calibration is false). Returns the converted model; fills `report` when given.
+inline model::Model convert(const model::Model& original, const ConvertOptions& o, const std::vector<std::vector<int>>& calibration,
+                            ConversionReport* report = nullptr) {
+  using detail::MatD;
+  const auto t0 = std::chrono::steady_clock::now();
+  const ModelConfig& c = original.config;
+  const CompressionMethod method = resolve_method(c, o);
+  ConversionReport rep;
+  rep.method = method;
+  rep.d_kv = c.d_kv();
+  rep.d_latent = o.d_latent > 0 ? o.d_latent : dispatch_compression(method, [&](auto p) { return decltype(p)::d_latent(c.d_kv(), o.compression_ratio); });
+  const int dl = rep.d_latent;
+  const int L = c.n_layers, H = c.hidden_size;
+
+  std::vector<MatD> grams;
+  if (o.use_calibration) {
+    if (calibration.empty()) throw InvalidArgument("convert: use_calibration is on but no calibration sequences were given");
+    const auto tc = std::chrono::steady_clock::now();
+    grams = attention_input_grams(original, calibration, o.calibration_batch, o.verbose, &rep.calibration_tokens);
+    rep.calibration_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
+    rep.calibrated = true;
+  } else {
+    grams.assign(L, MatD::Identity(H, H));
+  }
+
+  model::Model out = original;
+  rep.layers.resize(L);
+  auto wk = [&](int l) -> MatD { return original.weights.layers[l].wk.cast<double>(); };
+  auto wv = [&](int l) -> MatD { return original.weights.layers[l].wv.cast<double>(); };
+
+  auto set_separate = [&](int l, const detail::Basis& bk, const detail::Basis& bv, int group, CompressionMethod m) {
+    model::MlaLayer mla;
+    mla.method = m;
+    mla.d_latent = dl;
+    mla.group = group;
+    mla.w_up_k = std::make_shared<MatrixRf>(detail::to_f(bk.u));
+    mla.w_up_v = std::make_shared<MatrixRf>(detail::to_f(bv.u));
+    mla.w_down_k = detail::to_f(bk.u.transpose() * wk(l));
+    mla.w_down_v = detail::to_f(bv.u.transpose() * wv(l));
+    out.weights.layers[l].mla = std::move(mla);
+  };
+
+  int skip = 0, gsize = 4;
+  if (method == CompressionMethod::Xkv) {
+    skip = o.xkv_skip_early_layers.value_or(0);
+    gsize = o.cross_layer_group_size.value_or(4);
+  }
+  for (int l = 0; l < L; ++l) rep.layers[l].layer = l;
+
+  if (method == CompressionMethod::Separate || (method == CompressionMethod::Xkv && skip > 0)) {
+    const int last = method == CompressionMethod::Separate ? L : skip;
+    for (int l = 0; l < last; ++l) {
+      auto& lr = rep.layers[l];
+      if (method == CompressionMethod::Xkv && o.keep_early_layers_original) {
+        lr.kind = "original";
+        continue;
+      }
+      const MatD sk = wk(l) * grams[l] * wk(l).transpose();
+      const MatD sv = wv(l) * grams[l] * wv(l).transpose();
+      auto bk = detail::top_basis(sk, dl), bv = detail::top_basis(sv, dl);
+      set_separate(l, bk, bv, -1, CompressionMethod::Separate);
+      lr.kind = "mla";
+      lr.energy_k = bk.energy;
+      lr.energy_v = bv.energy;
+    }
+  }
+  if (method == CompressionMethod::Xkv) {
+    int g = 0;
+    for (int start = skip; start < L; start += gsize, ++g) {
+      const int end = std::min(L, start + gsize);
+      // Each layer's statistic is normalised by its trace so that layers with large
+      // activations do not dictate the shared basis.
+      MatD sk = MatD::Zero(c.d_kv(), c.d_kv()), sv = sk;
+      std::vector<MatD> lk, lv;
+      for (int l = start; l < end; ++l) {
+        lk.push_back(wk(l) * grams[l] * wk(l).transpose());
+        lv.push_back(wv(l) * grams[l] * wv(l).transpose());
+        sk += lk.back() / std::max(lk.back().trace(), 1e-300);
+        sv += lv.back() / std::max(lv.back().trace(), 1e-300);
+      }
+      auto bk = detail::top_basis(sk, dl), bv = detail::top_basis(sv, dl);
+      auto uk = std::make_shared<MatrixRf>(detail::to_f(bk.u));
+      auto uv = std::make_shared<MatrixRf>(detail::to_f(bv.u));
+      for (int l = start; l < end; ++l) {
+        model::MlaLayer mla;
+        mla.method = CompressionMethod::Xkv;
+        mla.d_latent = dl;
+        mla.group = g;
+        mla.w_up_k = uk;
+        mla.w_up_v = uv;
+        mla.w_down_k = detail::to_f(bk.u.transpose() * wk(l));
+        mla.w_down_v = detail::to_f(bv.u.transpose() * wv(l));
+        out.weights.layers[l].mla = std::move(mla);
+        auto& lr = rep.layers[l];
+        lr.kind = "mla";
+        lr.group = g;
+        lr.energy_k = detail::energy_of(lk[l - start], bk.u);
+        lr.energy_v = detail::energy_of(lv[l - start], bv.u);
+      }
+    }
+  }
+  if (method == CompressionMethod::Joint) {
+    for (int l = 0; l < L; ++l) {
+      MatD wkv(2 * c.d_kv(), H);
+      wkv << wk(l), wv(l);
+      const MatD s = wkv * grams[l] * wkv.transpose();
+      auto b = detail::top_basis(s, dl);
+      model::MlaLayer mla;
+      mla.method = CompressionMethod::Joint;
+      mla.d_latent = dl;
+      mla.w_up_k = std::make_shared<MatrixRf>(detail::to_f(b.u.topRows(c.d_kv())));
+      mla.w_up_v = std::make_shared<MatrixRf>(detail::to_f(b.u.bottomRows(c.d_kv())));
+      mla.w_down_k = detail::to_f(b.u.transpose() * wkv);
+      out.weights.layers[l].mla = std::move(mla);
+      auto& lr = rep.layers[l];
+      lr.kind = "mla";
+      lr.energy_k = lr.energy_v = b.energy;
+    }
+  }
+  for (auto& lr : rep.layers) {
+    lr.rel_err_k = std::sqrt(std::max(0.0, 1.0 - lr.energy_k));
+    lr.rel_err_v = std::sqrt(std::max(0.0, 1.0 - lr.energy_v));
+    if (lr.kind == "mla" && (lr.energy_k < 0.8 || lr.energy_v < 0.8)) {
+      char buf[160];
+      std::snprintf(buf, sizeof buf, "layer %d keeps only %.1f%% (K) / %.1f%% (V) of the activation energy (< 80%%)", lr.layer,
+                    100 * lr.energy_k, 100 * lr.energy_v);
+      rep.warnings.push_back(buf);
+    }
+  }
+  rep.cache_floats_per_token_original = static_cast<std::size_t>(2) * c.d_kv() * L;
+  for (const auto& lw : out.weights.layers)
+    rep.cache_floats_per_token_mla += lw.mla ? static_cast<std::size_t>(lw.mla->cache_width()) : static_cast<std::size_t>(2 * c.d_kv());
+  rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (o.verbose)
+    for (const auto& w : rep.warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
+  if (report) *report = std::move(rep);
+  return out;
+}
+
+/// Typed entry point: the method is fixed by the policy (options.method is ignored).
+template <CompressionPolicy P>
+model::Model convert(const model::Model& original, ConvertOptions o, const std::vector<std::vector<int>>& calibration,
+                     ConversionReport* report = nullptr) {
+  o.method = compression_method_name(P::id);
+  return convert(original, o, calibration, report);
+}
+
+}  // namespace cacheshrink::compression

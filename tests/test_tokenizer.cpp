@@ -114,6 +114,9 @@ TEST_CASE("tokenizer: basic properties of the three vocabularies") {
   CHECK_FALSE(gpt2_tokenizer().normalizes_nfc());
   CHECK(gpt2_tokenizer().encode("Hello world") == std::vector<int>{15496, 995});
   CHECK(gpt2_tokenizer().encode("").empty());
+  const Tokenizer from_dir = Tokenizer::from_directory(kFixtures / "models/tiny-qwen3");
+  CHECK(from_dir.encode("Hello world") == project_tokenizer().encode("Hello world"));
+  CHECK(cacheshrink::tokenizer::find_tokenizer_files(kFixtures / "tokenizers/gpt2").size() == 2);
 }
 
 TEST_CASE("tokenizer: tokenizer_vectors.json, project tokenizer") { check_vectors(project_tokenizer(), "project_tokenizer"); }

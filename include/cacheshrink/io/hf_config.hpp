@@ -33,6 +33,13 @@ inline double get_double(const nlohmann::json& j, const std::string& src, const 
   return it->get<double>();
 }
 
+inline std::string get_string(const nlohmann::json& j, const std::string& src, const std::string& key, const std::string& fallback) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return fallback;
+  if (!it->is_string()) throw ConfigError(json_where(src, key) + " must be a string");
+  return it->get<std::string>();
+}
+
 inline bool get_bool(const nlohmann::json& j, const std::string& key, bool fallback) {
   auto it = j.find(key);
   if (it == j.end() || !it->is_boolean()) return fallback;
@@ -80,7 +87,7 @@ inline ModelConfig parse_model_config(const nlohmann::json& j, const std::string
   if (!j.is_object()) throw ConfigError(src + ": config is not a JSON object");
   ModelConfig c;
   c.source = src;
-  c.model_type = j.value("model_type", std::string{});
+  c.model_type = get_string(j, src, "model_type", std::string{});
   if (j.contains("kv_lora_rank") || c.model_type.rfind("deepseek", 0) == 0)
     throw ConfigError(src + ": model_type '" + c.model_type +
                       "' already uses latent attention (kv_lora_rank); converting it to MLA again is not supported");
@@ -92,12 +99,13 @@ inline ModelConfig parse_model_config(const nlohmann::json& j, const std::string
     c.n_layers = get_int(j, src, "n_layer", 0, true);
     c.n_heads = get_int(j, src, "n_head", 0, true);
     c.n_kv_heads = c.n_heads;
+    if (c.hidden_size > (1 << 28)) throw ConfigError(json_where(src, "n_embd") + " = " + std::to_string(c.hidden_size) + " is out of range");
     c.intermediate_size = get_int(j, src, "n_inner", 4 * c.hidden_size, false);
     c.max_position = get_int(j, src, "n_positions", 1024, false);
     c.norm_eps = get_double(j, src, "layer_norm_epsilon", 1e-5);
     c.qkv_bias = c.o_bias = c.mlp_bias = true;
     c.tie_word_embeddings = get_bool(j, "tie_word_embeddings", true);
-    const std::string act = j.value("activation_function", std::string("gelu_new"));
+    const std::string act = get_string(j, src, "activation_function", "gelu_new");
     if (act != "gelu_new" && act != "gelu_pytorch_tanh" && act != "gelu_fast")
       throw ConfigError(src + ": GPT-2 activation_function '" + act + "' is not supported (gelu_new / gelu_pytorch_tanh)");
     c.activation = Activation::GeluTanh;
@@ -124,7 +132,7 @@ inline ModelConfig parse_model_config(const nlohmann::json& j, const std::string
     c.max_position = get_int(j, src, "max_position_embeddings", 2048, false);
     c.norm_eps = get_double(j, src, "rms_norm_eps", 1e-6);
     parse_rope(j, src, c);
-    const std::string act = j.value("hidden_act", std::string("silu"));
+    const std::string act = get_string(j, src, "hidden_act", "silu");
     if (act != "silu" && act != "swish") throw ConfigError(src + ": hidden_act '" + act + "' is not supported (silu)");
     c.activation = Activation::Silu;
     c.qkv_bias = c.model_type == "qwen2" ? true : get_bool(j, "attention_bias", false);
@@ -169,6 +177,9 @@ inline ModelConfig parse_model_config(const nlohmann::json& j, const std::string
   if (c.n_heads % c.n_kv_heads != 0)
     throw ConfigError(src + ": num_key_value_heads " + std::to_string(c.n_kv_heads) + " does not divide num_attention_heads " +
                       std::to_string(c.n_heads));
+  if (static_cast<long long>(c.n_heads) * c.head_dim > (1LL << 31) - 1)
+    throw ConfigError(src + ": num_attention_heads x head_dim = " + std::to_string(static_cast<long long>(c.n_heads) * c.head_dim) +
+                      " is out of range");
   if (c.uses_rope() && c.head_dim % 2 != 0) throw ConfigError(src + ": head_dim must be even for RoPE");
   if (!(c.norm_eps > 0)) throw ConfigError(src + ": norm epsilon must be positive");
   if (!(c.rope_theta > 0)) throw ConfigError(src + ": rope_theta must be positive");

@@ -79,7 +79,9 @@ class SafetensorsFile {
     std::vector<float> out(static_cast<std::size_t>(ti.numel()));
     const auto n = out.size();
     switch (ti.dtype) {
-      case DType::F32: std::memcpy(out.data(), b.data(), n * 4); break;
+      case DType::F32:
+        if (n != 0) std::memcpy(out.data(), b.data(), n * 4);  // memcpy from/to null is UB even for 0 bytes
+        break;
       case DType::F64:
         for (std::size_t i = 0; i < n; ++i) {
           double d;

@@ -7,6 +7,7 @@
 #include <cacheshrink/io/file.hpp>
 #include <cacheshrink/model/generate.hpp>
 #include <cacheshrink/pipeline/evaluate.hpp>
+#include <cacheshrink/pipeline/save_load.hpp>
 
 #include "test_support.hpp"
 
@@ -227,4 +228,38 @@ TEST_CASE("conversion options are validated with clear messages") {
   compression::ConversionReport rep;
   compression::convert<Joint>(m, o, calibration(), &rep);
   CHECK(rep.method == CompressionMethod::Joint);
+}
+
+TEST_CASE("saved MLA models reload with bit-identical logits and without the original K/V") {
+  namespace fs = std::filesystem;
+  const fs::path tmp = fs::temp_directory_path() / ("cacheshrink_save_" + std::to_string(::getpid()));
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  auto seq = std::vector<int>(test_ids().begin() + 50, test_ids().begin() + 170);
+  struct Case {
+    const char* model;
+    const char* method;
+  };
+  for (Case cs : {Case{"tiny-gpt2", "separate"}, Case{"tiny-llama3", "xkv"}, Case{"tiny-qwen2", "joint"}, Case{"tiny-mqa", "auto"}}) {
+    SUBCASE((std::string(cs.model) + " " + cs.method).c_str()) {
+      auto m = model::load_model(test::model_dir(cs.model));
+      compression::ConvertOptions o;
+      o.method = cs.method;
+      auto mm = compression::convert(m, o, calibration());
+      const fs::path out = tmp / (std::string(cs.model) + "-" + cs.method);
+      pipeline::save_mla_model(mm, out);
+      CHECK(fs::exists(out / "mla_config.json"));
+      CHECK(fs::exists(out / "tokenizer.json"));
+      io::SafetensorsFile f(out / "model.safetensors");
+      if (m.config.family == Family::Llama) CHECK(!f.contains("model.layers.0.self_attn.k_proj.weight"));
+      auto back = pipeline::load_any(out);
+      const MatrixRf a = logits_of(mm, seq), b = logits_of(back, seq);
+      CHECK((a - b).cwiseAbs().maxCoeff() == 0.0f);
+      if (std::string(cs.method) == "xkv") CHECK(back.weights.layers[0].mla->w_up_k == back.weights.layers[3].mla->w_up_k);
+      CHECK_THROWS_WITH_AS(pipeline::save_mla_model(mm, out), doctest::Contains("exists"), IoError);
+      // Plain models load through the same front door.
+      CHECK(!pipeline::load_any(test::model_dir(cs.model)).weights.layers[0].mla);
+    }
+  }
+  fs::remove_all(tmp);
 }

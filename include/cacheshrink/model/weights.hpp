@@ -129,7 +129,7 @@ inline void load_gpt2(const ModelConfig& c, const Loader& L, ModelWeights& w) {
   if (!c.tie_word_embeddings) w.lm_head = L.matrix("lm_head.weight", c.vocab_size, H);
 }
 
-inline void load_llama(const ModelConfig& c, const Loader& L, ModelWeights& w) {
+inline void load_llama(const ModelConfig& c, const Loader& L, ModelWeights& w, bool kv_optional) {
   const std::int64_t H = c.hidden_size, I = c.intermediate_size, Dq = c.d_q(), Dkv = c.d_kv(), hd = c.head_dim;
   w.embed = L.matrix("model.embed_tokens.weight", c.vocab_size, H);
   for (int l = 0; l < c.n_layers; ++l) {
@@ -138,8 +138,9 @@ inline void load_llama(const ModelConfig& c, const Loader& L, ModelWeights& w) {
     lw.norm1_w = L.vector(p + "input_layernorm.weight", H);
     lw.norm2_w = L.vector(p + "post_attention_layernorm.weight", H);
     lw.wq = L.matrix(p + "self_attn.q_proj.weight", Dq, H);
-    lw.wk = L.matrix(p + "self_attn.k_proj.weight", Dkv, H);
-    lw.wv = L.matrix(p + "self_attn.v_proj.weight", Dkv, H);
+    // A saved MLA model may omit the original K/V projections (kv_optional).
+    if (!kv_optional || L.has(p + "self_attn.k_proj.weight")) lw.wk = L.matrix(p + "self_attn.k_proj.weight", Dkv, H);
+    if (!kv_optional || L.has(p + "self_attn.v_proj.weight")) lw.wv = L.matrix(p + "self_attn.v_proj.weight", Dkv, H);
     lw.wo = L.matrix(p + "self_attn.o_proj.weight", H, Dq);
     if (c.qkv_bias) {
       lw.bq = L.vector(p + "self_attn.q_proj.bias", Dq);
@@ -170,7 +171,9 @@ inline void load_llama(const ModelConfig& c, const Loader& L, ModelWeights& w) {
 
 /// Loads config.json and the weights of a HF model directory, checking every tensor's
 /// name and shape. Throws IoError/ConfigError/TensorError/FormatError naming the file.
-inline Model load_model(const std::filesystem::path& dir) {
+/// `kv_optional`: original K/V projections may be absent (saved MLA models; use
+/// pipeline::load_any, which also attaches the MLA weights).
+inline Model load_model(const std::filesystem::path& dir, bool kv_optional = false) {
   if (!std::filesystem::is_directory(dir)) throw IoError(dir.string() + ": model directory does not exist");
   Model m;
   m.dir = dir;
@@ -178,7 +181,7 @@ inline Model load_model(const std::filesystem::path& dir) {
   auto store = io::TensorStore::open_dir(dir);
   detail::Loader L(store, store.label());
   if (m.config.family == Family::Gpt2) detail::load_gpt2(m.config, L, m.weights);
-  else detail::load_llama(m.config, L, m.weights);
+  else detail::load_llama(m.config, L, m.weights, kv_optional);
   const auto names = store.names();
   if (!names.empty()) m.stored_dtype = std::string(dtype_name(store.info(names.front()).dtype));
   return m;

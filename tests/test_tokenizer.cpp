@@ -216,6 +216,9 @@ TEST_CASE("tokenizer: NFC normalization (Qwen)") {
   CHECK(nfc("\xe2\x84\xab") == "\xc3\x85");                         // Angstrom sign -> Å (singleton)
   CHECK(nfc("a\xcc\x95\xcc\x81") == "\xc3\xa1\xcc\x95");            // reorder: ccc 232 after 230, then compose
   CHECK(nfc("x\xff\xcc\x81") == "x\xff\xcc\x81");                   // nothing composes across an ill-formed byte
+  CHECK(nfc("\xe1\x84\x80\xe1\x85\xa1\xe1\x86\xa8") == "\xea\xb0\x81");  // L+V+T -> 각
+  CHECK(nfc("ab \xea\xb0\x80\xe1\x86\xa8 cd") == "ab \xea\xb0\x81 cd");   // LV syllable + T -> 각, text around kept
+  CHECK(nfc("\xcc\x81" "a") == "\xcc\x81" "a");                        // a leading mark stays put
   const Tokenizer& q = qwen3_tokenizer();
   CHECK(q.encode("caf" "e\xcc\x81") == q.encode("caf\xc3\xa9"));
   CHECK(q.decode(q.encode("e\xcc\x81")) == "\xc3\xa9");
@@ -265,7 +268,8 @@ TEST_CASE("tokenizer: fuzz round trip with random bytes, UTF-8 and special-token
   const std::vector<std::string> pieces = {
       "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|", "|>", "<|im_", "endoftext", " ", "  ", "\n", "\r\n", "\t",
       "the", " The", "'s", "'LL", "123", "3.14", "é", "e\xcc\x81", "中文", "😀", "\xf0\x9f", "\xe2\x80", "\xff", "\xc0",
-      "\x80", "\xed\xa0\x80", "Ä", "ß", "\xc2\xa0", "\xe3\x80\x80", "!!", "..."};
+      "\x80", "\xed\xa0\x80", "Ä", "ß", "\xc2\xa0", "\xe3\x80\x80", "!!", "...",
+      "\xcc\x81", "\xcc\x95", "\xcc\xa3", "\xe1\x84\x80", "\xe1\x85\xa1", "\xe1\x86\xa8", "\xea\xb0\x80", "\xe2\x84\xab"};
   std::mt19937_64 rng(20240611);
   int checked = 0;
   for (int trial = 0; trial < 3000; ++trial) {
@@ -285,6 +289,10 @@ TEST_CASE("tokenizer: fuzz round trip with random bytes, UTF-8 and special-token
       }
     }
     const bool valid = cacheshrink::tokenizer::is_valid_utf8(s);
+    // Span-wise NFC must equal normalizing the whole string at once.
+    std::string whole;
+    cacheshrink::tokenizer::detail::nfc_append_full(s, whole);
+    REQUIRE(cacheshrink::tokenizer::nfc(s) == whole);
     for (const Tokenizer* t : {&project_tokenizer(), &gpt2_tokenizer(), &qwen3_tokenizer()}) {
       for (bool allow : {true, false}) {
         const auto ids = t->encode(s, allow);

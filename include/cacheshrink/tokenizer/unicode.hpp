@@ -155,10 +155,11 @@ inline bool is_nfc_quick(std::string_view s) {
   return true;
 }
 
-/// Unicode Normalization Form C (canonical decomposition, canonical ordering, canonical
-/// composition). Ill-formed bytes are copied through unchanged.
-inline std::string nfc(std::string_view s) {
-  if (is_nfc_quick(s)) return std::string(s);
+namespace detail {
+
+// NFC of all of `s` (decomposition, canonical ordering, composition), appended to `result`.
+// Ill-formed bytes are copied through unchanged.
+inline void nfc_append_full(std::string_view s, std::string& result) {
   std::vector<char32_t> cps;
   cps.reserve(s.size());
   for (std::size_t i = 0; i < s.size();) {
@@ -200,8 +201,6 @@ inline std::string nfc(std::string_view s) {
     }
     cps.resize(out);
   }
-  std::string result;
-  result.reserve(s.size());
   for (char32_t cp : cps) {
     if (cp >= detail::kRawByteBase) {
       result.push_back(static_cast<char>(cp - detail::kRawByteBase));
@@ -209,7 +208,43 @@ inline std::string nfc(std::string_view s) {
       utf8_append(result, cp);
     }
   }
-  return result;
+}
+
+}  // namespace detail
+
+/// Unicode Normalization Form C. Ill-formed bytes are copied through unchanged.
+/// Only the stretches around characters that can change are normalized: a character with
+/// ccc 0 and NFC quick check "Yes" (or an ill-formed byte) is a boundary nothing composes or
+/// reorders across, so text splits there into independent spans.
+inline std::string nfc(std::string_view s) {
+  if (is_nfc_quick(s)) return std::string(s);
+  std::string out;
+  out.reserve(s.size() + 16);
+  std::size_t copied = 0, last_boundary = 0, i = 0;
+  auto unsafe_at = [&](std::size_t k, std::size_t& len) {
+    if (static_cast<unsigned char>(s[k]) < 0x80) {
+      len = 1;
+      return false;
+    }
+    const Utf8Char c = utf8_decode(s, k);
+    len = c.length;
+    return c.valid && detail::nfc_unsafe(c.cp);
+  };
+  while (i < s.size()) {
+    std::size_t len = 0;
+    if (!unsafe_at(i, len)) {
+      last_boundary = i;
+      i += len;
+      continue;
+    }
+    std::size_t j = i + len;
+    while (j < s.size() && unsafe_at(j, len)) j += len;
+    out.append(s.substr(copied, last_boundary - copied));
+    detail::nfc_append_full(s.substr(last_boundary, j - last_boundary), out);
+    copied = last_boundary = i = j;
+  }
+  out.append(s.substr(copied));
+  return out;
 }
 
 }  // namespace cacheshrink::tokenizer

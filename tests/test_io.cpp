@@ -164,8 +164,8 @@ bool same(const M& a, const M& b) {
 }
 
 bool same_weights(const model::ModelWeights& a, const model::ModelWeights& b) {
-  if (!same(a.embed, b.embed) || !same(a.pos_embed, b.pos_embed) || !same(a.lm_head, b.lm_head) ||
-      !same(a.final_norm_w, b.final_norm_w) || !same(a.final_norm_b, b.final_norm_b) || a.layers.size() != b.layers.size())
+  if (!same(a.embed, b.embed) || !same(a.pos_embed, b.pos_embed) || !same(a.lm_head, b.lm_head) || !same(a.final_norm_w, b.final_norm_w) ||
+      !same(a.final_norm_b, b.final_norm_b) || a.layers.size() != b.layers.size())
     return false;
   for (std::size_t i = 0; i < a.layers.size(); ++i) {
     const auto &x = a.layers[i], &y = b.layers[i];
@@ -226,8 +226,8 @@ std::uint16_t ref_round(float f, int mant_bits, int exp_bits) {
   int e = 0;
   std::frexp(a, &e);  // a = fr * 2^e, fr in [0.5, 1)
   const int exp2 = a == 0 ? emin : std::max(e - 1, emin);
-  const double q = std::ldexp(1.0, exp2 - mant_bits);   // spacing of representable values here
-  const double n = std::nearbyint(a / q);               // FE_TONEAREST: ties to even
+  const double q = std::ldexp(1.0, exp2 - mant_bits);  // spacing of representable values here
+  const double n = std::nearbyint(a / q);              // FE_TONEAREST: ties to even
   const double v = n * q;
   if (v == 0) return sign;
   std::frexp(v, &e);
@@ -371,7 +371,8 @@ TEST_CASE("float -> fp16/bf16 rounds to nearest, ties to even (constructed midpo
       const float s = sign ? -1.0f : 1.0f;
       const auto even = static_cast<std::uint16_t>(((i & 1u) ? i + 1 : i) | sign);
       if (float_to_fp16(s * mid) != even) FAIL_CHECK("fp16 tie at 0x" << std::hex << i);
-      if (float_to_fp16(s * std::nextafter(mid, 1e30f)) != static_cast<std::uint16_t>((i + 1) | sign)) FAIL_CHECK("fp16 above tie 0x" << std::hex << i);
+      if (float_to_fp16(s * std::nextafter(mid, 1e30f)) != static_cast<std::uint16_t>((i + 1) | sign))
+        FAIL_CHECK("fp16 above tie 0x" << std::hex << i);
       if (float_to_fp16(s * std::nextafter(mid, 0.0f)) != h) FAIL_CHECK("fp16 below tie 0x" << std::hex << i);
     }
   }
@@ -380,18 +381,20 @@ TEST_CASE("float -> fp16/bf16 rounds to nearest, ties to even (constructed midpo
       const float mid = float_of(((i | sign) << 16) | 0x8000u);
       const auto even = static_cast<std::uint16_t>(((i & 1u) ? i + 1 : i) | sign);
       if (float_to_bf16(mid) != even) FAIL_CHECK("bf16 tie at 0x" << std::hex << i);
-      if (float_to_bf16(float_of(bits_of(mid) + 1)) != static_cast<std::uint16_t>((i + 1) | sign)) FAIL_CHECK("bf16 above tie 0x" << std::hex << i);
-      if (float_to_bf16(float_of(bits_of(mid) - 1)) != static_cast<std::uint16_t>(i | sign)) FAIL_CHECK("bf16 below tie 0x" << std::hex << i);
+      if (float_to_bf16(float_of(bits_of(mid) + 1)) != static_cast<std::uint16_t>((i + 1) | sign))
+        FAIL_CHECK("bf16 above tie 0x" << std::hex << i);
+      if (float_to_bf16(float_of(bits_of(mid) - 1)) != static_cast<std::uint16_t>(i | sign))
+        FAIL_CHECK("bf16 below tie 0x" << std::hex << i);
     }
   }
   // A few by hand.
-  CHECK(float_to_fp16(1.0f + std::ldexp(1.0f, -11)) == 0x3c00);                             // tie, even is 1.0
-  CHECK(float_to_fp16(1.0f + 3 * std::ldexp(1.0f, -11)) == 0x3c02);                         // tie, rounds up to even
+  CHECK(float_to_fp16(1.0f + std::ldexp(1.0f, -11)) == 0x3c00);      // tie, even is 1.0
+  CHECK(float_to_fp16(1.0f + 3 * std::ldexp(1.0f, -11)) == 0x3c02);  // tie, rounds up to even
   CHECK(float_to_fp16(65520.0f) == 0x7c00);
   CHECK(float_to_fp16(std::nextafter(65520.0f, 0.0f)) == 0x7bff);
-  CHECK(float_to_fp16(std::ldexp(1.0f, -25)) == 0x0000);                                   // tie to 0
+  CHECK(float_to_fp16(std::ldexp(1.0f, -25)) == 0x0000);  // tie to 0
   CHECK(float_to_fp16(std::nextafter(std::ldexp(1.0f, -25), 1.0f)) == 0x0001);
-  CHECK(float_to_fp16(3 * std::ldexp(1.0f, -25)) == 0x0002);                               // tie 1.5 ulp -> 2
+  CHECK(float_to_fp16(3 * std::ldexp(1.0f, -25)) == 0x0002);  // tie 1.5 ulp -> 2
   CHECK(float_to_fp16(-0.0f) == 0x8000);
   CHECK(float_to_fp16(std::numeric_limits<float>::infinity()) == 0x7c00);
   CHECK(float_to_fp16(std::numeric_limits<float>::denorm_min()) == 0x0000);
@@ -408,8 +411,10 @@ TEST_CASE("float -> fp16/bf16 agrees with a double-precision rounding reference"
     ++checked;
     const auto want16 = ref_round(f, 10, 5);
     const auto wantb = ref_round(f, 7, 8);
-    if (float_to_fp16(f) != want16) FAIL_CHECK("fp16(" << f << " bits 0x" << std::hex << bits << ") = 0x" << float_to_fp16(f) << ", want 0x" << want16);
-    if (float_to_bf16(f) != wantb) FAIL_CHECK("bf16(" << f << " bits 0x" << std::hex << bits << ") = 0x" << float_to_bf16(f) << ", want 0x" << wantb);
+    if (float_to_fp16(f) != want16)
+      FAIL_CHECK("fp16(" << f << " bits 0x" << std::hex << bits << ") = 0x" << float_to_fp16(f) << ", want 0x" << want16);
+    if (float_to_bf16(f) != wantb)
+      FAIL_CHECK("bf16(" << f << " bits 0x" << std::hex << bits << ") = 0x" << float_to_bf16(f) << ", want 0x" << wantb);
   };
   // Every sign/exponent/top-mantissa combination with the rounding bits set to their edge cases.
   for (std::uint32_t hi = 0; hi < (1u << 19); ++hi)
@@ -471,14 +476,20 @@ TEST_CASE("bad safetensors files raise FormatError naming the file") {
     expect_image_error<FormatError>(raw_image(R"({"w":{"shape":[1],"data_offsets":[0,4]}})", 4), {"tensor 'w'", "dtype"});
     expect_image_error<FormatError>(raw_image(R"({"w":{"dtype":3,"shape":[1],"data_offsets":[0,4]}})", 4), {"tensor 'w'", "dtype"});
     expect_image_error<FormatError>(raw_image(R"({"w":{"dtype":"F32","shape":1,"data_offsets":[0,4]}})", 4), {"tensor 'w'", "shape"});
-    expect_image_error<FormatError>(raw_image(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0]}})", 4), {"tensor 'w'", "data_offsets"});
-    expect_image_error<FormatError>(raw_image(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4,8]}})", 8), {"tensor 'w'", "data_offsets"});
-    expect_image_error<FormatError>(raw_image(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4.0]}})", 4), {"tensor 'w'", "data_offsets"});
-    expect_image_error<FormatError>(raw_image(R"({"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4), {"tensor 'w'", "non-negative"});
-    expect_image_error<FormatError>(raw_image(R"({"w":{"dtype":"F32","shape":[1.5],"data_offsets":[0,4]}})", 4), {"tensor 'w'", "non-negative"});
+    expect_image_error<FormatError>(raw_image(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0]}})", 4),
+                                    {"tensor 'w'", "data_offsets"});
+    expect_image_error<FormatError>(raw_image(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4,8]}})", 8),
+                                    {"tensor 'w'", "data_offsets"});
+    expect_image_error<FormatError>(raw_image(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4.0]}})", 4),
+                                    {"tensor 'w'", "data_offsets"});
+    expect_image_error<FormatError>(raw_image(R"({"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4),
+                                    {"tensor 'w'", "non-negative"});
+    expect_image_error<FormatError>(raw_image(R"({"w":{"dtype":"F32","shape":[1.5],"data_offsets":[0,4]}})", 4),
+                                    {"tensor 'w'", "non-negative"});
     expect_image_error<FormatError>(raw_image(R"({"w":{"dtype":"F32","shape":[1099511627776,1099511627776],"data_offsets":[0,4]}})", 4),
                                     {"tensor 'w'", "absurdly large"});
-    expect_image_error<FormatError>(raw_image(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[-4,0]}})", 4), {"tensor 'w'", "non-negative"});
+    expect_image_error<FormatError>(raw_image(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[-4,0]}})", 4),
+                                    {"tensor 'w'", "non-negative"});
   }
   SUBCASE("metadata") {
     expect_image_error<FormatError>(raw_image(R"({"__metadata__":[1]})", 0), {"bad_image.safetensors", "__metadata__"});
@@ -489,8 +500,8 @@ TEST_CASE("bad safetensors files raise FormatError naming the file") {
                                     {"bad_image.safetensors", "tensor 'w'", "end 24 beyond the data section (16 bytes)"});
     expect_image_error<FormatError>(raw_image(R"({"w":{"dtype":"F32","shape":[0],"data_offsets":[17,17]}})", 16),
                                     {"bad_image.safetensors", "tensor 'w'", "beyond the data section"});
-    expect_image_error<FormatError>(raw_image(R"({"w":{"dtype":"U8","shape":[1],"data_offsets":[18446744073709551615,18446744073709551615]}})", 16),
-                                    {"tensor 'w'"});
+    expect_image_error<FormatError>(
+        raw_image(R"({"w":{"dtype":"U8","shape":[1],"data_offsets":[18446744073709551615,18446744073709551615]}})", 16), {"tensor 'w'"});
   }
   SUBCASE("overlapping tensors") {
     expect_image_error<FormatError>(
@@ -544,7 +555,8 @@ TEST_CASE("writer rejects inconsistent tensors and never leaves a partial file")
   CHECK(fs::is_empty(tmp.path()));
   expect_error<InvalidArgument>([&] { (void)io::TensorData::from_floats(std::vector<float>(3), {2, 2}); }, {"shape"});
   expect_error<InvalidArgument>([&] { (void)io::TensorData::from_floats(std::vector<float>(2), {2}, DType::I32); }, {"floating"});
-  expect_error<IoError>([&] { io::write_safetensors(tmp / "no_such_dir" / "x.safetensors", {}); }, {"no_such_dir", "directory does not exist"});
+  expect_error<IoError>([&] { io::write_safetensors(tmp / "no_such_dir" / "x.safetensors", {}); },
+                        {"no_such_dir", "directory does not exist"});
   // An existing file is replaced atomically with a complete image.
   t.erase("bad");
   io::write_safetensors(p, t);
@@ -605,7 +617,8 @@ TEST_CASE("model directories: missing files and tensors, wrong shapes") {
   SUBCASE("missing tensor (gpt2)") {
     const auto d = tmp / "missing_gpt2";
     write_model_dir(d, "tiny-gpt2", [](auto& t) { REQUIRE(t.erase("transformer.h.1.attn.c_attn.bias") == 1); });
-    expect_error<TensorError>([&] { (void)model::load_model(d); }, {"model.safetensors", "missing tensor 'transformer.h.1.attn.c_attn.bias'"});
+    expect_error<TensorError>([&] { (void)model::load_model(d); },
+                              {"model.safetensors", "missing tensor 'transformer.h.1.attn.c_attn.bias'"});
   }
   SUBCASE("wrong tensor shape") {
     const auto d = tmp / "shape";
@@ -613,7 +626,8 @@ TEST_CASE("model directories: missing files and tensors, wrong shapes") {
       auto& w = t.at("model.layers.0.self_attn.k_proj.weight");
       std::swap(w.shape[0], w.shape[1]);
     });
-    expect_error<TensorError>([&] { (void)model::load_model(d); }, {"model.safetensors", "'model.layers.0.self_attn.k_proj.weight'", "has shape [256, 128]", "expected [128, 256]"});
+    expect_error<TensorError>([&] { (void)model::load_model(d); }, {"model.safetensors", "'model.layers.0.self_attn.k_proj.weight'",
+                                                                    "has shape [256, 128]", "expected [128, 256]"});
   }
   SUBCASE("non-float weight dtype") {
     const auto d = tmp / "dtype";
@@ -621,7 +635,8 @@ TEST_CASE("model directories: missing files and tensors, wrong shapes") {
       auto& w = t.at("model.norm.weight");
       w = io::TensorData{DType::I16, w.shape, w.bytes};
     });
-    expect_error<TensorError>([&] { (void)model::load_model(d); }, {"model.safetensors", "'model.norm.weight'", "expected a floating dtype"});
+    expect_error<TensorError>([&] { (void)model::load_model(d); },
+                              {"model.safetensors", "'model.norm.weight'", "expected a floating dtype"});
   }
   SUBCASE("corrupt model.safetensors") {
     const auto d = tmp / "corrupt";
@@ -733,8 +748,7 @@ TEST_CASE("config.json consistency checks raise ConfigError naming the file") {
     g["n_head"] = 1;
     try {
       (void)io::parse_model_config(g, "cfg/config.json");  // any outcome but UB (UBSan) or a foreign exception
-    } catch (const ConfigError&) {
-    }
+    } catch (const ConfigError&) {}
     auto j = llama_config();
     j["num_attention_heads"] = 1 << 20;
     j["num_key_value_heads"] = 1 << 20;
@@ -778,7 +792,8 @@ TEST_CASE("sharded model (model.safetensors.index.json) loads identically to the
       shards[s][n] = io::copy_tensor(f, n);
       weight_map[n] = "model-0000" + std::to_string(s + 1) + "-of-00003.safetensors";
     }
-    for (std::size_t s = 0; s < 3; ++s) io::write_safetensors(d / ("model-0000" + std::to_string(s + 1) + "-of-00003.safetensors"), shards[s]);
+    for (std::size_t s = 0; s < 3; ++s)
+      io::write_safetensors(d / ("model-0000" + std::to_string(s + 1) + "-of-00003.safetensors"), shards[s]);
     write_text(d / "model.safetensors.index.json", json{{"metadata", {{"total_size", 0}}}, {"weight_map", weight_map}}.dump(1));
 
     const auto single = model::load_model(test::model_dir(name));
@@ -879,7 +894,8 @@ void mutate(std::vector<std::byte>& img, std::mt19937_64& rng) {
     case 9:
     case 10:  // flip data bytes only: the header stays valid, to_float sees arbitrary bit patterns
       if (img.size() > 8 + hlen)
-        for (int k = 0, n = 1 + static_cast<int>(rng() % 16); k < n; ++k) img[pick(8 + hlen, img.size())] = static_cast<std::byte>(rng() & 0xffu);
+        for (int k = 0, n = 1 + static_cast<int>(rng() % 16); k < n; ++k)
+          img[pick(8 + hlen, img.size())] = static_cast<std::byte>(rng() & 0xffu);
       break;
     case 0:  // flip bits in the header
       for (int k = 0, n = 1 + static_cast<int>(rng() % 8); k < n; ++k) img[pick(8, 8 + hlen)] ^= static_cast<std::byte>(1u << (rng() % 8));
@@ -889,8 +905,9 @@ void mutate(std::vector<std::byte>& img, std::mt19937_64& rng) {
         img[pick(8, 8 + hlen)] = static_cast<std::byte>(kTokens[rng() % kTokens.size()]);
       break;
     case 2: {  // lie in the length prefix
-      const std::uint64_t choices[] = {0, 1, 2, 7, hlen - 1, hlen + 1, hlen + 8, img.size() - 8, img.size() - 7, std::uint64_t{1} << 63,
-                                       ~std::uint64_t{0}, rng(), rng() % 1024};
+      const std::uint64_t choices[] = {
+          0,     1,           2, 7, hlen - 1, hlen + 1, hlen + 8, img.size() - 8, img.size() - 7, std::uint64_t{1} << 63, ~std::uint64_t{0},
+          rng(), rng() % 1024};
       set_length_prefix(img, choices[rng() % std::size(choices)]);
       break;
     }
@@ -955,12 +972,10 @@ bool exercise(const io::SafetensorsFile& f) {
     try {
       auto v = f.to_float(n);
       if (v.size() != static_cast<std::size_t>(ti.numel())) FAIL_CHECK("to_float size mismatch for " << n);
-    } catch (const TensorError&) {
-    }
+    } catch (const TensorError&) {}
     try {
       (void)f.to_int64(n);
-    } catch (const TensorError&) {
-    }
+    } catch (const TensorError&) {}
   }
   return true;
 }
@@ -1009,7 +1024,8 @@ TEST_CASE("fuzz: mutated images read from files (mmap path)") {
       io::SafetensorsFile f(p);
       exercise(f);
     } catch (const Error& e) {
-      if (std::string(e.what()).find("fuzz_file.safetensors") == std::string::npos) FAIL_CHECK("case " << i << ": " << std::string(e.what()));
+      if (std::string(e.what()).find("fuzz_file.safetensors") == std::string::npos)
+        FAIL_CHECK("case " << i << ": " << std::string(e.what()));
     } catch (const std::exception& e) {
       FAIL_CHECK("case " << i << ": non-cacheshrink exception escaped: " << std::string(e.what()));
     }
@@ -1019,14 +1035,39 @@ TEST_CASE("fuzz: mutated images read from files (mmap path)") {
 TEST_CASE("fuzz: mutated config.json values raise only cacheshrink::Error") {
   std::vector<json> bases;
   for (const char* name : test::kModels) bases.push_back(json::parse(io::read_text_file(test::model_dir(name) / "config.json")));
-  static const char* keys[] = {"model_type", "n_embd", "n_head", "n_layer", "n_inner", "n_positions", "vocab_size", "hidden_size",
-                               "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "intermediate_size", "head_dim",
-                               "max_position_embeddings", "rms_norm_eps", "layer_norm_epsilon", "rope_theta", "rope_scaling",
-                               "rope_parameters", "sliding_window", "use_sliding_window", "attention_bias", "mlp_bias",
-                               "tie_word_embeddings", "hidden_act", "activation_function", "bos_token_id", "eos_token_id",
-                               "kv_lora_rank", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"};
-  static const char* rope_keys[] = {"rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
-                                    "original_max_position_embeddings", "rope_theta"};
+  static const char* keys[] = {"model_type",
+                               "n_embd",
+                               "n_head",
+                               "n_layer",
+                               "n_inner",
+                               "n_positions",
+                               "vocab_size",
+                               "hidden_size",
+                               "num_attention_heads",
+                               "num_key_value_heads",
+                               "num_hidden_layers",
+                               "intermediate_size",
+                               "head_dim",
+                               "max_position_embeddings",
+                               "rms_norm_eps",
+                               "layer_norm_epsilon",
+                               "rope_theta",
+                               "rope_scaling",
+                               "rope_parameters",
+                               "sliding_window",
+                               "use_sliding_window",
+                               "attention_bias",
+                               "mlp_bias",
+                               "tie_word_embeddings",
+                               "hidden_act",
+                               "activation_function",
+                               "bos_token_id",
+                               "eos_token_id",
+                               "kv_lora_rank",
+                               "scale_attn_by_inverse_layer_idx",
+                               "reorder_and_upcast_attn"};
+  static const char* rope_keys[] = {
+      "rope_type", "type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "rope_theta"};
   static const char* model_types[] = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "bert", "deepseek_v3", ""};
   static const char* strings[] = {"silu", "swish", "gelu_new", "gelu", "llama3", "linear", "yarn", "default"};
   constexpr int kCases = 8000;

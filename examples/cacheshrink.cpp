@@ -2,6 +2,9 @@
 // (and, as the library grows, convert them to MLA and fine-tune).
 #include <CLI/CLI.hpp>
 #include <cacheshrink/cacheshrink.hpp>
+#include <cacheshrink/compression/calibration.hpp>
+#include <cacheshrink/compression/convert.hpp>
+#include <cacheshrink/pipeline/save_load.hpp>
 #include <cstdio>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -9,6 +12,9 @@
 
 #ifndef CACHESHRINK_DEFAULT_MODEL
 #define CACHESHRINK_DEFAULT_MODEL "tests/fixtures/models/tiny-llama3"
+#endif
+#ifndef CACHESHRINK_DEFAULT_CALIBRATION
+#define CACHESHRINK_DEFAULT_CALIBRATION "tests/fixtures/data/wikitext2_valid.txt"
 #endif
 #ifndef CACHESHRINK_DEFAULT_IDS
 #define CACHESHRINK_DEFAULT_IDS "tests/fixtures/data/wikitext2_test.ids.u16"
@@ -78,6 +84,43 @@ void print_summary(const nlohmann::json& j) {
               j["kv_cache_bytes_per_token_bf16"].get<long long>());
 }
 
+void print_conversion(const compression::ConversionReport& r) {
+  std::printf("method: %s, d_kv %d -> d_latent %d, %s init", compression_method_name(r.method), r.d_kv, r.d_latent,
+              r.calibrated ? "calibrated" : "weight-SVD");
+  if (r.calibrated) std::printf(" (%lld calibration tokens, %.2f s)", r.calibration_tokens, r.calibration_seconds);
+  std::printf("\n%-6s %-9s %-6s %9s %9s %9s %9s\n", "layer", "kind", "group", "energy_K", "energy_V", "relerr_K", "relerr_V");
+  for (const auto& l : r.layers) {
+    if (l.kind == "original") {
+      std::printf("%-6d %-9s %-6s %9s %9s %9s %9s\n", l.layer, "original", "-", "-", "-", "-", "-");
+      continue;
+    }
+    std::printf("%-6d %-9s %-6s %8.2f%% %8.2f%% %9.4f %9.4f\n", l.layer, "mla", l.group >= 0 ? std::to_string(l.group).c_str() : "-",
+                100 * l.energy_k, 100 * l.energy_v, l.rel_err_k, l.rel_err_v);
+  }
+  const double ratio = static_cast<double>(r.cache_floats_per_token_original) / static_cast<double>(r.cache_floats_per_token_mla);
+  std::printf("KV cache per token: %zu -> %zu numbers (%.2fx smaller); conversion %.2f s\n", r.cache_floats_per_token_original,
+              r.cache_floats_per_token_mla, ratio, r.seconds);
+  for (const auto& w : r.warnings) std::printf("warning: %s\n", w.c_str());
+}
+
+nlohmann::json conversion_json(const compression::ConversionReport& r) {
+  nlohmann::json layers = nlohmann::json::array();
+  for (const auto& l : r.layers)
+    layers.push_back({{"layer", l.layer}, {"kind", l.kind}, {"group", l.group}, {"energy_k", l.energy_k}, {"energy_v", l.energy_v},
+                      {"rel_err_k", l.rel_err_k}, {"rel_err_v", l.rel_err_v}});
+  return {{"method", compression_method_name(r.method)}, {"d_kv", r.d_kv}, {"d_latent", r.d_latent}, {"calibrated", r.calibrated},
+          {"calibration_tokens", r.calibration_tokens}, {"seconds", r.seconds},
+          {"cache_floats_per_token_original", r.cache_floats_per_token_original},
+          {"cache_floats_per_token_mla", r.cache_floats_per_token_mla}, {"layers", layers}, {"warnings", r.warnings}};
+}
+
+pipeline::PerplexityResult eval_model(const model::Model& m, const std::vector<int>& ids, const pipeline::PerplexityOptions& po) {
+  return dispatch_attention_kind(m.config, [&](auto kind) {
+    model::Transformer<decltype(kind)> tf(m);
+    return pipeline::perplexity(tf, ids, po);
+  });
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -120,16 +163,112 @@ int main(int argc, char** argv) {
   gen->add_flag("--no-cache", no_cache, "Recompute the whole sequence every step instead of using the KV cache");
   gen->add_flag("--json", json, "Print JSON");
 
+  compression::ConvertOptions co;
+  std::string out_dir, calib_file = CACHESHRINK_DEFAULT_CALIBRATION;
+  int n_calib = 128, calib_len = 512, group_size = 4, skip_early = 0;
+  bool no_calib = false, do_eval = false, overwrite = false;
+  long eval_windows = 0;
+  auto* conv = app.add_subcommand("convert", "Convert a HF model to Multi-Head Latent Attention (and optionally evaluate it)");
+  conv->add_option("--model", model_dir, "HF model directory")->capture_default_str();
+  conv->add_option("--ratio", co.compression_ratio, "KV compression ratio (>= 1)")->capture_default_str();
+  conv->add_option("--method", co.method, "separate | xkv | joint | auto (MHA -> separate, GQA/MQA -> xkv)")
+      ->capture_default_str()->check(CLI::IsMember({"separate", "xkv", "joint", "decoupled_rope", "auto"}));
+  conv->add_option("--d-latent", co.d_latent, "Latent width (overrides --ratio)")->check(CLI::PositiveNumber);
+  auto* gs = conv->add_option("--group-size", group_size, "xkv: layers sharing one basis")->capture_default_str();
+  auto* sk = conv->add_option("--skip-early-layers", skip_early, "xkv: first K layers get per-layer bases (or stay original)")->capture_default_str();
+  auto* keep = conv->add_flag("--keep-early-original", co.keep_early_layers_original, "xkv: leave the skipped early layers uncompressed");
+  conv->add_flag("--store-original-weights", co.store_original_weights, "Keep the original K/V projections in the saved model");
+  conv->add_option("--calibration", calib_file, "Calibration text file (paragraphs = lines longer than 100 characters)")->capture_default_str();
+  conv->add_option("--calibration-samples", n_calib, "Number of calibration paragraphs")->capture_default_str()->check(CLI::PositiveNumber);
+  conv->add_option("--calibration-length", calib_len, "Tokens per calibration paragraph (max)")->capture_default_str()->check(CLI::PositiveNumber);
+  conv->add_flag("--no-calibration", no_calib, "Initialise from the weights alone (SVD) instead of calibration activations");
+  conv->add_option("--out", out_dir, "Write the converted model to this directory");
+  conv->add_flag("--overwrite", overwrite, "Replace --out if it exists");
+  conv->add_flag("--eval", do_eval, "Perplexity of the original and the converted model (embedded WikiText-2 test ids)");
+  conv->add_option("--eval-windows", eval_windows, "Windows for --eval (0: all 1682)")->capture_default_str();
+  conv->add_flag("--json", json, "Print a JSON report");
+
+  auto* demo = app.add_subcommand("demo", "The main job on the embedded model: summary, convert (auto, 2x), evaluate, generate");
+  demo->add_option("--model", model_dir, "HF model directory")->capture_default_str();
+  demo->add_option("--windows", eval_windows, "Perplexity windows (0: all)")->capture_default_str();
+
   CLI11_PARSE(app, argc, argv);
+  if (*conv) {
+    if (gs->count()) co.cross_layer_group_size = group_size;
+    if (sk->count()) co.xkv_skip_early_layers = skip_early;
+    (void)keep;
+  }
 
   try {
-    if (*info) {
+    if (*conv || *demo) {
+      const bool is_demo = demo->parsed();
+      if (is_demo) {
+        co.compression_ratio = 2.0;
+        co.method = "auto";
+        do_eval = true;
+        if (eval_windows == 0) eval_windows = 64;
+      }
       auto m = model::load_model(model_dir);
+      if (is_demo) {
+        print_summary(model_summary(m));
+        std::printf("\n");
+      }
+      std::vector<std::vector<int>> calib;
+      co.use_calibration = !no_calib;
+      co.verbose = true;
+      if (co.use_calibration) {
+        auto tok = tokenizer::Tokenizer::from_directory(model_dir);
+        auto paras = compression::paragraphs(io::read_text_file(calib_file), static_cast<std::size_t>(n_calib));
+        if (paras.empty()) throw InvalidArgument("--calibration " + calib_file + ": no paragraph longer than 100 characters");
+        calib = compression::encode_calibration(tok, paras, calib_len);
+      }
+      compression::ConversionReport rep;
+      auto mm = compression::convert(m, co, calib, &rep);
+      nlohmann::json j{{"model", model_dir}, {"conversion", conversion_json(rep)}};
+      if (!json) print_conversion(rep);
+      if (!out_dir.empty()) {
+        pipeline::SaveOptions so2;
+        so2.store_original_weights = co.store_original_weights;
+        so2.overwrite = overwrite;
+        so2.compression_ratio = co.compression_ratio;
+        pipeline::save_mla_model(mm, out_dir, so2);
+        if (!json) std::printf("saved: %s\n", out_dir.c_str());
+        j["out"] = out_dir;
+      }
+      if (do_eval) {
+        auto ids = io::read_ids_u16(CACHESHRINK_DEFAULT_IDS);
+        pipeline::PerplexityOptions epo;
+        epo.max_windows = eval_windows;
+        epo.progress = true;
+        auto r0 = eval_model(m, ids, epo);
+        auto r1 = eval_model(mm, ids, epo);
+        j["perplexity_original"] = r0.perplexity;
+        j["perplexity_converted"] = r1.perplexity;
+        j["eval_windows"] = r1.windows;
+        if (!json)
+          std::printf("perplexity (%ld windows of %d): original %.4f -> MLA %.4f (%+.2f%%)\n", r1.windows, epo.window, r0.perplexity,
+                      r1.perplexity, 100.0 * (r1.perplexity / r0.perplexity - 1.0));
+      }
+      if (is_demo) {
+        auto tok = tokenizer::Tokenizer::from_directory(model_dir);
+        const std::string prompt = "The history of the city";
+        model::SamplingOptions gso;
+        gso.max_new_tokens = 24;
+        auto ptoks = tok.encode(prompt);
+        auto out = dispatch_attention_kind(mm.config, [&](auto kind) {
+          model::Transformer<decltype(kind)> tf(mm);
+          return model::generate(tf, ptoks, gso);
+        });
+        std::printf("MLA greedy generation: %s%s\n", prompt.c_str(), tok.decode(out).c_str());
+      }
+      if (json) std::cout << j.dump(2) << "\n";
+    } else if (*info) {
+      auto m = pipeline::load_any(model_dir);
       auto j = model_summary(m);
       if (json) std::cout << j.dump(2) << "\n";
       else print_summary(j);
     } else if (*eval) {
-      auto m = model::load_model(model_dir);
+      auto m = pipeline::load_any(model_dir);
       std::vector<int> ids;
       std::string source;
       if (!text_file.empty()) {
@@ -157,7 +296,7 @@ int main(int argc, char** argv) {
       }
       std::printf("perplexity: %.4f\n", r.perplexity);
     } else if (*gen) {
-      auto m = model::load_model(model_dir);
+      auto m = pipeline::load_any(model_dir);
       std::optional<tokenizer::Tokenizer> tok;
       std::vector<int> prompt;
       if (!prompt_text.empty()) {

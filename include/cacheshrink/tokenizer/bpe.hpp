@@ -4,6 +4,7 @@
 // HF tokenizers' Word::merge_all produces.
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <queue>
 #include <string_view>

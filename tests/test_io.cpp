@@ -1070,7 +1070,7 @@ TEST_CASE("fuzz: mutated config.json values raise only cacheshrink::Error") {
       "rope_type", "type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "rope_theta"};
   static const char* model_types[] = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "bert", "deepseek_v3", ""};
   static const char* strings[] = {"silu", "swish", "gelu_new", "gelu", "llama3", "linear", "yarn", "default"};
-  constexpr int kCases = 8000;
+  constexpr int kCases = 20000;
   int accepted = 0;
   for (int i = 0; i < kCases; ++i) {
     std::mt19937_64 rng(0xc0f1600ULL + static_cast<std::uint64_t>(i));

@@ -104,6 +104,7 @@ inline std::vector<linalg::Matrix<double>> attention_input_grams(const model::Mo
   model::ForwardOptions fo;
   fo.logits = model::LogitsFor::None;
   fo.hooks = &hooks;
+  fo.stop_after_attn_input = L - 1;  // the last layer's attention input is the last thing needed
   Progress bar("calibration", static_cast<long long>(seqs.size()), "sequences", progress);
   long long n = 0;
   dispatch_attention_kind(m.config, [&](auto kind) {

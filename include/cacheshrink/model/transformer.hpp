@@ -36,6 +36,9 @@ struct ForwardHooks {
 struct ForwardOptions {
   LogitsFor logits = LogitsFor::All;
   const ForwardHooks* hooks = nullptr;
+  /// >= 0: stop right after on_attn_input of this layer (calibration needs nothing more);
+  /// requires no cache and returns an empty matrix.
+  int stop_after_attn_input = -1;
 };
 
 /// Causal attention of `n` queries (rows of q, positions p0..p0+n-1) over keys/values
@@ -113,6 +116,7 @@ class Transformer<Kind, Cpu> {
     if (B == 0) throw InvalidArgument("forward: empty batch");
     if (cache != nullptr && cache->n_seqs() != B)
       throw InvalidArgument("forward: cache holds " + std::to_string(cache->n_seqs()) + " sequences, batch has " + std::to_string(B));
+    if (opt.stop_after_attn_input >= 0 && cache != nullptr) throw InvalidArgument("forward: stop_after_attn_input needs cache == nullptr");
     KvCache local;
     if (cache == nullptr) {
       local = make_cache(B);
@@ -150,6 +154,7 @@ class Transformer<Kind, Cpu> {
       const auto& lw = W.layers[l];
       apply_norm(c_, x_, lw.norm1_w, lw.norm1_b, h_);
       if (hk && hk->on_attn_input) hk->on_attn_input(l, h_);
+      if (l == opt.stop_after_attn_input) return {};
       q_.noalias() = h_ * lw.wq.transpose();
       if (lw.bq.size()) q_.rowwise() += lw.bq.transpose();
       if (lw.q_norm.size()) head_rms_norm(q_, hd, lw.q_norm, static_cast<float>(c_.norm_eps));

@@ -226,6 +226,14 @@ int main(int argc, char** argv) {
       auto mm = compression::convert(m, co, calib, &rep);
       nlohmann::json j{{"model", model_dir}, {"conversion", conversion_json(rep)}};
       if (!json) print_conversion(rep);
+      nlohmann::json mem = nlohmann::json::array();
+      for (const auto& r : pipeline::cache_memory(mm, {512, 2048, 8192, 32768})) {
+        mem.push_back({{"seq_len", r.seq_len}, {"standard_bytes_bf16", r.standard_bytes}, {"mla_bytes_bf16", r.mla_bytes}});
+        if (!json)
+          std::printf("cache for %6d tokens (bf16): standard %9.2f MiB, MLA %9.2f MiB (%.2fx)\n", r.seq_len, r.standard_bytes / 1048576.0,
+                      r.mla_bytes / 1048576.0, r.ratio);
+      }
+      j["cache_memory"] = mem;
       if (!out_dir.empty()) {
         pipeline::SaveOptions so2;
         so2.store_original_weights = co.store_original_weights;

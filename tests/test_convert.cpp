@@ -85,6 +85,10 @@ TEST_CASE("every method converts every fixture; the latent cache has the formula
                                              std::vector<int>(test_ids().begin() + 100, test_ids().begin() + 103)};
           tf.forward(std::span<const std::vector<int>>(seqs), &cache);
           CHECK(cache.bytes_used() == 43 * width * m.config.n_layers * sizeof(float));
+          // The memory report's formula agrees with the live cache (float32 storage here).
+          auto rows = pipeline::cache_memory(mm, {40, 3}, sizeof(float));
+          CHECK(rows[0].mla_bytes + rows[1].mla_bytes == cache.bytes_used());
+          CHECK(rows[0].standard_bytes == 40u * 2 * dkv * m.config.n_layers * sizeof(float));
           for (int l = 0; l < m.config.n_layers; ++l) CHECK(cache.k[l][0].cols() + cache.v[l][0].cols() == static_cast<long>(width));
           // Generation: the latent cache path equals full recomputation.
           model::SamplingOptions so;

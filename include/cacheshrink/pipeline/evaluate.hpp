@@ -103,3 +103,34 @@ PerplexityResult perplexity(Tf& tf, const std::vector<int>& ids, const Perplexit
 }
 
 }  // namespace cacheshrink::pipeline
+
+namespace cacheshrink::pipeline {
+
+/// Like the original's measure_cache_memory: cache bytes of the standard model vs the model
+/// as it is (MLA layers store latents) for given sequence lengths, batch 1.
+struct CacheMemoryRow {
+  int seq_len = 0;
+  std::size_t standard_bytes = 0;
+  std::size_t mla_bytes = 0;
+  double ratio = 1.0;  // standard / mla
+};
+
+inline std::vector<CacheMemoryRow> cache_memory(const model::Model& m, const std::vector<int>& seq_lens, std::size_t bytes_per_number = 2) {
+  std::size_t std_per_token = 0, mla_per_token = 0;
+  for (const auto& lw : m.weights.layers) {
+    std_per_token += static_cast<std::size_t>(2) * m.config.d_kv();
+    mla_per_token += lw.mla ? static_cast<std::size_t>(lw.mla->cache_width()) : static_cast<std::size_t>(2) * m.config.d_kv();
+  }
+  std::vector<CacheMemoryRow> rows;
+  for (int T : seq_lens) {
+    CacheMemoryRow r;
+    r.seq_len = T;
+    r.standard_bytes = std_per_token * bytes_per_number * static_cast<std::size_t>(T);
+    r.mla_bytes = mla_per_token * bytes_per_number * static_cast<std::size_t>(T);
+    r.ratio = r.mla_bytes ? static_cast<double>(r.standard_bytes) / static_cast<double>(r.mla_bytes) : 1.0;
+    rows.push_back(r);
+  }
+  return rows;
+}
+
+}  // namespace cacheshrink::pipeline

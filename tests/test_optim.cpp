@@ -40,7 +40,7 @@ TEST_CASE_TEMPLATE("RiemannianAdam keeps X on Stiefel over 10,000 steps of a ran
                    Scalar, float, double) {
   // f(X) = 0.5 tr(X^T A X) + tr(B^T X), grad = A X + B; A indefinite so the iterate keeps moving.
   std::mt19937_64 rng(21);
-  const Eigen::Index n = 32, p = 8;
+  const Eigen::Index n = 24, p = 6;
   const Matrix<double> a0 = gaussian<double>(n, n, rng);
   const Matrix<Scalar> a = (0.5 * (a0 + a0.transpose())).template cast<Scalar>();
   const Matrix<Scalar> b = gaussian<Scalar>(n, p, rng);

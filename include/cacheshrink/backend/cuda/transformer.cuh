@@ -1,0 +1,570 @@
+#pragma once
+// Transformer<Kind, Cuda>: the forward pass of every supported family on one GPU.
+//
+// Same semantics as the CPU reference (model/transformer.hpp): packed sequences, norms,
+// RoPE (half-split, HF float32 inv_freq; the cos/sin table is computed on the host by the
+// CPU code), GQA through kv_head = h / group, sliding window, Qwen3 q/k-norm before RoPE,
+// GPT-2 GELU(tanh) + learned positions, MLA layers (K/V rebuilt from the latents).
+//
+// Two precisions (chosen at construction, weights uploaded once):
+//  - Float32: float weights and activations, cublasSgemm, float attention (parity mode).
+//  - BFloat16: bf16 weights and GEMM inputs, float32 accumulation (cublasGemmEx), tensor-core
+//    attention; the residual stream, norms and softmax stay float.
+// Projections are fused: [Wq; Wk; Wv] is one (Dq + 2 Dkv, H) GEMM and [Wgate; Wup] one
+// (2I, H) GEMM; the output projections accumulate straight into the float residual (beta = 1).
+//
+// Not yet on the GPU: KV-cache decode (forward with a cache throws InvalidArgument), hooks.
+#include <cuda_bf16.h>
+
+#include <cstring>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "cacheshrink/backend/cpu/cpu.hpp"
+#include "cacheshrink/backend/cuda/attention.cuh"
+#include "cacheshrink/backend/cuda/check.cuh"
+#include "cacheshrink/backend/cuda/gemm.cuh"
+#include "cacheshrink/backend/cuda/kernels.cuh"
+#include "cacheshrink/backend/cuda/memory.cuh"
+#include "cacheshrink/core/progress.hpp"
+#include "cacheshrink/model/transformer.hpp"
+#include "cacheshrink/pipeline/evaluate.hpp"
+
+namespace cacheshrink {
+
+/// Backend tag: cuBLAS + own kernels on one CUDA device.
+struct Cuda {
+  static constexpr const char* name = "cuda";
+};
+
+}  // namespace cacheshrink
+
+namespace cacheshrink::cuda {
+
+enum class Precision { Float32, BFloat16 };
+
+inline const char* precision_name(Precision p) { return p == Precision::Float32 ? "float32" : "bf16"; }
+
+struct Options {
+  Precision precision = Precision::Float32;
+  int device = 0;
+};
+
+/// Random weights generated on the device (benchmarks with real 7B shapes, no files):
+/// matrices uniform(-a, a) with a = sqrt(3) * stddev, norm weights 1, biases 0.
+struct RandomWeights {
+  unsigned long long seed = 1;
+  float stddev = 0.02f;
+};
+
+/// A weight tensor in the model's compute precision (only one member is filled).
+struct DevTensor {
+  DeviceBuffer<float> f;
+  DeviceBuffer<__nv_bfloat16> b;
+  std::size_t size() const { return f.size() + b.size(); }
+  template <class T>
+  const T* ptr() const {
+    if constexpr (std::is_same_v<T, float>) return f.data();
+    else return b.data();
+  }
+};
+
+}  // namespace cacheshrink::cuda
+
+namespace cacheshrink::model {
+
+template <AttentionKind Kind>
+class Transformer<Kind, Cuda> {
+ public:
+  using Precision = cuda::Precision;
+
+  /// Uploads the weights of `m` once. `m` must outlive nothing: everything is copied.
+  explicit Transformer(const Model& m, cuda::Options opt = {}) : c_(m.config), opt_(opt) {
+    check_attention_kind<Kind>(c_);
+    init_device();
+    upload(m.weights);
+  }
+
+  /// A model of config `c` with random weights made on the device (benchmarks).
+  Transformer(const ModelConfig& c, cuda::RandomWeights rw, cuda::Options opt = {}) : c_(c), opt_(opt) {
+    check_attention_kind<Kind>(c_);
+    init_device();
+    randomize(rw);
+  }
+
+  const ModelConfig& config() const { return c_; }
+  Precision precision() const { return opt_.precision; }
+  cudaStream_t stream() const { return stream_->get(); }
+
+  /// Logits on the host, like the CPU Transformer: All -> one row per packed token; Last ->
+  /// one row per sequence; None -> empty. `cache` must be nullptr (decode is CPU-only so far).
+  MatrixRf forward(std::span<const std::vector<int>> seqs, KvCache* cache = nullptr, const ForwardOptions& opt = {}) {
+    if (cache != nullptr) throw InvalidArgument("Transformer<Cuda>::forward: KV-cache decode is not implemented on the GPU; pass cache = nullptr");
+    if (opt.hooks != nullptr || opt.stop_after_attn_input >= 0)
+      throw InvalidArgument("Transformer<Cuda>::forward: hooks and stop_after_attn_input are CPU-only");
+    prepare(seqs, nullptr);
+    if (opt_.precision == Precision::BFloat16) run_layers<__nv_bfloat16>();
+    else run_layers<float>();
+    if (opt.logits == LogitsFor::None) {
+      stream_->synchronize();
+      return {};
+    }
+    const int B = static_cast<int>(seqs.size()), V = c_.vocab_size;
+    const bool last = opt.logits == LogitsFor::Last;
+    const int rows = last ? B : n_;
+    logits_.reserve(static_cast<std::size_t>(rows) * V);
+    if (opt_.precision == Precision::BFloat16) head<__nv_bfloat16>(last);
+    else head<float>(last);
+    MatrixRf out(rows, V);
+    CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(out.data(), logits_.data(), sizeof(float) * rows * V, cudaMemcpyDeviceToHost, st()));
+    stream_->synchronize();
+    return out;
+  }
+  MatrixRf forward(const std::vector<int>& ids, KvCache* cache = nullptr, const ForwardOptions& opt = {}) {
+    return forward(std::span<const std::vector<int>>(&ids, 1), cache, opt);
+  }
+
+  /// Negative log-likelihood on the device: position t of sequence s predicts token t + 1
+  /// when t + 1 >= first_target[s] (first_target empty: every t + 1 >= 1). Returns the sum of
+  /// the scored NLLs (accumulated in double on the host) and how many were scored. Only
+  /// per-token NLLs leave the GPU, never the (tokens, vocab) logits.
+  std::pair<double, long long> nll(std::span<const std::vector<int>> seqs, std::span<const int> first_target = {}) {
+    prepare(seqs, &first_target);
+    if (opt_.precision == Precision::BFloat16) {
+      run_layers<__nv_bfloat16>();
+      head<__nv_bfloat16>(false, true);
+    } else {
+      run_layers<float>();
+      head<float>(false, true);
+    }
+    std::vector<float> v(static_cast<std::size_t>(n_));
+    CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(v.data(), tok_nll_.data(), sizeof(float) * n_, cudaMemcpyDeviceToHost, st()));
+    stream_->synchronize();
+    double s = 0;
+    for (int i = 0; i < n_; ++i)
+      if (targets_host_[i] >= 0) s += v[i];
+    return {s, scored_};
+  }
+
+  /// Bytes of device memory held by the weights.
+  std::size_t weight_bytes() const {
+    const std::size_t es = opt_.precision == Precision::BFloat16 ? 2 : 4;
+    std::size_t n = (embed_.size() + pos_embed_.size() + lm_head_.size()) * es;
+    for (const auto& L : layers_)
+      n += (L.w_qkv.size() + L.wo.size() + L.w_gu.size() + L.w_down.size() + L.w_dk.size() + L.w_dv.size() + L.w_uk.size() + L.w_uv.size()) * es;
+    return n;
+  }
+
+ private:
+  struct DevLayer {
+    cuda::DeviceBuffer<float> n1w, n1b, n2w, n2b, b_qkv, q_norm, k_norm, bo, b_gate, b_up, b_down;
+    cuda::DevTensor w_qkv;  // (Dq + 2 Dkv, H); MLA layers: (Dq, H)
+    cuda::DevTensor wo;     // (H, Dq)
+    cuda::DevTensor w_gu;   // (2I, H) = [gate; up]; GPT-2: (I, H) = c_fc
+    cuda::DevTensor w_down; // (H, I)
+    // MLA: down (d_latent, H) and up (Dkv, d_latent) projections; joint uses w_dk only.
+    bool mla = false, joint = false;
+    int d_latent = 0;
+    cuda::DevTensor w_dk, w_dv, w_uk, w_uv;
+  };
+
+  void init_device() {
+    if (cuda::device_count() == 0) throw cuda::CudaError("Transformer<Cuda>: no CUDA device is available");
+    CACHESHRINK_CUDA_CHECK(cudaSetDevice(opt_.device));
+    stream_ = std::make_unique<cuda::Stream>();
+    blas_ = std::make_unique<cuda::CublasHandle>(stream_->get());
+    if (c_.uses_rope()) {
+      rope_ = Rope(c_);
+      ensure_rope(std::max(1, c_.max_position));
+    }
+  }
+
+  bool bf16() const { return opt_.precision == Precision::BFloat16; }
+  cudaStream_t st() const { return stream_->get(); }
+
+  void put(cuda::DevTensor& d, const float* host, std::size_t n) {
+    if (bf16()) {
+      staging_.upload(host, n, st());
+      d.b.resize(n);
+      cuda::convert(staging_.data(), d.b.data(), static_cast<long long>(n), st());
+      stream_->synchronize();
+    } else {
+      d.f.upload(host, n, st());
+    }
+  }
+  void put(cuda::DevTensor& d, const MatrixRf& m) { put(d, m.data(), static_cast<std::size_t>(m.size())); }
+  void put(cuda::DeviceBuffer<float>& d, const VectorXf& v) {
+    if (v.size()) d.upload(v.data(), static_cast<std::size_t>(v.size()), st());
+  }
+
+  void upload(const ModelWeights& W) {
+    const int H = c_.hidden_size, Dq = c_.d_q(), Dkv = c_.d_kv();
+    put(embed_, W.embed);
+    if (W.pos_embed.size()) put(pos_embed_, W.pos_embed);
+    if (W.lm_head.size()) put(lm_head_, W.lm_head);
+    put(final_w_, W.final_norm_w);
+    put(final_b_, W.final_norm_b);
+    layers_.resize(W.layers.size());
+    for (std::size_t l = 0; l < W.layers.size(); ++l) {
+      const LayerWeights& lw = W.layers[l];
+      DevLayer& L = layers_[l];
+      put(L.n1w, lw.norm1_w);
+      put(L.n1b, lw.norm1_b);
+      put(L.n2w, lw.norm2_w);
+      put(L.n2b, lw.norm2_b);
+      if (lw.mla) {
+        const MlaLayer& m = *lw.mla;
+        L.mla = true;
+        L.joint = m.method == CompressionMethod::Joint;
+        L.d_latent = m.d_latent;
+        put(L.w_qkv, lw.wq);
+        put(L.w_dk, m.w_down_k);
+        if (!L.joint) put(L.w_dv, m.w_down_v);
+        put(L.w_uk, *m.w_up_k);
+        put(L.w_uv, *m.w_up_v);
+      } else {
+        MatrixRf qkv(Dq + 2 * Dkv, H);
+        qkv << lw.wq, lw.wk, lw.wv;
+        put(L.w_qkv, qkv);
+      }
+      if (lw.bq.size() || lw.bk.size() || lw.bv.size()) {
+        VectorXf b = VectorXf::Zero(Dq + 2 * Dkv);
+        if (lw.bq.size()) b.segment(0, Dq) = lw.bq;
+        if (lw.bk.size()) b.segment(Dq, Dkv) = lw.bk;
+        if (lw.bv.size()) b.segment(Dq + Dkv, Dkv) = lw.bv;
+        put(L.b_qkv, b);
+      }
+      put(L.q_norm, lw.q_norm);
+      put(L.k_norm, lw.k_norm);
+      put(L.wo, lw.wo);
+      put(L.bo, lw.bo);
+      if (c_.family == Family::Gpt2) {
+        put(L.w_gu, lw.w_up);
+      } else {
+        MatrixRf gu(2 * c_.intermediate_size, H);
+        gu << lw.w_gate, lw.w_up;
+        put(L.w_gu, gu);
+      }
+      put(L.b_gate, lw.b_gate);
+      put(L.b_up, lw.b_up);
+      put(L.w_down, lw.w_down);
+      put(L.b_down, lw.b_down);
+    }
+    staging_.resize(0);
+  }
+
+  void rand_t(cuda::DevTensor& d, std::size_t n, float a, unsigned long long seed) {
+    if (bf16()) {
+      d.b.resize(n);
+      cuda::fill_uniform(d.b.data(), static_cast<long long>(n), seed, a, st());
+    } else {
+      d.f.resize(n);
+      cuda::fill_uniform(d.f.data(), static_cast<long long>(n), seed, a, st());
+    }
+  }
+  void const_f(cuda::DeviceBuffer<float>& d, std::size_t n, float v) {
+    d.resize(n);
+    cuda::fill_value(d.data(), static_cast<long long>(n), v, st());
+  }
+
+  void randomize(const cuda::RandomWeights& rw) {
+    const std::size_t H = c_.hidden_size, Dq = c_.d_q(), Dkv = c_.d_kv(), I = c_.intermediate_size, V = c_.vocab_size;
+    const float a = 1.7320508f * rw.stddev;
+    unsigned long long seed = rw.seed;
+    rand_t(embed_, V * H, a, seed++);
+    if (c_.family == Family::Gpt2) rand_t(pos_embed_, static_cast<std::size_t>(c_.max_position) * H, a, seed++);
+    if (!c_.tie_word_embeddings) rand_t(lm_head_, V * H, a, seed++);
+    const bool gpt2 = c_.family == Family::Gpt2;
+    const_f(final_w_, H, 1.0f);
+    if (gpt2) const_f(final_b_, H, 0.0f);
+    layers_.resize(c_.n_layers);
+    for (auto& L : layers_) {
+      const_f(L.n1w, H, 1.0f);
+      const_f(L.n2w, H, 1.0f);
+      if (gpt2) {
+        const_f(L.n1b, H, 0.0f);
+        const_f(L.n2b, H, 0.0f);
+      }
+      rand_t(L.w_qkv, (Dq + 2 * Dkv) * H, a, seed++);
+      if (c_.qkv_bias || gpt2) const_f(L.b_qkv, Dq + 2 * Dkv, 0.0f);
+      if (c_.qk_norm) {
+        const_f(L.q_norm, c_.head_dim, 1.0f);
+        const_f(L.k_norm, c_.head_dim, 1.0f);
+      }
+      rand_t(L.wo, H * Dq, a, seed++);
+      if (c_.o_bias || gpt2) const_f(L.bo, H, 0.0f);
+      rand_t(L.w_gu, (gpt2 ? 1 : 2) * I * H, a, seed++);
+      rand_t(L.w_down, H * I, a, seed++);
+      if (gpt2) {
+        const_f(L.b_up, I, 0.0f);
+        const_f(L.b_down, H, 0.0f);
+      }
+    }
+    stream_->synchronize();
+  }
+
+  void ensure_rope(int positions) {
+    if (positions <= rope_positions_) return;
+    const int half = c_.head_dim / 2;
+    std::vector<float> cs(static_cast<std::size_t>(positions) * half), sn(cs.size());
+    for (int p = 0; p < positions; ++p) rope_.angles(p, cs.data() + static_cast<std::size_t>(p) * half, sn.data() + static_cast<std::size_t>(p) * half);
+    rope_cos_.upload(cs, st());
+    rope_sin_.upload(sn, st());
+    rope_positions_ = positions;
+  }
+
+  /// Validates the batch, uploads ids/positions/attention plan (and targets when nll wants them).
+  void prepare(std::span<const std::vector<int>> seqs, const std::span<const int>* first_target) {
+    const int B = static_cast<int>(seqs.size());
+    if (B == 0) throw InvalidArgument("forward: empty batch");
+    if (first_target && !first_target->empty() && static_cast<int>(first_target->size()) != B)
+      throw InvalidArgument("nll: first_target must hold one entry per sequence");
+    std::vector<int> off(B + 1, 0);
+    int maxlen = 0;
+    for (int s = 0; s < B; ++s) {
+      const auto& t = seqs[s];
+      if (t.empty()) throw InvalidArgument("forward: sequence " + std::to_string(s) + " has no tokens");
+      if (static_cast<int>(t.size()) > c_.max_position && c_.family == Family::Gpt2)
+        throw InvalidArgument("forward: sequence " + std::to_string(s) + " reaches position " + std::to_string(t.size()) +
+                              " but the model has max_position_embeddings " + std::to_string(c_.max_position));
+      for (int id : t)
+        if (id < 0 || id >= c_.vocab_size)
+          throw InvalidArgument("forward: token id " + std::to_string(id) + " in sequence " + std::to_string(s) +
+                                " is outside the vocabulary [0, " + std::to_string(c_.vocab_size) + ")");
+      off[s + 1] = off[s] + static_cast<int>(t.size());
+      maxlen = std::max(maxlen, static_cast<int>(t.size()));
+    }
+    n_ = off[B];
+    if (c_.uses_rope()) ensure_rope(maxlen);
+    last_rows_.assign(off.begin() + 1, off.end());
+    for (auto& r : last_rows_) --r;
+    auto plan = cuda::AttentionPlan::from_offsets(off);
+    n_tiles_ = static_cast<int>(plan.tiles.size());
+    // meta: [tiles (4 ints each) | ids | pos | row_begin | targets]
+    meta_host_.assign(static_cast<std::size_t>(4 * n_tiles_ + 4 * n_), 0);
+    std::memcpy(meta_host_.data(), plan.tiles.data(), sizeof(int4) * plan.tiles.size());
+    int* ids = meta_host_.data() + 4 * n_tiles_;
+    int* pos = ids + n_;
+    int* rb = pos + n_;
+    int* tg = rb + n_;
+    targets_host_.assign(static_cast<std::size_t>(n_), -1);
+    scored_ = 0;
+    for (int s = 0; s < B; ++s) {
+      const int len = off[s + 1] - off[s];
+      const int ft = (first_target && !first_target->empty()) ? (*first_target)[s] : 1;
+      for (int i = 0; i < len; ++i) {
+        ids[off[s] + i] = seqs[s][i];
+        pos[off[s] + i] = i;
+        rb[off[s] + i] = off[s];
+        if (i + 1 < len && i + 1 >= ft) {
+          targets_host_[off[s] + i] = seqs[s][i + 1];
+          ++scored_;
+        }
+      }
+    }
+    std::memcpy(tg, targets_host_.data(), sizeof(int) * n_);
+    meta_.reserve(meta_host_.size());
+    CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(meta_.data(), meta_host_.data(), sizeof(int) * meta_host_.size(), cudaMemcpyHostToDevice, st()));
+    d_tiles_ = reinterpret_cast<const int4*>(meta_.data());
+    d_ids_ = meta_.data() + 4 * n_tiles_;
+    d_pos_ = d_ids_ + n_;
+    d_row_begin_ = d_pos_ + n_;
+    d_targets_ = d_row_begin_ + n_;
+  }
+
+  template <class T>
+  cuda::DeviceBuffer<T>& act(cuda::DeviceBuffer<float>& f, cuda::DeviceBuffer<__nv_bfloat16>& b) {
+    if constexpr (std::is_same_v<T, float>) return f;
+    else return b;
+  }
+
+  template <class T>
+  void run_layers() {
+    const int N = n_, H = c_.hidden_size, Dq = c_.d_q(), Dkv = c_.d_kv(), hd = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads;
+    const int I = c_.intermediate_size, Wqkv = Dq + 2 * Dkv;
+    const bool gpt2 = c_.family == Family::Gpt2;
+    const float eps = static_cast<float>(c_.norm_eps);
+    cublasHandle_t hb = blas_->get();
+    cudaStream_t s = st();
+    auto& h = act<T>(h_f_, h_b_);
+    auto& qkv = act<T>(qkv_f_, qkv_b_);
+    auto& attn = act<T>(attn_f_, attn_b_);
+    auto& gu = act<T>(gu_f_, gu_b_);
+    auto& a2 = act<T>(act_f_, act_b_);
+    auto& lat = act<T>(lat_f_, lat_b_);
+    x_.reserve(static_cast<std::size_t>(N) * H);
+    h.reserve(static_cast<std::size_t>(N) * H);
+    qkv.reserve(static_cast<std::size_t>(N) * Wqkv);
+    attn.reserve(static_cast<std::size_t>(N) * Dq);
+    gu.reserve(static_cast<std::size_t>(N) * (gpt2 ? I : 2 * I));
+    if (!gpt2) a2.reserve(static_cast<std::size_t>(N) * I);
+
+    cuda::embedding<T>(d_ids_, d_pos_, embed_.template ptr<T>(), gpt2 ? pos_embed_.template ptr<T>() : nullptr, x_.data(), N, H, s);
+    for (const DevLayer& L : layers_) {
+      cuda::norm_rows<T>(x_.data(), H, L.n1w.data(), gpt2 ? L.n1b.data() : nullptr, gpt2, eps, h.data(), H, N, H, s);
+      if (!L.mla) {
+        cuda::gemm_xwt<T, T>(hb, N, Wqkv, H, h.data(), H, L.w_qkv.template ptr<T>(), H, qkv.data(), Wqkv);
+      } else {
+        const int dl = L.d_latent, lw = L.joint ? dl : 2 * dl;
+        lat.reserve(static_cast<std::size_t>(N) * lw);
+        cuda::gemm_xwt<T, T>(hb, N, Dq, H, h.data(), H, L.w_qkv.template ptr<T>(), H, qkv.data(), Wqkv);
+        cuda::gemm_xwt<T, T>(hb, N, dl, H, h.data(), H, L.w_dk.template ptr<T>(), H, lat.data(), lw);
+        if (!L.joint) cuda::gemm_xwt<T, T>(hb, N, dl, H, h.data(), H, L.w_dv.template ptr<T>(), H, lat.data() + dl, lw);
+        // K~ = c_k Wuk^T, V~ = c_v Wuv^T (biases below with the fused bias)
+        cuda::gemm_xwt<T, T>(hb, N, Dkv, dl, lat.data(), lw, L.w_uk.template ptr<T>(), dl, qkv.data() + Dq, Wqkv);
+        cuda::gemm_xwt<T, T>(hb, N, Dkv, dl, lat.data() + (L.joint ? 0 : dl), lw, L.w_uv.template ptr<T>(), dl, qkv.data() + Dq + Dkv, Wqkv);
+      }
+      if (!L.b_qkv.empty()) cuda::add_bias<T>(qkv.data(), Wqkv, N, Wqkv, L.b_qkv.data(), s);
+      if (!L.q_norm.empty()) cuda::head_rms_norm<T>(qkv.data(), Wqkv, 0, N, nh, hd, L.q_norm.data(), eps, s);
+      if (!L.k_norm.empty()) cuda::head_rms_norm<T>(qkv.data(), Wqkv, Dq, N, nkv, hd, L.k_norm.data(), eps, s);
+      if (c_.uses_rope()) cuda::rope<T>(qkv.data(), Wqkv, 0, N, nh + nkv, hd, d_pos_, rope_cos_.data(), rope_sin_.data(), s);
+      cuda::AttentionArgs<T> aa;
+      aa.q = qkv.data();
+      aa.k = qkv.data() + Dq;
+      aa.v = qkv.data() + Dq + Dkv;
+      aa.out = attn.data();
+      aa.ldq = aa.ldkv = Wqkv;
+      aa.ldo = Dq;
+      aa.rows = N;
+      aa.n_heads = nh;
+      aa.n_kv_heads = nkv;
+      aa.head_dim = hd;
+      aa.window = c_.sliding_window;
+      aa.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+      if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        if (cuda::flash_supported(aa)) cuda::flash_attention(aa, d_tiles_, n_tiles_, s);
+        else cuda::attention_rows<T>(aa, d_row_begin_, s);
+      } else {
+        cuda::attention_rows<T>(aa, d_row_begin_, s);
+      }
+      cuda::gemm_xwt<T, float>(hb, N, H, Dq, attn.data(), Dq, L.wo.template ptr<T>(), Dq, x_.data(), H, 1.0f, 1.0f);
+      if (!L.bo.empty()) cuda::add_bias<float>(x_.data(), H, N, H, L.bo.data(), s);
+
+      cuda::norm_rows<T>(x_.data(), H, L.n2w.data(), gpt2 ? L.n2b.data() : nullptr, gpt2, eps, h.data(), H, N, H, s);
+      if (gpt2) {
+        cuda::gemm_xwt<T, T>(hb, N, I, H, h.data(), H, L.w_gu.template ptr<T>(), H, gu.data(), I);
+        cuda::bias_gelu<T>(gu.data(), N, I, L.b_up.empty() ? nullptr : L.b_up.data(), s);
+        cuda::gemm_xwt<T, float>(hb, N, H, I, gu.data(), I, L.w_down.template ptr<T>(), I, x_.data(), H, 1.0f, 1.0f);
+      } else {
+        cuda::gemm_xwt<T, T>(hb, N, 2 * I, H, h.data(), H, L.w_gu.template ptr<T>(), H, gu.data(), 2 * I);
+        cuda::swiglu<T>(gu.data(), N, I, L.b_gate.empty() ? nullptr : L.b_gate.data(), L.b_up.empty() ? nullptr : L.b_up.data(), a2.data(), s);
+        cuda::gemm_xwt<T, float>(hb, N, H, I, a2.data(), I, L.w_down.template ptr<T>(), I, x_.data(), H, 1.0f, 1.0f);
+      }
+      if (!L.b_down.empty()) cuda::add_bias<float>(x_.data(), H, N, H, L.b_down.data(), s);
+    }
+    auto& hf = act<T>(h_f_, h_b_);
+    const bool gpt2n = gpt2;
+    cuda::norm_rows<T>(x_.data(), H, final_w_.data(), gpt2n ? final_b_.data() : nullptr, gpt2n, eps, hf.data(), H, N, H, s);
+  }
+
+  /// Logits (float) of the final-normed rows into logits_; `last`: one row per sequence;
+  /// `nll`: then per-token NLL into tok_nll_ (chunked so the logits buffer stays bounded).
+  template <class T>
+  void head(bool last, bool nll = false) {
+    const int H = c_.hidden_size, V = c_.vocab_size;
+    const cuda::DevTensor& W = lm_head_.size() ? lm_head_ : embed_;
+    auto& h = act<T>(h_f_, h_b_);
+    cublasHandle_t hb = blas_->get();
+    if (last) {
+      for (std::size_t b = 0; b < last_rows_.size(); ++b)
+        cuda::gemm_xwt<T, float>(hb, 1, V, H, h.data() + static_cast<std::size_t>(last_rows_[b]) * H, H, W.template ptr<T>(), H,
+                                 logits_.data() + b * static_cast<std::size_t>(V), V);
+      return;
+    }
+    if (!nll) {
+      cuda::gemm_xwt<T, float>(hb, n_, V, H, h.data(), H, W.template ptr<T>(), H, logits_.data(), V);
+      return;
+    }
+    // Bounded logits buffer: at most ~1 GiB of float logits per chunk.
+    const int chunk = static_cast<int>(std::max<long long>(1, std::min<long long>(n_, (1LL << 28) / V)));
+    logits_.reserve(static_cast<std::size_t>(chunk) * V);
+    tok_nll_.reserve(static_cast<std::size_t>(n_));
+    for (int r0 = 0; r0 < n_; r0 += chunk) {
+      const int rows = std::min(chunk, n_ - r0);
+      cuda::gemm_xwt<T, float>(hb, rows, V, H, h.data() + static_cast<std::size_t>(r0) * H, H, W.template ptr<T>(), H, logits_.data(), V);
+      cuda::nll_rows(logits_.data(), rows, V, d_targets_ + r0, tok_nll_.data() + r0, st());
+    }
+  }
+
+  ModelConfig c_;
+  cuda::Options opt_;
+  std::unique_ptr<cuda::Stream> stream_;
+  std::unique_ptr<cuda::CublasHandle> blas_;
+  Rope rope_;
+  int rope_positions_ = 0;
+  cuda::DeviceBuffer<float> rope_cos_, rope_sin_;
+  // weights
+  cuda::DevTensor embed_, pos_embed_, lm_head_;
+  cuda::DeviceBuffer<float> final_w_, final_b_;
+  std::vector<DevLayer> layers_;
+  cuda::DeviceBuffer<float> staging_;
+  // per-batch state
+  int n_ = 0, n_tiles_ = 0;
+  long long scored_ = 0;
+  std::vector<int> meta_host_, targets_host_, last_rows_;
+  cuda::DeviceBuffer<int> meta_;
+  const int4* d_tiles_ = nullptr;
+  const int *d_ids_ = nullptr, *d_pos_ = nullptr, *d_row_begin_ = nullptr, *d_targets_ = nullptr;
+  // activations (allocated once per batch shape, grown on demand)
+  cuda::DeviceBuffer<float> x_, logits_, tok_nll_;
+  cuda::DeviceBuffer<float> h_f_, qkv_f_, attn_f_, gu_f_, act_f_, lat_f_;
+  cuda::DeviceBuffer<__nv_bfloat16> h_b_, qkv_b_, attn_b_, gu_b_, act_b_, lat_b_;
+};
+
+}  // namespace cacheshrink::model
+
+namespace cacheshrink::cuda {
+
+/// pipeline::perplexity's windows on the GPU, with the NLL computed on the device (only one
+/// float per token comes back). Same protocol and result fields.
+template <class Tf>
+pipeline::PerplexityResult perplexity(Tf& tf, const std::vector<int>& ids, const pipeline::PerplexityOptions& o = {}) {
+  if (o.window < 2) throw InvalidArgument("perplexity: window must be >= 2 (got " + std::to_string(o.window) + ")");
+  if (o.stride < 0 || o.stride > o.window) throw InvalidArgument("perplexity: stride must be in [0, window]");
+  if (o.batch < 1) throw InvalidArgument("perplexity: batch must be >= 1");
+  if (static_cast<long>(ids.size()) < o.window)
+    throw InvalidArgument("perplexity: " + std::to_string(ids.size()) + " tokens are fewer than one window of " + std::to_string(o.window));
+  std::vector<pipeline::detail::Window> wins;
+  const int stride = (o.stride == 0) ? o.window : o.stride;
+  if (stride == o.window) {
+    for (std::size_t b = 0; b + o.window <= ids.size(); b += o.window) wins.push_back({b, o.window, 1});
+  } else {
+    std::size_t prev_end = 0;
+    for (std::size_t b = 0; b < ids.size(); b += stride) {
+      const std::size_t e = std::min(b + o.window, ids.size());
+      const int trg = static_cast<int>(e - prev_end);
+      const int len = static_cast<int>(e - b);
+      if (len >= 2) wins.push_back({b, len, std::max(1, len - trg)});
+      prev_end = e;
+      if (e == ids.size()) break;
+    }
+  }
+  if (o.max_windows > 0 && static_cast<long>(wins.size()) > o.max_windows) wins.resize(static_cast<std::size_t>(o.max_windows));
+  pipeline::PerplexityResult r;
+  Progress bar("perplexity", static_cast<long long>(wins.size()), "windows", o.progress);
+  double nll = 0;
+  for (std::size_t w0 = 0; w0 < wins.size(); w0 += o.batch) {
+    const std::size_t w1 = std::min(wins.size(), w0 + o.batch);
+    std::vector<std::vector<int>> seqs;
+    std::vector<int> first;
+    for (std::size_t w = w0; w < w1; ++w) {
+      seqs.emplace_back(ids.begin() + wins[w].begin, ids.begin() + wins[w].begin + wins[w].length);
+      first.push_back(wins[w].first_target);
+      r.processed_tokens += wins[w].length;
+    }
+    auto [s, n] = tf.nll(std::span<const std::vector<int>>(seqs), std::span<const int>(first));
+    nll += s;
+    r.predicted_tokens += n;
+    bar.update(static_cast<long long>(w1), static_cast<double>(r.processed_tokens), "tok");
+  }
+  r.windows = static_cast<long>(wins.size());
+  r.seconds = bar.elapsed();
+  r.mean_nll = r.predicted_tokens ? nll / static_cast<double>(r.predicted_tokens) : 0.0;
+  r.perplexity = std::exp(r.mean_nll);
+  r.tokens_per_second = r.seconds > 0 ? static_cast<double>(r.processed_tokens) / r.seconds : 0.0;
+  return r;
+}
+
+}  // namespace cacheshrink::cuda

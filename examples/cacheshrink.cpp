@@ -4,6 +4,7 @@
 #include <cacheshrink/cacheshrink.hpp>
 #include <cacheshrink/compression/calibration.hpp>
 #include <cacheshrink/compression/convert.hpp>
+#include <cacheshrink/pipeline/energy_plot.hpp>
 #include <cacheshrink/pipeline/save_load.hpp>
 #include <cstdio>
 #include <iostream>
@@ -127,18 +128,20 @@ int main(int argc, char** argv) {
   CLI::App app{"cacheshrink: shrink transformer KV caches with Multi-Head Latent Attention"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "cacheshrink 0.1.0");
+  app.footer("Run 'cacheshrink SUBCOMMAND --help' for its options. --model accepts HF directories and saved MLA models (convert and\n"
+             "demo need an original HF model). Progress and ETAs go to stderr; errors print 'error: ...' and exit with status 2.");
 
   std::string model_dir = CACHESHRINK_DEFAULT_MODEL;
   bool json = false;
 
   auto* info = app.add_subcommand("info", "Load a HF model directory and print its summary");
-  info->add_option("--model", model_dir, "HF model directory (config.json + model.safetensors)")->capture_default_str();
+  info->add_option("--model", model_dir, "HF model directory (config.json + model.safetensors) or a saved MLA model")->capture_default_str();
   info->add_flag("--json", json, "Print JSON instead of text");
 
   std::string ids_file, text_file;
   pipeline::PerplexityOptions po;
   auto* eval = app.add_subcommand("eval", "Perplexity on token ids or text (non-overlapping windows, or sliding with --stride)");
-  eval->add_option("--model", model_dir, "HF model directory")->capture_default_str();
+  eval->add_option("--model", model_dir, "HF model directory or a saved MLA model")->capture_default_str();
   auto* ids_opt = eval->add_option("--ids", ids_file, "Little-endian uint16 token ids (default: the embedded WikiText-2 test ids)");
   eval->add_option("--text", text_file, "UTF-8 text file, encoded with the model's tokenizer.json")->excludes(ids_opt);
   eval->add_option("--windows", po.max_windows, "Evaluate only the first N windows (0: all)")->capture_default_str()->check(CLI::NonNegativeNumber);
@@ -150,18 +153,18 @@ int main(int argc, char** argv) {
   std::string prompt_ids, prompt_text;
   model::SamplingOptions so;
   bool sample = false, no_cache = false;
-  auto* gen = app.add_subcommand("generate", "Generate a continuation of a prompt");
-  gen->add_option("--model", model_dir, "HF model directory")->capture_default_str();
+  auto* gen = app.add_subcommand("generate", "Generate a continuation of a prompt (greedy unless --sample; never stops early at EOS)");
+  gen->add_option("--model", model_dir, "HF model directory or a saved MLA model")->capture_default_str();
   auto* pid = gen->add_option("--prompt-ids", prompt_ids, "Comma-separated prompt token ids");
   gen->add_option("--prompt", prompt_text, "Prompt text (encoded with the model's tokenizer.json)")->excludes(pid);
   gen->add_option("--max-new-tokens", so.max_new_tokens, "Tokens to generate")->capture_default_str()->check(CLI::NonNegativeNumber);
   gen->add_flag("--sample", sample, "Sample instead of greedy decoding");
-  gen->add_option("--temperature", so.temperature, "Sampling temperature")->capture_default_str();
-  gen->add_option("--top-k", so.top_k, "Keep the k most likely tokens (0: off)")->capture_default_str();
-  gen->add_option("--top-p", so.top_p, "Nucleus sampling mass (1: off)")->capture_default_str();
-  gen->add_option("--seed", so.seed, "Random seed")->capture_default_str();
+  gen->add_option("--temperature", so.temperature, "Sampling temperature (with --sample)")->capture_default_str();
+  gen->add_option("--top-k", so.top_k, "With --sample: keep the k most likely tokens (0: off)")->capture_default_str();
+  gen->add_option("--top-p", so.top_p, "With --sample: nucleus sampling mass (1: off)")->capture_default_str();
+  gen->add_option("--seed", so.seed, "Random seed for --sample")->capture_default_str();
   gen->add_flag("--no-cache", no_cache, "Recompute the whole sequence every step instead of using the KV cache");
-  gen->add_flag("--json", json, "Print JSON");
+  gen->add_flag("--json", json, "Print JSON (prompt_ids, generated_ids, text when a tokenizer exists)");
 
   compression::ConvertOptions co;
   std::string out_dir, calib_file = CACHESHRINK_DEFAULT_CALIBRATION;
@@ -169,28 +172,30 @@ int main(int argc, char** argv) {
   bool no_calib = false, do_eval = false, overwrite = false;
   long eval_windows = 0;
   auto* conv = app.add_subcommand("convert", "Convert a HF model to Multi-Head Latent Attention (and optionally evaluate it)");
-  conv->add_option("--model", model_dir, "HF model directory")->capture_default_str();
+  conv->add_option("--model", model_dir, "HF model directory (an original model)")->capture_default_str();
   conv->add_option("--ratio", co.compression_ratio, "KV compression ratio (>= 1)")->capture_default_str();
-  conv->add_option("--method", co.method, "separate | xkv | joint | auto (MHA -> separate, GQA/MQA -> xkv)")
+  conv->add_option("--method", co.method, "separate | xkv | joint | decoupled_rope | auto (MHA -> separate, GQA/MQA -> xkv)")
       ->capture_default_str()->check(CLI::IsMember({"separate", "xkv", "joint", "decoupled_rope", "auto"}));
   conv->add_option("--d-latent", co.d_latent, "Latent width (overrides --ratio)")->check(CLI::PositiveNumber);
   auto* gs = conv->add_option("--group-size", group_size, "xkv: layers sharing one basis")->capture_default_str();
   auto* sk = conv->add_option("--skip-early-layers", skip_early, "xkv: first K layers get per-layer bases (or stay original)")->capture_default_str();
   auto* keep = conv->add_flag("--keep-early-original", co.keep_early_layers_original, "xkv: leave the skipped early layers uncompressed");
   conv->add_flag("--store-original-weights", co.store_original_weights, "Keep the original K/V projections in the saved model");
-  conv->add_option("--calibration", calib_file, "Calibration text file (paragraphs = lines longer than 100 characters)")->capture_default_str();
-  conv->add_option("--calibration-samples", n_calib, "Number of calibration paragraphs")->capture_default_str()->check(CLI::PositiveNumber);
+  conv->add_option("--calibration", calib_file, "Calibration text file (paragraphs = lines longer than 100 characters, not starting with '=')")->capture_default_str();
+  conv->add_option("--calibration-samples", n_calib, "Number of calibration paragraphs (the first N)")->capture_default_str()->check(CLI::PositiveNumber);
   conv->add_option("--calibration-length", calib_len, "Tokens per calibration paragraph (max)")->capture_default_str()->check(CLI::PositiveNumber);
   conv->add_flag("--no-calibration", no_calib, "Initialise from the weights alone (SVD) instead of calibration activations");
   conv->add_option("--out", out_dir, "Write the converted model to this directory");
   conv->add_flag("--overwrite", overwrite, "Replace --out if it exists");
   conv->add_flag("--eval", do_eval, "Perplexity of the original and the converted model (embedded WikiText-2 test ids)");
-  conv->add_option("--eval-windows", eval_windows, "Windows for --eval (0: all 1682)")->capture_default_str();
+  conv->add_option("--eval-windows", eval_windows, "Windows of 256 tokens for --eval (0: all 1682)")->capture_default_str();
+  std::string plot_energy;
+  conv->add_option("--plot-energy", plot_energy, "Write the per-layer energy curves (captured energy vs rank, K and V) to this SVG file");
   conv->add_flag("--json", json, "Print a JSON report");
 
   auto* demo = app.add_subcommand("demo", "The main job on the embedded model: summary, convert (auto, 2x), evaluate, generate");
   demo->add_option("--model", model_dir, "HF model directory")->capture_default_str();
-  demo->add_option("--windows", eval_windows, "Perplexity windows (0: all)")->capture_default_str();
+  demo->add_option("--windows", eval_windows, "Perplexity windows of 256 tokens (0: 64)")->capture_default_str();
 
   CLI11_PARSE(app, argc, argv);
   if (*conv) {
@@ -226,6 +231,11 @@ int main(int argc, char** argv) {
       auto mm = compression::convert(m, co, calib, &rep);
       nlohmann::json j{{"model", model_dir}, {"conversion", conversion_json(rep)}};
       if (!json) print_conversion(rep);
+      if (!plot_energy.empty()) {
+        pipeline::write_energy_plot(rep, plot_energy, std::filesystem::path(model_dir).filename().string());
+        if (!json) std::printf("energy plot: %s\n", plot_energy.c_str());
+        j["energy_plot"] = plot_energy;
+      }
       nlohmann::json mem = nlohmann::json::array();
       for (const auto& r : pipeline::cache_memory(mm, {512, 2048, 8192, 32768})) {
         mem.push_back({{"seq_len", r.seq_len}, {"standard_bytes_bf16", r.standard_bytes}, {"mla_bytes_bf16", r.mla_bytes}});

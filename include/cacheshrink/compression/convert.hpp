@@ -51,6 +51,10 @@ struct LayerReport {
   double energy_v = 1.0;
   double rel_err_k = 0.0;  // sqrt(1 - energy): relative reconstruction error on calibration data
   double rel_err_v = 0.0;
+  // Energy per rank of the basis the layer uses (descending; empty for "original" layers):
+  // separate/joint, the eigenvalues of its statistic; xkv, u_i^T S_l u_i along the group's
+  // eigenvectors. cumsum(spectrum)[d_latent-1] / sum(spectrum) == energy (for plots).
+  std::vector<double> spectrum_k, spectrum_v;
 };
 
 struct ConversionReport {
@@ -130,15 +134,25 @@ using MatD = linalg::Matrix<double>;
 struct Basis {
   MatD u;  // (d, k)
   double energy = 1.0;
+  MatD u_all;                    // (d, d): every eigenvector, descending (for the report's spectra)
+  std::vector<double> spectrum;  // (d): eigenvalues, descending
 };
 
 inline Basis top_basis(const MatD& s, int k) {
-  auto es = linalg::symmetric_eigen(s, k);
+  auto es = linalg::symmetric_eigen(s);  // the solver computes all d pairs anyway
   const double tr = s.trace();
   Basis b;
-  b.u = es.vectors;
-  b.energy = tr > 0 ? std::clamp(es.values.sum() / tr, 0.0, 1.0) : 1.0;
+  b.u = es.vectors.leftCols(k);
+  b.energy = tr > 0 ? std::clamp(es.values.head(k).sum() / tr, 0.0, 1.0) : 1.0;
+  b.u_all = std::move(es.vectors);
+  b.spectrum.assign(es.values.data(), es.values.data() + es.values.size());
   return b;
+}
+
+/// diag(U^T S U): the energy of S along each column of U.
+inline std::vector<double> spectrum_along(const MatD& s, const MatD& u) {
+  const Eigen::VectorXd d = (s * u).cwiseProduct(u).colwise().sum().transpose();
+  return {d.data(), d.data() + d.size()};
 }
 
 inline double energy_of(const MatD& s, const MatD& u) {
@@ -215,6 +229,8 @@ inline model::Model convert(const model::Model& original, const ConvertOptions& 
       lr.kind = "mla";
       lr.energy_k = bk.energy;
       lr.energy_v = bv.energy;
+      lr.spectrum_k = bk.spectrum;
+      lr.spectrum_v = bv.spectrum;
     }
   }
   if (method == CompressionMethod::Xkv) {
@@ -249,6 +265,8 @@ inline model::Model convert(const model::Model& original, const ConvertOptions& 
         lr.group = g;
         lr.energy_k = detail::energy_of(lk[l - start], bk.u);
         lr.energy_v = detail::energy_of(lv[l - start], bv.u);
+        lr.spectrum_k = detail::spectrum_along(lk[l - start], bk.u_all);
+        lr.spectrum_v = detail::spectrum_along(lv[l - start], bv.u_all);
       }
     }
   }
@@ -268,6 +286,7 @@ inline model::Model convert(const model::Model& original, const ConvertOptions& 
       auto& lr = rep.layers[l];
       lr.kind = "mla";
       lr.energy_k = lr.energy_v = b.energy;
+      lr.spectrum_k = lr.spectrum_v = b.spectrum;
     }
   }
   for (auto& lr : rep.layers) {

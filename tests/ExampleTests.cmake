@@ -1,0 +1,63 @@
+# The example programs (examples/*.cpp) and the README's C++ quick start, built and run briefly.
+# Included from tests/CMakeTests.cmake.
+
+# ---- examples: each run on the embedded tiny models for a few seconds; each also checks
+# something that can fail (exit code) and prints a line the test matches. ----
+if(TARGET example_convert_model)
+  add_test(NAME example_convert_model
+    COMMAND example_convert_model ${CACHESHRINK_FIXTURES_DIR}/models/tiny-llama3 ${CMAKE_CURRENT_BINARY_DIR}/example_convert_model_out 2)
+  set_tests_properties(example_convert_model PROPERTIES PASS_REGULAR_EXPRESSION "logits are bit-identical")
+
+  add_test(NAME example_evaluate_cache_memory COMMAND example_evaluate_cache_memory ${CACHESHRINK_FIXTURES_DIR}/models/tiny-gpt2 4 4)
+  set_tests_properties(example_evaluate_cache_memory PROPERTIES PASS_REGULAR_EXPRESSION "prediction matches the runtime cache")
+
+  add_test(NAME example_generate_text COMMAND example_generate_text ${CACHESHRINK_FIXTURES_DIR}/models/tiny-llama3 "The history of" 12)
+  set_tests_properties(example_generate_text PROPERTIES PASS_REGULAR_EXPRESSION "latent cache equals full recomputation")
+
+  add_test(NAME example_sweep_policies COMMAND example_sweep_policies ${CACHESHRINK_FIXTURES_DIR}/models/tiny-llama3 2)
+  set_tests_properties(example_sweep_policies PROPERTIES PASS_REGULAR_EXPRESSION "compile-time cache formulas match")
+
+  add_test(NAME example_attention_microbench COMMAND example_attention_microbench ${CACHESHRINK_FIXTURES_DIR}/models/tiny-llama3 2 4)
+  set_tests_properties(example_attention_microbench PROPERTIES PASS_REGULAR_EXPRESSION "MLA/standard")
+
+  # A failing exit code must fail these tests even when the expected line was printed.
+  foreach(t example_convert_model example_evaluate_cache_memory example_generate_text example_sweep_policies example_attention_microbench)
+    set_tests_properties(${t} PROPERTIES LABELS "examples" TIMEOUT 300 FAIL_REGULAR_EXPRESSION "error:|DIFFER|MISMATCH|DOES NOT MATCH|FAILED")
+  endforeach()
+endif()
+
+# ---- the CLI's energy plot ----
+if(TARGET cacheshrink_cli)
+  add_test(NAME cli_convert_plot_energy COMMAND ${CMAKE_COMMAND} -E env sh -c
+    "rm -f cli_energy.svg && $<TARGET_FILE:cacheshrink_cli> convert --ratio 2 --calibration-samples 8 --plot-energy cli_energy.svg && grep -c '<path ' cli_energy.svg")
+  # tiny-llama3: 4 layers x (K, V) = 8 curves
+  set_tests_properties(cli_convert_plot_energy PROPERTIES PASS_REGULAR_EXPRESSION "energy plot: cli_energy.svg.*\n8\n")
+endif()
+
+# ---- README: every ```cpp block compiles as written and runs (from the source dir, so its
+# relative tests/fixtures paths resolve; TMPDIR points into the build dir so its
+# temp_directory_path() output stays out of /tmp). Extracted at configure time; README.md is a
+# configure dependency, so editing it re-extracts on the next build. ----
+set(MARKDOWN ${PROJECT_SOURCE_DIR}/README.md)
+set(OUT_DIR ${CMAKE_CURRENT_BINARY_DIR}/readme_snippet)
+set(PREFIX readme_snippet)
+file(MAKE_DIRECTORY ${OUT_DIR})
+include(${CMAKE_CURRENT_LIST_DIR}/readme_snippet/extract_cpp_blocks.cmake)
+set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS ${MARKDOWN})
+set(_i 0)
+foreach(src IN LISTS CPP_BLOCK_FILES)
+  add_executable(readme_snippet_${_i} ${src})
+  target_link_libraries(readme_snippet_${_i} PRIVATE cacheshrink::cacheshrink cacheshrink_project_flags)
+  file(MAKE_DIRECTORY ${OUT_DIR}/tmp_${_i})
+  add_test(NAME readme_snippet_${_i} COMMAND readme_snippet_${_i} WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
+  set_tests_properties(readme_snippet_${_i} PROPERTIES LABELS "readme" TIMEOUT 300 ENVIRONMENT "TMPDIR=${OUT_DIR}/tmp_${_i}")
+  math(EXPR _i "${_i} + 1")
+endforeach()
+
+# ---- docs/reference.md's CLI section equals the program's --help output ----
+if(TARGET cacheshrink_cli)
+  add_test(NAME cli_reference_up_to_date COMMAND ${CMAKE_COMMAND} -DCLI=$<TARGET_FILE:cacheshrink_cli>
+    -DDOC=${PROJECT_SOURCE_DIR}/docs/reference.md -DSOURCE_DIR=${PROJECT_SOURCE_DIR} -DMODE=check
+    -P ${CMAKE_CURRENT_SOURCE_DIR}/readme_snippet/cli_reference.cmake)
+  set_tests_properties(cli_reference_up_to_date PROPERTIES LABELS "docs")
+endif()

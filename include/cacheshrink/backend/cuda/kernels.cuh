@@ -74,13 +74,11 @@ namespace kernels {
 // x[r, :] = table[ids[r], :] (+ pos_table[pos[r], :]); x float (rows, H).
 template <class T>
 __global__ void embedding(const int* ids, const int* pos, const T* table, const T* pos_table, float* x, int rows, int H) {
-  const long long n = static_cast<long long>(rows) * H;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n; i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const int r = static_cast<int>(i / H), c = static_cast<int>(i % H);
-    float v = to_f(table[static_cast<long long>(ids[r]) * H + c]);
-    if (pos_table) v += to_f(pos_table[static_cast<long long>(pos[r]) * H + c]);
-    x[i] = v;
-  }
+  const int r = blockIdx.x;  // one block per row
+  const T* tr = table + static_cast<long long>(ids[r]) * H;
+  const T* pr = pos_table ? pos_table + static_cast<long long>(pos[r]) * H : nullptr;
+  float* xr = x + static_cast<long long>(r) * H;
+  for (int c = threadIdx.x; c < H; c += blockDim.x) xr[c] = to_f(tr[c]) + (pr ? to_f(pr[c]) : 0.0f);
 }
 
 // One block per row. RMSNorm: y = x / sqrt(mean(x^2) + eps) * w; LayerNorm (b != nullptr or
@@ -146,15 +144,11 @@ __global__ void rope(T* y, int ld, int col0, int rows, int heads, int hd, const 
   }
 }
 
-// y[r, c] += b[c] for c < width (y: T, leading dim ld).
+// y[r, c] += b[c] for c < width (y: T, leading dim ld). One block per row.
 template <class T>
 __global__ void add_bias(T* y, int ld, int rows, int width, const float* b) {
-  const long long n = static_cast<long long>(rows) * width;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n; i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const int r = static_cast<int>(i / width), c = static_cast<int>(i % width);
-    T* p = y + static_cast<long long>(r) * ld + c;
-    *p = from_f<T>(to_f(*p) + b[c]);
-  }
+  T* yr = y + static_cast<long long>(blockIdx.x) * ld;
+  for (int c = threadIdx.x; c < width; c += blockDim.x) yr[c] = from_f<T>(to_f(yr[c]) + b[c]);
 }
 
 __device__ __forceinline__ float silu_f(float x) { return x / (1.0f + expf(-x)); }
@@ -164,27 +158,28 @@ __device__ __forceinline__ float gelu_tanh_f(float x) {
 }
 
 // act[r, i] = silu(gu[r, i] + bg[i]) * (gu[r, I + i] + bu[i]); gu: (rows, 2I) = [gate | up].
+// One block per row (no 64-bit index division in the inner loop).
 template <class T>
 __global__ void swiglu(const T* gu, int rows, int I, const float* bg, const float* bu, T* act) {
-  const long long n = static_cast<long long>(rows) * I;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n; i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const long long r = i / I;
-    const int c = static_cast<int>(i % I);
-    float g = to_f(gu[r * 2 * I + c]), u = to_f(gu[r * 2 * I + I + c]);
-    if (bg) g += bg[c];
-    if (bu) u += bu[c];
-    act[i] = from_f<T>(silu_f(g) * u);
+  const T* g = gu + static_cast<long long>(blockIdx.x) * 2 * I;
+  const T* u = g + I;
+  T* o = act + static_cast<long long>(blockIdx.x) * I;
+  for (int c = threadIdx.x; c < I; c += blockDim.x) {
+    float gv = to_f(g[c]), uv = to_f(u[c]);
+    if (bg) gv += bg[c];
+    if (bu) uv += bu[c];
+    o[c] = from_f<T>(silu_f(gv) * uv);
   }
 }
 
-// y = gelu_tanh(y + b), in place; y: (rows, I).
+// y = gelu_tanh(y + b), in place; y: (rows, I). One block per row.
 template <class T>
 __global__ void bias_gelu(T* y, int rows, int I, const float* b) {
-  const long long n = static_cast<long long>(rows) * I;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n; i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    float v = to_f(y[i]);
-    if (b) v += b[i % I];
-    y[i] = from_f<T>(gelu_tanh_f(v));
+  T* yr = y + static_cast<long long>(blockIdx.x) * I;
+  for (int c = threadIdx.x; c < I; c += blockDim.x) {
+    float v = to_f(yr[c]);
+    if (b) v += b[c];
+    yr[c] = from_f<T>(gelu_tanh_f(v));
   }
 }
 
@@ -235,7 +230,8 @@ __global__ void fill_value(T* out, long long n, float v) {
 
 template <class T>
 void embedding(const int* ids, const int* pos, const T* table, const T* pos_table, float* x, int rows, int H, cudaStream_t s) {
-  kernels::embedding<T><<<grid_for(static_cast<long long>(rows) * H, 256), 256, 0, s>>>(ids, pos, table, pos_table, x, rows, H);
+  if (rows == 0) return;
+  kernels::embedding<T><<<rows, 256, 0, s>>>(ids, pos, table, pos_table, x, rows, H);
   CACHESHRINK_CUDA_LAUNCH_CHECK("embedding");
 }
 
@@ -268,7 +264,7 @@ template <class T>
 void add_bias(T* y, int ld, int rows, int width, const float* b, cudaStream_t s) {
   const long long n = static_cast<long long>(rows) * width;
   if (n == 0 || b == nullptr) return;
-  kernels::add_bias<T><<<grid_for(n, 256), 256, 0, s>>>(y, ld, rows, width, b);
+  kernels::add_bias<T><<<rows, 256, 0, s>>>(y, ld, rows, width, b);
   CACHESHRINK_CUDA_LAUNCH_CHECK("add_bias");
 }
 
@@ -276,7 +272,7 @@ template <class T>
 void swiglu(const T* gu, int rows, int I, const float* bg, const float* bu, T* act, cudaStream_t s) {
   const long long n = static_cast<long long>(rows) * I;
   if (n == 0) return;
-  kernels::swiglu<T><<<grid_for(n, 256), 256, 0, s>>>(gu, rows, I, bg, bu, act);
+  kernels::swiglu<T><<<rows, 256, 0, s>>>(gu, rows, I, bg, bu, act);
   CACHESHRINK_CUDA_LAUNCH_CHECK("swiglu");
 }
 
@@ -284,7 +280,7 @@ template <class T>
 void bias_gelu(T* y, int rows, int I, const float* b, cudaStream_t s) {
   const long long n = static_cast<long long>(rows) * I;
   if (n == 0) return;
-  kernels::bias_gelu<T><<<grid_for(n, 256), 256, 0, s>>>(y, rows, I, b);
+  kernels::bias_gelu<T><<<rows, 256, 0, s>>>(y, rows, I, b);
   CACHESHRINK_CUDA_LAUNCH_CHECK("bias_gelu");
 }
 

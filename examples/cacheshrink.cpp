@@ -177,6 +177,7 @@ int main(int argc, char** argv) {
   conv->add_option("--method", co.method, "separate | xkv | joint | decoupled_rope | auto (MHA -> separate, GQA/MQA -> xkv)")
       ->capture_default_str()->check(CLI::IsMember({"separate", "xkv", "joint", "decoupled_rope", "auto"}));
   conv->add_option("--d-latent", co.d_latent, "Latent width (overrides --ratio)")->check(CLI::PositiveNumber);
+  conv->add_option("--d-rope", co.d_rope, "decoupled_rope: key features cached exactly")->capture_default_str()->check(CLI::PositiveNumber);
   auto* gs = conv->add_option("--group-size", group_size, "xkv: layers sharing one basis")->capture_default_str();
   auto* sk = conv->add_option("--skip-early-layers", skip_early, "xkv: first K layers get per-layer bases (or stay original)")->capture_default_str();
   auto* keep = conv->add_flag("--keep-early-original", co.keep_early_layers_original, "xkv: leave the skipped early layers uncompressed");

@@ -55,7 +55,7 @@ TEST_CASE("paragraph selection follows the calibration protocol") {
 }
 
 TEST_CASE("every method converts every fixture; the latent cache has the formula's size") {
-  const char* methods[] = {"separate", "xkv", "joint"};
+  const char* methods[] = {"separate", "xkv", "joint", "decoupled_rope"};
   for (const char* name : test::kModels) {
     for (const char* method : methods) {
       SUBCASE((std::string(name) + " " + method).c_str()) {
@@ -63,12 +63,17 @@ TEST_CASE("every method converts every fixture; the latent cache has the formula
         compression::ConvertOptions o;
         o.method = method;
         o.compression_ratio = 4.0;
+        const bool decoupled = std::string(method) == "decoupled_rope";
+        const int dkv = m.config.d_kv();
+        if (decoupled) {
+          o.compression_ratio = 2.0;  // d_latent = d_kv / 2 - d_rope = d_kv / 4
+          o.d_rope = dkv / 4;
+        }
         compression::ConversionReport rep;
         auto mm = compression::convert(m, o, calibration(), &rep);
-        const int dkv = m.config.d_kv();
         const int want_dl = std::string(method) == "joint" ? std::max(1, std::min(dkv, 2 * dkv / 4)) : std::max(1, dkv / 4);
         CHECK(rep.d_latent == want_dl);
-        const std::size_t width = std::string(method) == "joint" ? want_dl : 2 * want_dl;
+        const std::size_t width = std::string(method) == "joint" ? want_dl : 2 * want_dl + (decoupled ? dkv / 4 : 0);
         // Up-projections have orthonormal columns (joint: the stacked [Wuk; Wuv]).
         for (const auto& lw : mm.weights.layers) {
           REQUIRE(lw.mla);
@@ -90,6 +95,7 @@ TEST_CASE("every method converts every fixture; the latent cache has the formula
           CHECK(rows[0].mla_bytes + rows[1].mla_bytes == cache.bytes_used());
           CHECK(rows[0].standard_bytes == 40u * 2 * dkv * m.config.n_layers * sizeof(float));
           for (int l = 0; l < m.config.n_layers; ++l) CHECK(cache.k[l][0].cols() + cache.v[l][0].cols() == static_cast<long>(width));
+          if (decoupled) CHECK(mm.weights.layers[0].mla->w_rope_k.isApprox(m.weights.layers[0].wk.topRows(dkv / 4)));
           // Generation: the latent cache path equals full recomputation.
           model::SamplingOptions so;
           so.max_new_tokens = 8;
@@ -127,6 +133,23 @@ TEST_CASE("d_latent = d_kv reproduces the original logits") {
           const MatrixRf got = logits_of(mm, seq);
           INFO(method, " calibrated=", calib);
           CHECK((got - ref).norm() / ref.norm() <= 1e-4);
+        }
+      }
+      // decoupled_rope with d_latent = d_kv - d_rope reproduces every key exactly (V keeps
+      // only d_latent < d_kv directions by construction, so logits are not exact).
+      {
+        compression::ConvertOptions o;
+        o.method = "decoupled_rope";
+        const int dkv = m.config.d_kv(), dr = dkv / 4;
+        o.d_rope = dr;
+        o.d_latent = dkv - dr;
+        auto mm = compression::convert(m, o, calibration());
+        for (int l = 0; l < m.config.n_layers; ++l) {
+          const auto& a = *mm.weights.layers[l].mla;
+          MatrixRf rec(dkv, m.config.hidden_size);
+          rec.topRows(dr) = a.w_rope_k;
+          rec.bottomRows(dkv - dr) = *a.w_up_k * a.w_down_k;
+          CHECK((rec - m.weights.layers[l].wk).norm() / m.weights.layers[l].wk.norm() <= 1e-5);
         }
       }
       // Joint is exact when [Wk; Wv] has rank <= d_kv, e.g. when hidden == d_kv.
@@ -226,6 +249,8 @@ TEST_CASE("conversion options are validated with clear messages") {
   bad([](auto& o) { o.method = "auto"; o.xkv_skip_early_layers = 1; }, "xkv method only");  // auto -> separate on MHA
   bad([](auto& o) { o.method = "xkv"; o.cross_layer_group_size = 0; }, "cross_layer_group_size");
   bad([](auto& o) { o.method = "xkv"; o.xkv_skip_early_layers = 4; }, "xkv_skip_early_layers");
+  bad([](auto& o) { o.method = "decoupled_rope"; o.d_rope = 192; }, "d_rope");
+  bad([](auto& o) { o.method = "decoupled_rope"; o.d_rope = 64; o.d_latent = 129; }, "d_kv - d_rope");
   compression::ConvertOptions o;
   CHECK_THROWS_WITH_AS(compression::convert(m, o, {}), doctest::Contains("no calibration"), InvalidArgument);
   // Typed entry point fixes the method.
@@ -244,11 +269,13 @@ TEST_CASE("saved MLA models reload with bit-identical logits and without the ori
     const char* model;
     const char* method;
   };
-  for (Case cs : {Case{"tiny-gpt2", "separate"}, Case{"tiny-llama3", "xkv"}, Case{"tiny-qwen2", "joint"}, Case{"tiny-mqa", "auto"}}) {
+  for (Case cs : {Case{"tiny-gpt2", "separate"}, Case{"tiny-llama3", "xkv"}, Case{"tiny-qwen2", "joint"}, Case{"tiny-mqa", "auto"},
+                  Case{"tiny-qwen3", "decoupled_rope"}}) {
     SUBCASE((std::string(cs.model) + " " + cs.method).c_str()) {
       auto m = model::load_model(test::model_dir(cs.model));
       compression::ConvertOptions o;
       o.method = cs.method;
+      if (std::string(cs.method) == "decoupled_rope") o.compression_ratio = 1.5, o.d_rope = 32;
       auto mm = compression::convert(m, o, calibration());
       const fs::path out = tmp / (std::string(cs.model) + "-" + cs.method);
       pipeline::save_mla_model(mm, out);

@@ -8,6 +8,8 @@
 //   separate: Wu = top-d_latent eigenvectors of Wk G Wk^T, Wd = Wu^T Wk (per layer; same for V)
 //   xkv:      Wu = top eigenvectors of sum_{l in group} Wk_l G_l Wk_l^T / tr(...), Wd_l = Wu^T Wk_l
 //   joint:    Wu = top eigenvectors of [Wk; Wv] G [Wk; Wv]^T, Wd = Wu^T [Wk; Wv]
+//   decoupled_rope: K's first d_rope rows Wr are kept exactly (cached as h Wr^T); the other
+//             rows Wc are compressed like separate, Wuk from Wc G Wc^T; V as separate
 // For orthonormal Wu, Wd = Wu^T W is the least-squares optimal down-projection for any X, so
 // the reconstruction of the calibration activations is governed by Wu alone; its captured
 // energy (eigenvalue mass) is reported per layer. Without calibration G = I (weight SVD).
@@ -34,6 +36,7 @@ struct ConvertOptions {
   double compression_ratio = 4.0;
   std::string method = "auto";  // separate | xkv | joint | auto
   int d_latent = 0;             // 0: from the ratio
+  int d_rope = 64;              // decoupled_rope only: key features cached exactly
   bool use_calibration = true;
   bool store_original_weights = false;
   std::optional<int> cross_layer_group_size;  // xkv only; default 4
@@ -78,8 +81,7 @@ inline CompressionMethod resolve_method(const ModelConfig& c, const ConvertOptio
   else if (o.method == "separate") m = CompressionMethod::Separate;
   else if (o.method == "xkv") m = CompressionMethod::Xkv;
   else if (o.method == "joint") m = CompressionMethod::Joint;
-  else if (o.method == "decoupled_rope")
-    throw InvalidArgument("compression_method 'decoupled_rope' is not implemented yet (use separate, xkv, joint or auto)");
+  else if (o.method == "decoupled_rope") m = CompressionMethod::DecoupledRope;
   else throw InvalidArgument("compression_method '" + o.method + "' is unknown (expected separate, xkv, joint, decoupled_rope or auto)");
   if (!(o.compression_ratio >= 1.0)) throw InvalidArgument("compression_ratio must be >= 1 (got " + std::to_string(o.compression_ratio) + ")");
   if (o.d_latent < 0) throw InvalidArgument("d_latent must be positive (got " + std::to_string(o.d_latent) + ")");
@@ -94,6 +96,13 @@ inline CompressionMethod resolve_method(const ModelConfig& c, const ConvertOptio
     throw InvalidArgument("xkv_skip_early_layers must be in [0, " + std::to_string(c.n_layers) + ") (got " +
                           std::to_string(*o.xkv_skip_early_layers) + ")");
   if (o.calibration_batch < 1) throw InvalidArgument("calibration batch must be >= 1");
+  if (m == CompressionMethod::DecoupledRope) {
+    if (o.d_rope < 1 || o.d_rope >= c.d_kv())
+      throw InvalidArgument("d_rope must be in [1, d_kv) = [1, " + std::to_string(c.d_kv()) + ") for decoupled_rope (got " +
+                            std::to_string(o.d_rope) + ")");
+    if (o.d_latent > c.d_kv() - o.d_rope)
+      throw InvalidArgument("d_latent " + std::to_string(o.d_latent) + " exceeds d_kv - d_rope = " + std::to_string(c.d_kv() - o.d_rope));
+  }
   return m;
 }
 
@@ -175,7 +184,9 @@ inline model::Model convert(const model::Model& original, const ConvertOptions& 
   ConversionReport rep;
   rep.method = method;
   rep.d_kv = c.d_kv();
-  rep.d_latent = o.d_latent > 0 ? o.d_latent : dispatch_compression(method, [&](auto p) { return decltype(p)::d_latent(c.d_kv(), o.compression_ratio); });
+  const int d_rope = method == CompressionMethod::DecoupledRope ? o.d_rope : 0;
+  rep.d_latent = o.d_latent > 0 ? o.d_latent
+                                : dispatch_compression(method, [&](auto p) { return decltype(p)::d_latent(c.d_kv(), o.compression_ratio, d_rope); });
   const int dl = rep.d_latent;
   const int L = c.n_layers, H = c.hidden_size;
 
@@ -268,6 +279,32 @@ inline model::Model convert(const model::Model& original, const ConvertOptions& 
         lr.spectrum_k = detail::spectrum_along(lk[l - start], bk.u_all);
         lr.spectrum_v = detail::spectrum_along(lv[l - start], bv.u_all);
       }
+    }
+  }
+  if (method == CompressionMethod::DecoupledRope) {
+    const int dc = c.d_kv() - d_rope;
+    for (int l = 0; l < L; ++l) {
+      const MatD wr = wk(l).topRows(d_rope), wc = wk(l).bottomRows(dc);
+      const MatD sk = wc * grams[l] * wc.transpose();
+      const MatD sv = wv(l) * grams[l] * wv(l).transpose();
+      auto bk = detail::top_basis(sk, dl), bv = detail::top_basis(sv, dl);
+      model::MlaLayer mla;
+      mla.method = CompressionMethod::DecoupledRope;
+      mla.d_latent = dl;
+      mla.d_rope = d_rope;
+      mla.w_rope_k = detail::to_f(wr);
+      mla.w_up_k = std::make_shared<MatrixRf>(detail::to_f(bk.u));
+      mla.w_up_v = std::make_shared<MatrixRf>(detail::to_f(bv.u));
+      mla.w_down_k = detail::to_f(bk.u.transpose() * wc);
+      mla.w_down_v = detail::to_f(bv.u.transpose() * wv(l));
+      out.weights.layers[l].mla = std::move(mla);
+      // Energy of the whole K: the exact slice keeps all of its energy.
+      const MatD full = wk(l) * grams[l] * wk(l).transpose();
+      const double tr = full.trace();
+      auto& lr = rep.layers[l];
+      lr.kind = "mla";
+      lr.energy_k = tr > 0 ? std::clamp((full.topLeftCorner(d_rope, d_rope).trace() + bk.energy * sk.trace()) / tr, 0.0, 1.0) : 1.0;
+      lr.energy_v = bv.energy;
     }
   }
   if (method == CompressionMethod::Joint) {

@@ -16,13 +16,14 @@ enum class AttentionKindId { Mha, Gqa, Mqa };
 enum class Activation { GeluTanh, Silu };
 
 /// MLA compression methods (see compression/policies.hpp for the typed policies).
-enum class CompressionMethod { Separate, Xkv, Joint };
+enum class CompressionMethod { Separate, Xkv, Joint, DecoupledRope };
 
 inline const char* compression_method_name(CompressionMethod m) {
   switch (m) {
     case CompressionMethod::Separate: return "separate";
     case CompressionMethod::Xkv: return "xkv";
     case CompressionMethod::Joint: return "joint";
+    case CompressionMethod::DecoupledRope: return "decoupled_rope";
   }
   return "?";
 }

@@ -98,8 +98,8 @@ class Transformer<Kind, Cpu> {
     std::vector<int> kw, vw;
     for (const auto& lw : m_.weights.layers) {
       if (lw.mla) {
-        kw.push_back(lw.mla->d_latent);
-        vw.push_back(lw.mla->method == CompressionMethod::Joint ? 0 : lw.mla->d_latent);
+        kw.push_back(lw.mla->k_cache_width());
+        vw.push_back(lw.mla->v_cache_width());
       } else {
         kw.push_back(c_.d_kv());
         vw.push_back(c_.d_kv());
@@ -182,7 +182,10 @@ class Transformer<Kind, Cpu> {
         // (the original package's decode path; issue 9 replaces it with absorption).
         const MlaLayer& mla = *lw.mla;
         const bool joint = mla.method == CompressionMethod::Joint;
-        k_.noalias() = h_ * mla.w_down_k.transpose();  // c_k or the joint c: (N, d_latent)
+        const int dl = mla.d_latent, dr = mla.d_rope;
+        k_.resize(N, dl + dr);  // [c_k | k_rope] (joint: c)
+        k_.leftCols(dl).noalias() = h_ * mla.w_down_k.transpose();
+        if (dr > 0) k_.rightCols(dr).noalias() = h_ * mla.w_rope_k.transpose();
         if (!joint) v_.noalias() = h_ * mla.w_down_v.transpose();
         for (int s = 0; s < B; ++s) {
           const int n = off[s + 1] - off[s];
@@ -195,8 +198,10 @@ class Transformer<Kind, Cpu> {
           const int Ltot = p0[s] + n;
           const auto& ck = cache->k[l][s];
           const auto& cv = joint ? cache->k[l][s] : cache->v[l][s];
-          kfull_.noalias() = ck.topRows(Ltot) * mla.w_up_k->transpose();
-          vfull_.noalias() = cv.topRows(Ltot) * mla.w_up_v->transpose();
+          kfull_.resize(Ltot, c_.d_kv());
+          if (dr > 0) kfull_.leftCols(dr) = ck.block(0, dl, Ltot, dr);
+          kfull_.rightCols(c_.d_kv() - dr).noalias() = ck.block(0, 0, Ltot, dl) * mla.w_up_k->transpose();
+          vfull_.noalias() = cv.block(0, 0, Ltot, dl) * mla.w_up_v->transpose();
           std::vector<int> off1{0, Ltot}, p01{0};
           finish_kv(lw, kfull_, vfull_, off1, p01);
           causal_attention<Kind>(q_.middleRows(off[s], n), p0[s], kfull_, vfull_, nh, nkv, hd, c_.sliding_window,

@@ -16,7 +16,10 @@ namespace cacheshrink::model {
 
 /// MLA replacement of a layer's K/V projections. The cache holds the latents:
 ///   separate/xkv: c_k = h Wdk^T, c_v = h Wdv^T (2*d_latent per token);
-///   joint:        c   = h Wd^T (d_latent per token) feeding both K and V.
+///   joint:        c   = h Wd^T (d_latent per token) feeding both K and V;
+///   decoupled_rope: K's first d_rope features k_r = h Wr^T are cached exactly next to c_k,
+///                 K~ = [k_r | c_k Wuk^T] + bk with Wuk (d_kv - d_rope, d_latent).
+
 /// K~ = c_k Wuk^T + bk, V~ = c_v Wuv^T + bv; q/k-norm and RoPE then apply to K~ exactly
 /// where the original model applies them to K. Wuk, Wuv: (d_kv, d_latent), orthonormal
 /// columns (for joint, [Wuk; Wuv] jointly). xkv layers of a group share the same Wu objects.
@@ -24,10 +27,14 @@ struct MlaLayer {
   CompressionMethod method = CompressionMethod::Separate;
   int d_latent = 0;
   int group = -1;                              // xkv group index, -1 otherwise
+  int d_rope = 0;                              // decoupled_rope: exact key features
+  MatrixRf w_rope_k;                           // (d_rope, hidden): the first d_rope rows of Wk
   MatrixRf w_down_k;                           // (d_latent, hidden); joint: the shared down-projection
   MatrixRf w_down_v;                           // (d_latent, hidden); empty for joint
   std::shared_ptr<MatrixRf> w_up_k, w_up_v;    // (d_kv, d_latent)
-  int cache_width() const { return method == CompressionMethod::Joint ? d_latent : 2 * d_latent; }
+  int cache_width() const { return method == CompressionMethod::Joint ? d_latent : 2 * d_latent + d_rope; }
+  int k_cache_width() const { return d_latent + d_rope; }
+  int v_cache_width() const { return method == CompressionMethod::Joint ? 0 : d_latent; }
 };
 
 struct LayerWeights {

@@ -75,10 +75,12 @@ inline void save_mla_model(const model::Model& m, const std::filesystem::path& o
       const std::string p = "mla.layers." + std::to_string(l) + ".";
       tensors[p + "w_down_k"] = detail::f32(a.w_down_k);
       if (a.w_down_v.size()) tensors[p + "w_down_v"] = detail::f32(a.w_down_v);
+      if (a.d_rope > 0) tensors[p + "w_rope_k"] = detail::f32(a.w_rope_k);
       const std::string up = a.group >= 0 ? "mla.groups." + std::to_string(a.group) + "." : p;
       tensors[up + "w_up_k"] = detail::f32(*a.w_up_k);
       tensors[up + "w_up_v"] = detail::f32(*a.w_up_v);
-      layers.push_back({{"mla", true}, {"method", compression_method_name(a.method)}, {"d_latent", a.d_latent}, {"group", a.group}});
+      layers.push_back({{"mla", true}, {"method", compression_method_name(a.method)}, {"d_latent", a.d_latent}, {"group", a.group},
+                        {"d_rope", a.d_rope}});
     }
     if (method_layer < 0) throw InvalidArgument("save_mla_model: the model has no MLA layers (convert it first)");
     const auto& first = *m.weights.layers[method_layer].mla;
@@ -141,13 +143,18 @@ inline model::Model load_any(const std::filesystem::path& dir) {
     if (method == "separate") a.method = CompressionMethod::Separate;
     else if (method == "xkv") a.method = CompressionMethod::Xkv;
     else if (method == "joint") a.method = CompressionMethod::Joint;
+    else if (method == "decoupled_rope") a.method = CompressionMethod::DecoupledRope;
     else throw FormatError(src + ": layer " + std::to_string(l) + " has unknown method '" + method + "'");
     a.d_latent = e.value("d_latent", 0);
     a.group = e.value("group", -1);
-    if (a.d_latent < 1 || a.d_latent > dkv) throw FormatError(src + ": layer " + std::to_string(l) + " has d_latent out of [1, d_kv]");
+    a.d_rope = e.value("d_rope", 0);
+    if (a.d_rope < 0 || a.d_rope >= dkv || (a.d_rope > 0) != (a.method == CompressionMethod::DecoupledRope))
+      throw FormatError(src + ": layer " + std::to_string(l) + " has an invalid d_rope");
+    if (a.d_latent < 1 || a.d_latent > dkv - a.d_rope) throw FormatError(src + ": layer " + std::to_string(l) + " has d_latent out of [1, d_kv - d_rope]");
     const std::string p = "mla.layers." + std::to_string(l) + ".";
     a.w_down_k = mat(p + "w_down_k", a.d_latent, H);
     if (a.method != CompressionMethod::Joint) a.w_down_v = mat(p + "w_down_v", a.d_latent, H);
+    if (a.d_rope > 0) a.w_rope_k = mat(p + "w_rope_k", a.d_rope, H);
     if (a.group >= 0) {
       auto it = groups.find(a.group);
       if (it == groups.end()) {
@@ -158,7 +165,7 @@ inline model::Model load_any(const std::filesystem::path& dir) {
       a.w_up_k = it->second.first;
       a.w_up_v = it->second.second;
     } else {
-      a.w_up_k = std::make_shared<MatrixRf>(mat(p + "w_up_k", dkv, a.d_latent));
+      a.w_up_k = std::make_shared<MatrixRf>(mat(p + "w_up_k", dkv - a.d_rope, a.d_latent));
       a.w_up_v = std::make_shared<MatrixRf>(mat(p + "w_up_v", dkv, a.d_latent));
     }
     lw.mla = std::move(a);

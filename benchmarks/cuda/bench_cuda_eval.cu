@@ -7,7 +7,7 @@
 // Prints a table and, with --json PATH, writes every row as JSON. The PyTorch baseline is
 // benchmarks/python/bench_hf_eval.py (run in the same device session; docs/results_cuda.md).
 //
-//   bench_cuda_eval [--part fixtures|7b|all] [--fixtures DIR] [--json PATH] [--iters N]
+//   bench_cuda_eval [--part fixtures|attention|7b|all] [--fixtures DIR] [--json PATH] [--iters N]
 #include <cacheshrink/cuda.hpp>
 #include <cacheshrink/io/file.hpp>
 #include <cstdio>
@@ -102,6 +102,45 @@ void part_7b(const Args& a) {
   }
 }
 
+/// The flash attention kernel alone at 7B head shapes: achieved TFLOP/s (causal pairs only).
+void part_attention(const Args& a) {
+  for (auto [nh, nkv, T, B] : {std::tuple{32, 32, 1024, 4}, {32, 32, 4096, 1}, {28, 4, 4096, 1}}) {
+    const int hd = 128, Dq = nh * hd, Dkv = nkv * hd, ld = Dq + 2 * Dkv, N = B * T;
+    cuda::DeviceBuffer<__nv_bfloat16> qkv(static_cast<std::size_t>(N) * ld), out(static_cast<std::size_t>(N) * Dq);
+    cuda::fill_uniform(qkv.data(), static_cast<long long>(qkv.size()), 7, 1.0f, nullptr);
+    std::vector<int> off{0};
+    for (int b = 0; b < B; ++b) off.push_back(off.back() + T);
+    auto plan = cuda::AttentionPlan::from_offsets(off);
+    cuda::DeviceBuffer<int4> tiles;
+    tiles.upload(plan.tiles);
+    cuda::AttentionArgs<__nv_bfloat16> at;
+    at.q = qkv.data();
+    at.k = qkv.data() + Dq;
+    at.v = qkv.data() + Dq + Dkv;
+    at.out = out.data();
+    at.ldq = at.ldkv = ld;
+    at.ldo = Dq;
+    at.rows = N;
+    at.n_heads = nh;
+    at.n_kv_heads = nkv;
+    at.head_dim = hd;
+    at.scale = 0.088388f;
+    for (int w = 0; w < 3; ++w) cuda::flash_attention(at, tiles.data(), static_cast<int>(plan.tiles.size()), nullptr);
+    cuda::Event e0, e1;
+    e0.record(nullptr);
+    const int it = 20;
+    for (int i = 0; i < it; ++i) cuda::flash_attention(at, tiles.data(), static_cast<int>(plan.tiles.size()), nullptr);
+    e1.record(nullptr);
+    e1.synchronize();
+    const double ms = e1.elapsed_since(e0) / it;
+    const double flops = 4.0 * B * (static_cast<double>(T) * (T + 1) / 2) * hd * nh;
+    std::printf("flash_attn_bf16 nh=%d nkv=%d hd=%d B=%d T=%d: %.3f ms  %.1f TFLOP/s\n", nh, nkv, hd, B, T, ms, flops / ms / 1e9);
+    std::fflush(stdout);
+    rows.push_back({{"part", "attention"}, {"n_heads", nh}, {"n_kv_heads", nkv}, {"batch", B}, {"seq_len", T}, {"ms", ms}, {"tflops", flops / ms / 1e9}});
+  }
+  (void)a;
+}
+
 void part_fixtures(const Args& a) {
   const auto ids = io::read_ids_u16(std::filesystem::path(a.fixtures) / "data" / "wikitext2_test.ids.u16");
   for (const char* name : {"tiny-gpt2", "tiny-llama2", "tiny-llama3", "tiny-qwen2", "tiny-mistral", "tiny-mqa", "tiny-qwen3"}) {
@@ -151,7 +190,7 @@ int main(int argc, char** argv) {
     else if (k == "--json") a.json = next();
     else if (k == "--iters") a.iters = std::stoi(next());
     else {
-      std::fprintf(stderr, "usage: bench_cuda_eval [--part fixtures|7b|all] [--fixtures DIR] [--json PATH] [--iters N]\n");
+      std::fprintf(stderr, "usage: bench_cuda_eval [--part fixtures|attention|7b|all] [--fixtures DIR] [--json PATH] [--iters N]\n");
       return 2;
     }
   }
@@ -164,6 +203,7 @@ int main(int argc, char** argv) {
     CACHESHRINK_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
     if (a.part == "fixtures" || a.part == "all") part_fixtures(a);
+    if (a.part == "attention" || a.part == "all") part_attention(a);
     if (a.part == "7b" || a.part == "all") part_7b(a);
     if (!a.json.empty()) std::ofstream(a.json) << nlohmann::json{{"device", prop.name}, {"rows", rows}}.dump(2) << "\n";
   } catch (const std::exception& e) {

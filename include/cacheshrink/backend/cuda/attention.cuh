@@ -86,25 +86,44 @@ __global__ void attention_rows(AttentionArgs<T> a, const int* row_begin) {
 }
 
 constexpr int kFlashBq = 64, kFlashBk = 64, kFlashWarps = 4;
+// Padded shared-memory row strides (elements): rows start in different banks, so the
+// ldmatrix-style fragment loads and the softmax's row accesses do not conflict.
+template <int HD>
+constexpr int flash_ld() { return HD + 8; }
+constexpr int kFlashLdS = kFlashBk + 4;  // float scores
+constexpr int kFlashLdP = kFlashBk + 8;  // bf16 probabilities
 
 template <int HD>
 constexpr int flash_smem_bytes() {
-  return 2 * kFlashBk * HD * 2                 // K, V tiles (bf16)
-         + kFlashWarps * 16 * kFlashBk * 4     // per-warp scores (float)
-         + kFlashWarps * 16 * kFlashBk * 2     // per-warp probabilities (bf16)
-         + kFlashWarps * 16 * 4;               // per-row rescale factors
+  return 2 * 2 * kFlashBk * flash_ld<HD>() * 2  // K, V tiles, double-buffered (bf16)
+         + kFlashWarps * 16 * kFlashLdS * 4     // per-warp scores (float)
+         + kFlashWarps * 16 * kFlashLdP * 2     // per-warp probabilities (bf16)
+         + kFlashWarps * 16 * 4;                // per-row rescale factors
 }
 
-/// Copies rows [row0, row0 + 64) of a sequence's (len rows) head slice into a dense (64, HD)
-/// smem tile, zero-filling rows past the sequence end. 16-byte vector loads.
+// cp.async (sm_80+) through inline PTX: 16 bytes global -> shared, zero-filling what lies past
+// src_bytes. (cuda_pipeline.h would drag libcu++'s ::cuda namespace into users' code.)
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+/// Starts an asynchronous copy (cp.async, 16 bytes per thread-chunk) of rows [row0, row0 + 64)
+/// of a sequence's (len rows) head slice into a (64, HD) smem tile with row stride LD,
+/// zero-filling rows past the sequence end. The caller commits and waits.
 template <int HD>
-__device__ __forceinline__ void load_tile(__nv_bfloat16* dst, const __nv_bfloat16* src, int ld, int row0, int len) {
-  constexpr int kChunks = HD / 8;
+__device__ __forceinline__ void load_tile_async(__nv_bfloat16* dst, const __nv_bfloat16* src, int ld, int row0, int len) {
+  constexpr int kChunks = HD / 8, LD = flash_ld<HD>();
   for (int idx = threadIdx.x; idx < kFlashBk * kChunks; idx += blockDim.x) {
     const int r = idx / kChunks, c = idx % kChunks;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (row0 + r < len) val = *reinterpret_cast<const uint4*>(src + static_cast<long long>(row0 + r) * ld + c * 8);
-    *reinterpret_cast<uint4*>(dst + r * HD + c * 8) = val;
+    const bool in = row0 + r < len;
+    const __nv_bfloat16* g = src + static_cast<long long>(in ? row0 + r : 0) * ld + c * 8;
+    cp_async16(dst + r * LD + c * 8, g, in ? 16 : 0);
   }
 }
 
@@ -113,55 +132,73 @@ template <int HD>
 __global__ void __launch_bounds__(128) flash_attn_bf16(AttentionArgs<__nv_bfloat16> a, const int4* tiles) {
   using namespace nvcuda;
   using bf16 = __nv_bfloat16;
-  constexpr int BK = kFlashBk, ND = HD / 16;
+  constexpr int BK = kFlashBk, ND = HD / 16, LD = flash_ld<HD>(), LS = kFlashLdS, LP = kFlashLdP;
   extern __shared__ __align__(128) unsigned char smem[];
-  bf16* sK = reinterpret_cast<bf16*>(smem);
-  bf16* sV = sK + BK * HD;
-  float* sS = reinterpret_cast<float*>(sV + BK * HD);
-  bf16* sP = reinterpret_cast<bf16*>(sS + kFlashWarps * 16 * BK);
-  float* sRow = reinterpret_cast<float*>(sP + kFlashWarps * 16 * BK);
+  bf16* sKV = reinterpret_cast<bf16*>(smem);  // [buffer][K | V] tiles of (BK, LD)
+  float* sS = reinterpret_cast<float*>(sKV + 4 * BK * LD);
+  bf16* sP = reinterpret_cast<bf16*>(sS + kFlashWarps * 16 * LS);
+  float* sRow = reinterpret_cast<float*>(sP + kFlashWarps * 16 * LP);
+  auto sK = [&](int buf) { return sKV + (2 * buf) * BK * LD; };
+  auto sV = [&](int buf) { return sKV + (2 * buf + 1) * BK * LD; };
 
   const int4 t = tiles[blockIdx.x];
   const int begin = t.x, len = t.y, q0 = t.z;
   const int h = blockIdx.y, group = a.n_heads / a.n_kv_heads, kvh = h / group;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* sSw = sS + warp * 16 * BK;
-  bf16* sPw = sP + warp * 16 * BK;
+  float* sSw = sS + warp * 16 * LS;
+  bf16* sPw = sP + warp * 16 * LP;
   float* sRw = sRow + warp * 16;
 
-  // Q tile through the K buffer into register fragments (16 rows per warp).
-  load_tile<HD>(sK, a.q + static_cast<long long>(begin) * a.ldq + h * HD, a.ldq, q0, len);
+  const int qlast = min(q0 + kFlashBq, len) - 1;
+  int kstart = a.window > 0 ? max(0, q0 - a.window + 1) : 0;
+  kstart = (kstart / BK) * BK;
+  const bf16* kbase = a.k + static_cast<long long>(begin) * a.ldkv + kvh * HD;
+  const bf16* vbase = a.v + static_cast<long long>(begin) * a.ldkv + kvh * HD;
+
+  // Q tile through buffer 1's K slot; first K/V tile into buffer 0 meanwhile.
+  load_tile_async<HD>(sK(1), a.q + static_cast<long long>(begin) * a.ldq + h * HD, a.ldq, q0, len);
+  cp_async_commit();
+  load_tile_async<HD>(sK(0), kbase, a.ldkv, kstart, len);
+  load_tile_async<HD>(sV(0), vbase, a.ldkv, kstart, len);
+  cp_async_commit();
+  cp_async_wait<1>();  // Q landed
   __syncthreads();
   wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> qf[ND];
 #pragma unroll
-  for (int d = 0; d < ND; ++d) wmma::load_matrix_sync(qf[d], sK + warp * 16 * HD + d * 16, HD);
+  for (int d = 0; d < ND; ++d) wmma::load_matrix_sync(qf[d], sK(1) + warp * 16 * LD + d * 16, LD);
 
   // Which row of a 16x16 accumulator each of this lane's elements holds: load a matrix whose
   // entries are their row index (the mapping is fixed for the fragment type).
-  for (int e = lane; e < 256; e += 32) sSw[e] = static_cast<float>(e / 16);
+  for (int e = lane; e < 256; e += 32) sSw[(e / 16) * LS + e % 16] = static_cast<float>(e / 16);
   __syncwarp();
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> rowf;
-  wmma::load_matrix_sync(rowf, sSw, 16, wmma::mem_row_major);
+  wmma::load_matrix_sync(rowf, sSw, LS, wmma::mem_row_major);
   __syncwarp();
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> of[ND];
 #pragma unroll
   for (int d = 0; d < ND; ++d) wmma::fill_fragment(of[d], 0.0f);
 
-  const int r = lane >> 1, cb = (lane & 1) * 32;  // this lane's softmax row and column half
+  // Softmax work split: lane owns row r and one 32-column half; it walks its columns
+  // starting at a lane-dependent rotation so the 32 lanes hit 32 different banks.
+  const int r = lane >> 1, cb = (lane & 1) * 32;
   const int qi = q0 + warp * 16 + r;
   float m_i = -INFINITY, l_i = 0.0f;
-  const int qlast = min(q0 + kFlashBq, len) - 1;
-  int kstart = a.window > 0 ? max(0, q0 - a.window + 1) : 0;
-  kstart = (kstart / BK) * BK;
-  __syncthreads();  // Q fragments loaded before sK is overwritten
+  __syncthreads();  // every warp has its Q fragments before buffer 1 is reused
 
-  const bf16* kbase = a.k + static_cast<long long>(begin) * a.ldkv + kvh * HD;
-  const bf16* vbase = a.v + static_cast<long long>(begin) * a.ldkv + kvh * HD;
-  for (int k0 = kstart; k0 <= qlast; k0 += BK) {
-    load_tile<HD>(sK, kbase, a.ldkv, k0, len);
-    load_tile<HD>(sV, vbase, a.ldkv, k0, len);
+  int buf = 0;
+  for (int k0 = kstart; k0 <= qlast; k0 += BK, buf ^= 1) {
+    // Prefetch the next tile into the other buffer while this one is used.
+    const bool more = k0 + BK <= qlast;
+    if (more) {
+      load_tile_async<HD>(sK(buf ^ 1), kbase, a.ldkv, k0 + BK, len);
+      load_tile_async<HD>(sV(buf ^ 1), vbase, a.ldkv, k0 + BK, len);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();  // this tile landed
     __syncthreads();
+    const bf16* tK = sK(buf);
+    const bf16* tV = sV(buf);
     // S (16 x 64) = Q_w K^T
 #pragma unroll
     for (int kb = 0; kb < BK / 16; ++kb) {
@@ -170,17 +207,18 @@ __global__ void __launch_bounds__(128) flash_attn_bf16(AttentionArgs<__nv_bfloat
 #pragma unroll
       for (int d = 0; d < ND; ++d) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> kf;
-        wmma::load_matrix_sync(kf, sK + kb * 16 * HD + d * 16, HD);
+        wmma::load_matrix_sync(kf, tK + kb * 16 * LD + d * 16, LD);
         wmma::mma_sync(c, qf[d], kf, c);
       }
-      wmma::store_matrix_sync(sSw + kb * 16, c, BK, wmma::mem_row_major);
+      wmma::store_matrix_sync(sSw + kb * 16, c, LS, wmma::mem_row_major);
     }
     __syncwarp();
     // Online softmax, two lanes per row.
     float mx = -INFINITY;
-    float* srow = sSw + r * BK + cb;
+    float* srow = sSw + r * LS + cb;
 #pragma unroll 8
-    for (int c = 0; c < 32; ++c) {
+    for (int c0 = 0; c0 < 32; ++c0) {
+      const int c = (c0 + lane) & 31;
       const int j = k0 + cb + c;
       const bool vis = qi < len && j <= qi && (a.window <= 0 || j > qi - a.window);
       const float s = vis ? srow[c] * a.scale : -INFINITY;
@@ -191,9 +229,10 @@ __global__ void __launch_bounds__(128) flash_attn_bf16(AttentionArgs<__nv_bfloat
     const float m_new = fmaxf(m_i, mx);
     const float alpha = m_new == -INFINITY ? 1.0f : __expf(m_i - m_new);
     float sum = 0.0f;
-    bf16* prow = sPw + r * BK + cb;
+    bf16* prow = sPw + r * LP + cb;
 #pragma unroll 8
-    for (int c = 0; c < 32; ++c) {
+    for (int c0 = 0; c0 < 32; ++c0) {
+      const int c = (c0 + lane) & 31;
       const float s = srow[c];
       const float p = s == -INFINITY ? 0.0f : __expf(s - m_new);
       const bf16 pb = __float2bfloat16(p);
@@ -213,26 +252,27 @@ __global__ void __launch_bounds__(128) flash_attn_bf16(AttentionArgs<__nv_bfloat
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> pf;
-      wmma::load_matrix_sync(pf, sPw + kk * 16, BK);
+      wmma::load_matrix_sync(pf, sPw + kk * 16, LP);
 #pragma unroll
       for (int d = 0; d < ND; ++d) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> vf;
-        wmma::load_matrix_sync(vf, sV + kk * 16 * HD + d * 16, HD);
+        wmma::load_matrix_sync(vf, tV + kk * 16 * LD + d * 16, LD);
         wmma::mma_sync(of[d], pf, vf, of[d]);
       }
     }
-    __syncthreads();  // everyone done with sK/sV before the next tile
+    __syncthreads();  // everyone done with this buffer before it is refilled
   }
+  cp_async_wait<0>();
   if ((lane & 1) == 0) sRw[r] = l_i > 0.0f ? 1.0f / l_i : 0.0f;
   __syncwarp();
   bf16* obase = a.out + static_cast<long long>(begin) * a.ldo + h * HD;
 #pragma unroll
   for (int d = 0; d < ND; ++d) {
-    wmma::store_matrix_sync(sSw, of[d], 16, wmma::mem_row_major);
+    wmma::store_matrix_sync(sSw, of[d], LS, wmma::mem_row_major);
     __syncwarp();
     for (int e = lane; e < 256; e += 32) {
       const int rr = e / 16, cc = e % 16, q = q0 + warp * 16 + rr;
-      if (q < len) obase[static_cast<long long>(q) * a.ldo + d * 16 + cc] = __float2bfloat16(sSw[e] * sRw[rr]);
+      if (q < len) obase[static_cast<long long>(q) * a.ldo + d * 16 + cc] = __float2bfloat16(sSw[rr * LS + cc] * sRw[rr]);
     }
     __syncwarp();
   }

@@ -1,0 +1,303 @@
+#pragma once
+// MLATrainer<Scalar>: fine-tunes the compression parameters of a converted model.
+//
+//   auto m = compression::convert(model::load_model(dir), {...}, calib);  // keeps wk/wv in memory
+//   train::TrainOptions o;  o.recon_alpha = 0.3;
+//   train::MLATrainer<float> t(m, o);
+//   auto stats = t.train(train::encode_texts(tok, train::load_texts(file), o.max_length));
+//   stats.save_json("stats.json");               // m now holds the trained MLA weights
+//
+// Per optimizer step: for each of grad_accum micro-batches of batch_size sequences, the
+// training forward/backward (graph.hpp) with loss scaled by 1/grad_accum accumulates gradients;
+// then the global gradient norm over all compression parameters is clipped (torch semantics),
+// w_down_* take an AdamW step (decoupled weight decay euclidean_weight_decay) and w_up_* a
+// RiemannianAdam step on the Euclidean-metric Stiefel manifold (weight decay
+// riemannian_weight_decay), each at its own linear-warmup-then-linear-decay learning rate
+// (HF get_linear_schedule_with_warmup; the first step runs at lr 0 when warmup > 0).
+// Sequences are shuffled every epoch with a seeded std::mt19937_64 and our own Fisher-Yates,
+// so a seed gives the same trajectory on every platform.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cacheshrink/compression/calibration.hpp"
+#include "cacheshrink/core/error.hpp"
+#include "cacheshrink/core/progress.hpp"
+#include "cacheshrink/io/file.hpp"
+#include "cacheshrink/manifold/euclidean.hpp"
+#include "cacheshrink/manifold/stiefel.hpp"
+#include "cacheshrink/optim/optim.hpp"
+#include "cacheshrink/train/graph.hpp"
+
+namespace cacheshrink::train {
+
+struct TrainOptions {
+  double euclidean_lr = 1e-5;   // w_down_* (AdamW)
+  double riemannian_lr = 1e-4;  // w_up_* (RiemannianAdam on Stiefel)
+  int epochs = 3;
+  int batch_size = 4;
+  int max_length = 512;  // tokens per sequence (used by encode_texts and checked by train)
+  int grad_accum = 1;
+  double max_grad_norm = 1.0;  // <= 0: no clipping
+  double euclidean_weight_decay = 0.01;
+  double riemannian_weight_decay = 0.0;
+  int warmup_steps = 100;
+  std::string schedule = "linear";  // linear | cosine | constant (after warmup)
+  int log_every = 10;
+  int ortho_every = 100;
+  double recon_alpha = 0.0;
+  bool distill = false;
+  double distill_alpha = 0.9;
+  double temperature = 2.0;
+  std::uint64_t seed = 42;
+  bool shuffle = true;
+  long max_steps = 0;  // > 0: stop after this many optimizer steps (the schedule still spans all)
+  bool progress = false;
+  bool verbose = false;  // print a log line every log_every steps
+
+  LossOptions loss() const { return {recon_alpha, distill, distill_alpha, temperature}; }
+  void validate() const {
+    auto bad = [](const std::string& opt, const std::string& expected, double v) {
+      throw InvalidArgument("train: option " + opt + "=" + std::to_string(v) + " is invalid, expected " + expected);
+    };
+    if (!(euclidean_lr >= 0)) bad("euclidean_lr", ">= 0", euclidean_lr);
+    if (!(riemannian_lr >= 0)) bad("riemannian_lr", ">= 0", riemannian_lr);
+    if (epochs < 1) bad("epochs", ">= 1", epochs);
+    if (batch_size < 1) bad("batch_size", ">= 1", batch_size);
+    if (max_length < 2) bad("max_length", ">= 2", max_length);
+    if (grad_accum < 1) bad("grad_accum", ">= 1", grad_accum);
+    if (warmup_steps < 0) bad("warmup_steps", ">= 0", warmup_steps);
+    if (log_every < 1) bad("log_every", ">= 1", log_every);
+    if (ortho_every < 0) bad("ortho_every", ">= 0", ortho_every);
+    if (!(euclidean_weight_decay >= 0)) bad("euclidean_weight_decay", ">= 0", euclidean_weight_decay);
+    if (!(riemannian_weight_decay >= 0)) bad("riemannian_weight_decay", ">= 0", riemannian_weight_decay);
+    loss().validate();
+  }
+};
+
+struct StepStats {
+  long step = 0;  // 1-based optimizer step
+  int epoch = 0;
+  double loss = 0, lm = 0, recon = 0, kl = 0;
+  double lr_euclidean = 0, lr_riemannian = 0;
+  double grad_norm = 0;      // before clipping
+  double ortho_error = -1;   // max ||U^T U - I||_F over Stiefel parameters (on ortho steps), else -1
+  long long tokens = 0;      // real tokens in the step
+  double seconds = 0;        // wall time of the step
+};
+
+struct TrainStats {
+  std::vector<StepStats> steps;
+  long long tokens = 0;
+  double seconds = 0;
+  double tokens_per_second = 0;
+  double final_ortho_error = 0;
+  int sequences = 0;
+
+  nlohmann::json to_json() const {
+    nlohmann::json s = nlohmann::json::array();
+    for (const auto& t : steps)
+      s.push_back({{"step", t.step},
+                   {"epoch", t.epoch},
+                   {"loss", t.loss},
+                   {"lm_loss", t.lm},
+                   {"recon_loss", t.recon},
+                   {"kl_loss", t.kl},
+                   {"lr_euclidean", t.lr_euclidean},
+                   {"lr_riemannian", t.lr_riemannian},
+                   {"grad_norm", t.grad_norm},
+                   {"ortho_error", t.ortho_error},
+                   {"tokens", t.tokens},
+                   {"seconds", t.seconds}});
+    return {{"steps", s},
+            {"tokens", tokens},
+            {"seconds", seconds},
+            {"tokens_per_second", tokens_per_second},
+            {"final_ortho_error", final_ortho_error},
+            {"sequences", sequences}};
+  }
+  void save_json(const std::filesystem::path& path) const {
+    const std::string text = to_json().dump(1) + "\n";
+    io::atomic_write(path, [&](std::ofstream& f) { f << text; });
+  }
+};
+
+/// Training texts from a file: the paragraph rule of compression::paragraphs (lines, stripped,
+/// > 100 characters, not starting with '='); the first `count` (0 = all).
+inline std::vector<std::string> load_texts(const std::filesystem::path& file, std::size_t count = 0) {
+  auto texts = compression::paragraphs(io::read_text_file(file), count);
+  if (texts.empty()) throw InvalidArgument(file.string() + ": no training paragraphs (lines longer than 100 characters)");
+  return texts;
+}
+
+/// Tokenizes texts, cut to max_length tokens; sequences shorter than 2 tokens are dropped.
+inline std::vector<std::vector<int>> encode_texts(const tokenizer::Tokenizer& tok, const std::vector<std::string>& texts, int max_length) {
+  auto seqs = compression::encode_calibration(tok, texts, max_length);
+  std::erase_if(seqs, [](const auto& s) { return s.size() < 2; });
+  return seqs;
+}
+
+template <linalg::RealScalar Scalar_>
+class MLATrainer {
+ public:
+  using Scalar = Scalar_;
+  using Graph = TrainGraph<Scalar>;
+  using Mat = linalg::Matrix<Scalar>;
+
+  /// `m` is updated in place (its MLA weights) at the end of train() and by write_back().
+  MLATrainer(model::Model& m, TrainOptions o) : m_(m), o_(std::move(o)), g_(m) {
+    o_.validate();
+    if ((o_.recon_alpha > 0 || o_.distill) && !g_.has_original_kv())
+      throw InvalidArgument(std::string(o_.distill ? "distillation" : "reconstruction") +
+                            " loss needs the original k_proj/v_proj weights of every MLA layer, but the model lacks them (a saved MLA "
+                            "model keeps them only when saved with --store-original-weights; or convert and train in one run)");
+    optim::AdamWOptions ao;
+    ao.lr = o_.euclidean_lr;
+    ao.weight_decay = o_.euclidean_weight_decay;
+    optim::RiemannianAdamOptions ro;
+    ro.lr = o_.riemannian_lr;
+    ro.weight_decay = o_.riemannian_weight_decay;
+    adamw_ = optim::AdamW<Scalar>(optim::AdamWUpdate{ao});
+    radam_ = optim::RiemannianAdam<Scalar>(optim::RiemannianAdamUpdate{ro});
+    for (auto& p : g_.params()) {
+      if (p.stiefel) radam_.add(p.name, p.value, p.grad, manifold::EuclideanStiefel<Scalar>{});
+      else adamw_.add(p.name, p.value, p.grad, manifold::Euclidean<Scalar>{});
+    }
+  }
+  MLATrainer(const MLATrainer&) = delete;
+  MLATrainer& operator=(const MLATrainer&) = delete;
+
+  Graph& graph() { return g_; }
+  const TrainOptions& options() const { return o_; }
+  optim::AdamW<Scalar>& euclidean_optimizer() { return adamw_; }
+  optim::RiemannianAdam<Scalar>& riemannian_optimizer() { return radam_; }
+
+  /// Optimizer steps of a full run over n sequences.
+  long total_steps(std::size_t n) const {
+    const long per_epoch = static_cast<long>((n + static_cast<std::size_t>(o_.batch_size) - 1) / static_cast<std::size_t>(o_.batch_size));
+    const long steps = (per_epoch + o_.grad_accum - 1) / o_.grad_accum;
+    return std::max(1L, steps * o_.epochs);
+  }
+
+  /// One optimizer step over the given micro-batches (each a list of sequences) at step index
+  /// t (0-based, for the schedules) of a run of total_steps steps. Returns its stats.
+  StepStats step(const std::vector<std::vector<std::vector<int>>>& micro, long t, long total) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto sched_e = optim::make_schedule(o_.schedule, o_.euclidean_lr, o_.warmup_steps, total);
+    const auto sched_r = optim::make_schedule(o_.schedule, o_.riemannian_lr, o_.warmup_steps, total);
+    g_.zero_grad();
+    StepStats st;
+    st.step = t + 1;
+    const double scale = 1.0 / static_cast<double>(micro.size());
+    for (const auto& mb : micro) {
+      std::span<const std::vector<int>> seqs(mb);
+      MatrixR<Scalar> teacher;
+      if (o_.distill) teacher = g_.teacher_logits(seqs);
+      const LossParts lp = g_.forward_backward(seqs, o_.loss(), scale, o_.distill ? &teacher : nullptr);
+      if (!std::isfinite(lp.total))
+        throw NumericalError("train: non-finite loss at step " + std::to_string(t + 1) + " (lm " + std::to_string(lp.lm) + ", recon " +
+                             std::to_string(lp.recon) + ", kl " + std::to_string(lp.kl) + "); the model keeps the last good weights");
+      st.loss += scale * lp.total;
+      st.lm += scale * lp.lm;
+      st.recon += scale * lp.recon;
+      st.kl += scale * lp.kl;
+      st.tokens += lp.tokens;
+    }
+    std::vector<Mat*> grads;
+    for (auto& p : g_.params()) grads.push_back(&p.grad);
+    if (o_.max_grad_norm > 0) {
+      st.grad_norm = optim::clip_grad_norm<Scalar>(std::span<Mat* const>(grads), o_.max_grad_norm);
+    } else {
+      double sq = 0;
+      for (auto* g : grads) sq += g->template cast<double>().squaredNorm();
+      st.grad_norm = std::sqrt(sq);
+    }
+    if (!std::isfinite(st.grad_norm))
+      throw NumericalError("train: non-finite gradient norm at step " + std::to_string(t + 1) + "; the model keeps the last good weights");
+    st.lr_euclidean = sched_e.lr(t);
+    st.lr_riemannian = sched_r.lr(t);
+    adamw_.step(st.lr_euclidean);
+    radam_.step(st.lr_riemannian);
+    st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return st;
+  }
+
+  /// Max over Stiefel parameters of ||U^T U - I||_F (computed in double).
+  double ortho_error() const {
+    double e = 0;
+    for (const auto& p : g_.params())
+      if (p.stiefel) {
+        const linalg::Matrix<double> u = p.value.template cast<double>();
+        e = std::max(e, (u.transpose() * u - linalg::Matrix<double>::Identity(u.cols(), u.cols())).norm());
+      }
+    return e;
+  }
+
+  /// Trains on token sequences (each cut to max_length) and writes the result into the model.
+  TrainStats train(std::vector<std::vector<int>> seqs) {
+    for (auto& s : seqs)
+      if (static_cast<int>(s.size()) > o_.max_length) s.resize(static_cast<std::size_t>(o_.max_length));
+    std::erase_if(seqs, [](const auto& s) { return s.size() < 2; });
+    if (seqs.empty()) throw InvalidArgument("train: no training sequence with at least 2 tokens");
+    TrainStats stats;
+    stats.sequences = static_cast<int>(seqs.size());
+    const long total = total_steps(seqs.size());
+    const long run_steps = o_.max_steps > 0 ? std::min(total, o_.max_steps) : total;
+    std::mt19937_64 rng(o_.seed);
+    std::vector<std::size_t> order(seqs.size());
+    Progress bar("train", run_steps, "steps", o_.progress);
+    long t = 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int epoch = 0; epoch < o_.epochs && t < run_steps; ++epoch) {
+      for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+      if (o_.shuffle)
+        for (std::size_t i = order.size() - 1; i > 0; --i) {
+          const std::size_t j = static_cast<std::size_t>(rng() % (i + 1));
+          std::swap(order[i], order[j]);
+        }
+      std::size_t pos = 0;
+      while (pos < order.size() && t < run_steps) {
+        std::vector<std::vector<std::vector<int>>> micro;
+        for (int a = 0; a < o_.grad_accum && pos < order.size(); ++a) {
+          std::vector<std::vector<int>> mb;
+          for (int b = 0; b < o_.batch_size && pos < order.size(); ++b) mb.push_back(seqs[order[pos++]]);
+          micro.push_back(std::move(mb));
+        }
+        StepStats st = step(micro, t, total);
+        st.epoch = epoch;
+        ++t;
+        if (o_.ortho_every > 0 && (t % o_.ortho_every == 0 || t == run_steps)) st.ortho_error = ortho_error();
+        stats.tokens += st.tokens;
+        if (o_.verbose && (t % o_.log_every == 0 || t == run_steps))
+          std::fprintf(stderr, "step %ld/%ld epoch %d loss %.4f (lm %.4f recon %.5f kl %.4f) lr %.2e/%.2e |g| %.3f%s\n", t, run_steps, epoch,
+                       st.loss, st.lm, st.recon, st.kl, st.lr_euclidean, st.lr_riemannian, st.grad_norm,
+                       st.ortho_error >= 0 ? (" ortho " + std::to_string(st.ortho_error)).c_str() : "");
+        stats.steps.push_back(st);
+        bar.update(t, static_cast<double>(stats.tokens), "tok");
+      }
+    }
+    stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    stats.tokens_per_second = stats.seconds > 0 ? static_cast<double>(stats.tokens) / stats.seconds : 0;
+    stats.final_ortho_error = ortho_error();
+    write_back();
+    return stats;
+  }
+
+  /// Copies the current compression parameters into the model.
+  void write_back() { g_.write_back(m_); }
+
+ private:
+  model::Model& m_;
+  TrainOptions o_;
+  Graph g_;
+  optim::AdamW<Scalar> adamw_;
+  optim::RiemannianAdam<Scalar> radam_;
+};
+
+}  // namespace cacheshrink::train

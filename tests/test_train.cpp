@@ -1,0 +1,478 @@
+// Fine-tuning: finite-difference gradient checks (double) of every op and of the full losses
+// w.r.t. every compression parameter on all seven fixtures, parity of the training forward with
+// the runtime, one training step against hand-written optimizer math, RiemannianAdam parity,
+// orthonormality after training, determinism, stats JSON and bad input.
+#include <doctest/doctest.h>
+
+#include <cacheshrink/cacheshrink.hpp>
+#include <cacheshrink/compression/convert.hpp>
+#include <cacheshrink/train/train.hpp>
+#include <random>
+
+#include "test_support.hpp"
+
+using namespace cacheshrink;
+using train::ops::MatR;
+using train::ops::Vec;
+
+namespace {
+
+using MatD = MatR<double>;
+using VecD = Vec<double>;
+
+MatD randn(int r, int c, std::mt19937_64& rng, double s = 1.0) {
+  std::normal_distribution<double> nd(0.0, s);
+  MatD m(r, c);
+  for (int i = 0; i < r; ++i)
+    for (int j = 0; j < c; ++j) m(i, j) = nd(rng);
+  return m;
+}
+VecD randv(int n, std::mt19937_64& rng, double s = 1.0, double mean = 0.0) {
+  std::normal_distribution<double> nd(mean, s);
+  VecD v(n);
+  for (int i = 0; i < n; ++i) v(i) = nd(rng);
+  return v;
+}
+
+/// Checks the analytic input gradient dx of f at x (f(x) = <dy, y(x)>) along random directions.
+template <class F, class G>
+void check_op(const char* name, const MatD& x, F&& f, G&& analytic_dx, std::mt19937_64& rng, int dirs = 3) {
+  const MatD dx = analytic_dx(x);
+  for (int d = 0; d < dirs; ++d) {
+    MatD D = randn(static_cast<int>(x.rows()), static_cast<int>(x.cols()), rng);
+    D /= D.norm();
+    const double eps = 1e-5;
+    const double num = (f(MatD(x + eps * D)) - f(MatD(x - eps * D))) / (2 * eps);
+    const double ana = (dx.array() * D.array()).sum();
+    INFO(name << " direction " << d << ": analytic " << ana << " numeric " << num);
+    CHECK(std::abs(ana - num) <= 1e-6 * std::max(1.0, std::abs(ana)));
+  }
+}
+
+struct Case {
+  const char* model;
+  const char* method;
+  int group = 0;        // xkv group size (0: default)
+  int skip = 0;         // xkv early layers kept original
+  int window = 0;       // > 0: override the sliding window to exercise the mask
+};
+
+model::Model converted(const Case& cs) {
+  auto m = model::load_model(test::model_dir(cs.model));
+  compression::ConvertOptions o;
+  o.compression_ratio = 2.0;
+  o.method = cs.method;
+  o.use_calibration = false;
+  if (cs.group) o.cross_layer_group_size = cs.group;
+  if (cs.skip) {
+    o.xkv_skip_early_layers = cs.skip;
+    o.keep_early_layers_original = true;
+  }
+  auto mm = compression::convert(m, o, {});
+  if (cs.window) mm.config.sliding_window = cs.window;
+  return mm;
+}
+
+std::vector<std::vector<int>> random_seqs(int vocab, std::vector<int> lens, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<std::vector<int>> s;
+  for (int n : lens) {
+    std::vector<int> t(static_cast<std::size_t>(n));
+    for (auto& id : t) id = static_cast<int>(rng() % static_cast<std::uint64_t>(vocab));
+    s.push_back(std::move(t));
+  }
+  return s;
+}
+
+const std::vector<Case> kCases = {
+    {"tiny-gpt2", "separate"},          {"tiny-llama2", "joint"},      {"tiny-llama3", "xkv", 2},
+    {"tiny-qwen2", "xkv", 0, 1},        {"tiny-mistral", "xkv", 0, 0, 5}, {"tiny-mqa", "separate"},
+    {"tiny-qwen3", "joint"},
+};
+
+/// Directional FD check of the full loss w.r.t. every parameter of the graph.
+void check_full_loss(train::TrainGraph<double>& g, const std::vector<std::vector<int>>& seqs, const train::LossOptions& lo,
+                     const MatD* teacher, int dirs, std::uint64_t seed) {
+  g.zero_grad();
+  g.forward_backward(seqs, lo, 1.0, teacher);
+  std::mt19937_64 rng(seed);
+  for (auto& p : g.params()) {
+    const linalg::Matrix<double> grad = p.grad;
+    for (int d = 0; d < dirs; ++d) {
+      linalg::Matrix<double> D(p.value.rows(), p.value.cols());
+      std::normal_distribution<double> nd;
+      for (Eigen::Index i = 0; i < D.size(); ++i) D.data()[i] = nd(rng);
+      D /= D.norm();
+      const double eps = 1e-5;
+      const linalg::Matrix<double> x0 = p.value;
+      p.value = x0 + eps * D;
+      const double lp = g.forward_backward(seqs, lo, 0.0, teacher).total;
+      p.value = x0 - eps * D;
+      const double lm = g.forward_backward(seqs, lo, 0.0, teacher).total;
+      p.value = x0;
+      const double num = (lp - lm) / (2 * eps);
+      const double ana = (grad.array() * D.array()).sum();
+      INFO(p.name << " dir " << d << ": analytic " << ana << " numeric " << num);
+      CHECK(std::abs(ana - num) <= 2e-6 * std::abs(ana) + 1e-9);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("op backwards match finite differences (double)") {
+  std::mt19937_64 rng(7);
+  const int n = 6, d = 16;
+  const MatD x = randn(n, d, rng);
+  const MatD dy = randn(n, d, rng);
+  const VecD w = randv(d, rng, 0.3, 1.0), b = randv(d, rng, 0.3);
+  const double eps = 1e-5;
+  SUBCASE("rms_norm") {
+    auto f = [&](const MatD& z) {
+      MatD y;
+      VecD r;
+      train::ops::rms_norm_forward<double>(z, w, eps, y, r);
+      return (y.array() * dy.array()).sum();
+    };
+    check_op("rms_norm", x, f, [&](const MatD& z) {
+      MatD y, dx = MatD::Zero(n, d);
+      VecD r;
+      train::ops::rms_norm_forward<double>(z, w, eps, y, r);
+      train::ops::rms_norm_backward<double>(z, w, r, dy, dx);
+      return dx;
+    }, rng);
+  }
+  SUBCASE("layer_norm") {
+    auto f = [&](const MatD& z) {
+      MatD y;
+      VecD mu, r;
+      train::ops::layer_norm_forward<double>(z, w, b, eps, y, mu, r);
+      return (y.array() * dy.array()).sum();
+    };
+    check_op("layer_norm", x, f, [&](const MatD& z) {
+      MatD y, dx = MatD::Zero(n, d);
+      VecD mu, r;
+      train::ops::layer_norm_forward<double>(z, w, b, eps, y, mu, r);
+      train::ops::layer_norm_backward<double>(z, w, mu, r, dy, dx);
+      return dx;
+    }, rng);
+  }
+  SUBCASE("head_rms_norm (q/k norm)") {
+    const VecD hw = randv(4, rng, 0.3, 1.0);
+    auto f = [&](const MatD& z) {
+      MatD y = z, xin;
+      VecD r;
+      train::ops::head_rms_norm_forward<double>(y, 4, hw, eps, xin, r);
+      return (y.array() * dy.array()).sum();
+    };
+    check_op("head_rms_norm", x, f, [&](const MatD& z) {
+      MatD y = z, xin, dx = dy;
+      VecD r;
+      train::ops::head_rms_norm_forward<double>(y, 4, hw, eps, xin, r);
+      train::ops::head_rms_norm_backward<double>(xin, 4, hw, r, dx);
+      return dx;
+    }, rng);
+  }
+  SUBCASE("rope") {
+    ModelConfig c;
+    c.head_dim = 8;
+    c.rope_theta = 10000;
+    const model::Rope rope(c);
+    train::ops::RopeTable<double> tab;
+    tab.ensure(rope, n);
+    auto apply = [&](MatD z, bool inv) {
+      for (int i = 0; i < n; ++i) tab.apply(z.row(i).data(), 2, i + 0, inv);
+      return z;
+    };
+    auto f = [&](const MatD& z) { return (apply(z, false).array() * dy.array()).sum(); };
+    check_op("rope", x, f, [&](const MatD&) { return apply(dy, true); }, rng);
+  }
+  SUBCASE("gelu_tanh and silu") {
+    for (double t : {-3.0, -0.7, 0.0, 0.4, 2.5}) {
+      const double h = 1e-6;
+      CHECK(train::ops::gelu_tanh_grad(t) == doctest::Approx((train::ops::gelu_tanh(t + h) - train::ops::gelu_tanh(t - h)) / (2 * h)).epsilon(1e-8));
+      CHECK(train::ops::silu_grad(t) == doctest::Approx((train::ops::silu(t + h) - train::ops::silu(t - h)) / (2 * h)).epsilon(1e-8));
+    }
+  }
+  SUBCASE("attention: causal, sliding window, GQA, MQA, MHA") {
+    for (auto [nh, nkv, window] : {std::tuple{4, 2, 0}, std::tuple{4, 1, 3}, std::tuple{2, 2, 2}}) {
+      const int hd = 4, T = 7;
+      const MatD q = randn(T, nh * hd, rng), k = randn(T, nkv * hd, rng), v = randn(T, nkv * hd, rng);
+      const MatD dout = randn(T, nh * hd, rng);
+      auto run = [&](const MatD& qq, const MatD& kk, const MatD& vv) {
+        std::vector<MatD> P;
+        MatD out(T, nh * hd);
+        train::ops::attention_forward<double>(qq, kk, vv, nh, nkv, hd, window, P, out);
+        return (out.array() * dout.array()).sum();
+      };
+      std::vector<MatD> P;
+      MatD out(T, nh * hd), dq = MatD::Zero(T, nh * hd), dk = MatD::Zero(T, nkv * hd), dv = dk, scratch;
+      train::ops::attention_forward<double>(q, k, v, nh, nkv, hd, window, P, out);
+      train::ops::attention_backward<double>(q, k, v, nh, nkv, hd, P, dout, dq, dk, dv, scratch);
+      // Causality: the output at position 0 reads only key 0; a masked entry has P == 0.
+      CHECK(P[0](0, 1) == 0.0);
+      if (window) CHECK(P[0](T - 1, T - 1 - window) == 0.0);
+      check_op("attn dq", q, [&](const MatD& z) { return run(z, k, v); }, [&](const MatD&) { return dq; }, rng, 2);
+      check_op("attn dk", k, [&](const MatD& z) { return run(q, z, v); }, [&](const MatD&) { return dk; }, rng, 2);
+      check_op("attn dv", v, [&](const MatD& z) { return run(q, k, z); }, [&](const MatD&) { return dv; }, rng, 2);
+    }
+  }
+  SUBCASE("cross-entropy and temperature KL") {
+    const int V = 11;
+    const MatD z = randn(n, V, rng), tz = randn(n, V, rng);
+    std::vector<int> tgt = {3, -1, 0, 10, 5, -1};
+    MatD dz;
+    train::ops::cross_entropy<double>(z, tgt, 1.0, &dz);
+    check_op("ce", z, [&](const MatD& zz) { return train::ops::cross_entropy<double>(zz, tgt, 1.0, nullptr); },
+             [&](const MatD&) { return dz; }, rng);
+    MatD dk = MatD::Zero(n, V);
+    train::ops::kl_temperature<double>(z, tz, 2.0, 1.0, &dk);
+    check_op("kl", z, [&](const MatD& zz) { return train::ops::kl_temperature<double>(zz, tz, 2.0, 1.0, nullptr); },
+             [&](const MatD&) { return dk; }, rng);
+    CHECK(train::ops::kl_temperature<double>(tz, tz, 2.0, 1.0, nullptr) == doctest::Approx(0.0).epsilon(1e-12));
+  }
+}
+
+TEST_CASE("full-loss gradients w.r.t. every compression parameter match finite differences on all seven fixtures") {
+  for (const auto& cs : kCases) {
+    CAPTURE(cs.model);
+    CAPTURE(cs.method);
+    const auto m = converted(cs);
+    train::TrainGraph<double> g(m);
+    const auto seqs = random_seqs(m.config.vocab_size, {12, 17}, 11);
+    train::LossOptions lo;
+    lo.recon_alpha = 0.3;  // (1 - a) LM + a recon: both terms at once
+    check_full_loss(g, seqs, lo, nullptr, 1, 5);
+  }
+}
+
+TEST_CASE("LM-only, reconstruction-only and distillation gradients match finite differences") {
+  const auto m = converted({"tiny-qwen3", "joint"});
+  train::TrainGraph<double> g(m);
+  const auto seqs = random_seqs(m.config.vocab_size, {9, 14}, 3);
+  SUBCASE("LM") { check_full_loss(g, seqs, {}, nullptr, 1, 1); }
+  SUBCASE("recon") {
+    train::LossOptions lo;
+    lo.recon_alpha = 1.0;
+    check_full_loss(g, seqs, lo, nullptr, 1, 2);
+  }
+  SUBCASE("distill") {
+    train::LossOptions lo;
+    lo.distill = true;
+    const MatD teacher = g.teacher_logits(seqs);
+    check_full_loss(g, seqs, lo, &teacher, 1, 3);
+  }
+  SUBCASE("distill on GPT-2 separate") {
+    const auto m2 = converted({"tiny-gpt2", "separate"});
+    train::TrainGraph<double> g2(m2);
+    train::LossOptions lo;
+    lo.distill = true;
+    const MatD teacher = g2.teacher_logits(seqs);
+    check_full_loss(g2, seqs, lo, &teacher, 1, 4);
+  }
+}
+
+TEST_CASE("training forward (float) equals the runtime forward logits; teacher equals the original model") {
+  for (const auto& cs : kCases) {
+    CAPTURE(cs.model);
+    const auto m = converted(cs);
+    const auto seqs = random_seqs(m.config.vocab_size, {13, 20, 5}, 9);
+    train::TrainGraph<float> g(m);
+    const MatrixRf ours = g.forward_logits(seqs);
+    dispatch_attention_kind(m.config, [&](auto kind) {
+      model::Transformer<decltype(kind)> tf(m);
+      const MatrixRf ref = tf.forward(std::span<const std::vector<int>>(seqs));
+      const double rel = (ours - ref).cwiseAbs().maxCoeff() / ref.cwiseAbs().maxCoeff();
+      CHECK(rel <= 1e-5);
+      auto orig = m;
+      for (auto& lw : orig.weights.layers) lw.mla.reset();
+      model::Transformer<decltype(kind)> tf0(orig);
+      const MatrixRf ref0 = tf0.forward(std::span<const std::vector<int>>(seqs));
+      const MatrixRf teacher = g.teacher_logits(seqs);
+      CHECK((teacher - ref0).cwiseAbs().maxCoeff() / ref0.cwiseAbs().maxCoeff() <= 1e-5);
+    });
+  }
+}
+
+TEST_CASE("padded batches pack to the same loss as the explicit sequences") {
+  const auto m = converted({"tiny-llama3", "xkv"});
+  train::TrainGraph<double> g(m);
+  const auto seqs = random_seqs(m.config.vocab_size, {5, 8}, 21);
+  std::vector<int> ids(16, 0), mask(16, 0);
+  for (int t = 0; t < 5; ++t) ids[3 + t] = seqs[0][t], mask[3 + t] = 1;  // left padding
+  for (int t = 0; t < 8; ++t) ids[8 + t] = seqs[1][t], mask[8 + t] = 1;
+  const auto packed = train::pack_padded(ids, mask, 2, 8);
+  CHECK(packed == seqs);
+  const double a = g.forward_backward(seqs, {}, 0.0).total;
+  CHECK(g.forward_backward(packed, {}, 0.0).total == a);
+}
+
+TEST_CASE("one training step in double equals hand-written AdamW / RiemannianAdam math; loss recomputed by the runtime") {
+  auto m = converted({"tiny-llama3", "xkv", 2});
+  train::TrainOptions o;
+  o.recon_alpha = 0.3;
+  o.warmup_steps = 0;
+  o.euclidean_lr = 1e-3;
+  o.riemannian_lr = 1e-2;
+  o.max_grad_norm = 0.5;
+  train::MLATrainer<double> tr(m, o);
+  auto& g = tr.graph();
+  const auto seqs = random_seqs(m.config.vocab_size, {10, 16}, 31);
+  std::vector<linalg::Matrix<double>> x0, grad;
+  g.zero_grad();
+  g.forward_backward(seqs, o.loss(), 1.0);
+  double sq = 0;
+  for (auto& p : g.params()) {
+    x0.push_back(p.value);
+    grad.push_back(p.grad);
+    sq += p.grad.squaredNorm();
+  }
+  const double norm = std::sqrt(sq), coef = std::min(1.0, o.max_grad_norm / (norm + 1e-6));
+  const long total = 10;
+  const auto st = tr.step({seqs}, 0, total);
+  CHECK(st.grad_norm == doctest::Approx(norm).epsilon(1e-12));
+  CHECK(st.lr_euclidean == doctest::Approx(o.euclidean_lr));  // linear decay from step 0
+  for (std::size_t i = 0; i < x0.size(); ++i) {
+    const auto& p = g.params()[i];
+    CAPTURE(p.name);
+    const linalg::Matrix<double> gc = grad[i] * coef;
+    linalg::Matrix<double> expect;
+    if (!p.stiefel) {
+      // AdamW step 1: m^ = g, v^ = g^2 -> x (1 - lr wd) - lr g / (|g| + eps)
+      expect = x0[i] * (1 - o.euclidean_lr * o.euclidean_weight_decay) -
+               o.euclidean_lr * gc.cwiseQuotient((gc.cwiseAbs().array() + 1e-8).matrix());
+    } else {
+      // RiemannianAdam step 1 (one scalar second moment per matrix): rg = g - x sym(x^T g),
+      // d = rg / (||rg|| + eps), x' = qf(x - lr d) with diag(R) > 0.
+      // geoopt first re-projects x onto the manifold (polar: U V^T); the converted float basis
+      // is orthonormal only to ~1e-7.
+      Eigen::JacobiSVD<linalg::Matrix<double>> svd(x0[i], Eigen::ComputeThinU | Eigen::ComputeThinV);
+      const linalg::Matrix<double> x = svd.matrixU() * svd.matrixV().transpose();
+      const linalg::Matrix<double> xtg = x.transpose() * gc;
+      const linalg::Matrix<double> rg = gc - x * (0.5 * (xtg + xtg.transpose()));
+      const linalg::Matrix<double> y = x - o.riemannian_lr * rg / (rg.norm() + 1e-8);
+      Eigen::HouseholderQR<linalg::Matrix<double>> qr(y);
+      linalg::Matrix<double> Q = qr.householderQ() * linalg::Matrix<double>::Identity(y.rows(), y.cols());
+      const linalg::Matrix<double> R = qr.matrixQR().topRows(y.cols()).triangularView<Eigen::Upper>();
+      for (Eigen::Index j = 0; j < R.cols(); ++j)
+        if (R(j, j) < 0) Q.col(j) *= -1;
+      expect = Q;
+    }
+    CHECK((p.value - expect).cwiseAbs().maxCoeff() <= 1e-12 * std::max(1.0, expect.cwiseAbs().maxCoeff()));
+  }
+  // The loss at the new parameters, recomputed by the float runtime forward on the written-back model.
+  tr.write_back();
+  const double lm_graph = g.forward_backward(seqs, {}, 0.0).lm;
+  model::Transformer<Gqa> tf(m);
+  const MatrixRf logits = tf.forward(std::span<const std::vector<int>>(seqs));
+  double nll = 0;
+  int cnt = 0, row = 0;
+  for (const auto& s : seqs) {
+    for (std::size_t t = 0; t + 1 < s.size(); ++t, ++cnt) {
+      const auto r = logits.row(row + static_cast<int>(t)).cast<double>();
+      nll += std::log((r.array() - r.maxCoeff()).exp().sum()) + r.maxCoeff() - r(s[t + 1]);
+    }
+    row += static_cast<int>(s.size());
+  }
+  CHECK(nll / cnt == doctest::Approx(lm_graph).epsilon(1e-5));
+}
+
+TEST_CASE("trainer steps match optim::RiemannianAdam / AdamW driven directly with the same gradients") {
+  auto m = converted({"tiny-mqa", "separate"});
+  train::TrainOptions o;
+  o.recon_alpha = 0.5;
+  o.warmup_steps = 2;
+  o.euclidean_lr = 1e-3;
+  o.riemannian_lr = 1e-2;
+  train::MLATrainer<double> tr(m, o);
+  auto& g = tr.graph();
+  std::vector<linalg::Matrix<double>> x(g.params().size());
+  std::vector<optim::AdamState<double>> st(g.params().size());
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = g.params()[i].value;
+  optim::RiemannianAdamOptions ro;
+  optim::AdamWOptions ao;
+  ao.weight_decay = o.euclidean_weight_decay;
+  const long total = 5;
+  for (long t = 0; t < 4; ++t) {
+    const auto seqs = random_seqs(m.config.vocab_size, {9, 12}, 100 + static_cast<std::uint64_t>(t));
+    const auto s = tr.step({seqs}, t, total);
+    for (std::size_t i = 0; i < x.size(); ++i) {
+      const auto& p = g.params()[i];  // grad now holds the clipped gradient the step used
+      if (p.stiefel) optim::riemannian_adam_step(manifold::EuclideanStiefel<double>{}, x[i], p.grad, st[i], ro, s.lr_riemannian);
+      else optim::adamw_step(x[i], p.grad, st[i], ao, s.lr_euclidean);
+      CHECK((x[i] - p.value).cwiseAbs().maxCoeff() <= 1e-13);
+    }
+  }
+}
+
+TEST_CASE("training (float) reduces the loss, keeps the bases orthonormal, is deterministic, and writes stats JSON") {
+  auto base = converted({"tiny-llama3", "xkv"});
+  auto tok = tokenizer::Tokenizer::from_file(test::fixtures() / "data" / "tokenizer.json");
+  const auto texts = train::load_texts(test::fixtures() / "data" / "wikitext2_valid.txt", 24);
+  const auto seqs = train::encode_texts(tok, texts, 48);
+  REQUIRE(seqs.size() == 24);
+  train::TrainOptions o;
+  o.recon_alpha = 0.3;
+  o.riemannian_lr = 3e-3;
+  o.euclidean_lr = 3e-4;
+  o.warmup_steps = 2;
+  o.epochs = 3;
+  o.max_length = 48;
+  o.ortho_every = 5;
+  auto m1 = base;
+  train::MLATrainer<float> t1(m1, o);
+  const auto s1 = t1.train(seqs);
+  CHECK(s1.steps.size() == 18);
+  CHECK(s1.final_ortho_error < 1e-5);
+  for (const auto& st : s1.steps)
+    if (st.ortho_error >= 0) CHECK(st.ortho_error < 1e-5);
+  // Mean loss of the last epoch below the first epoch's.
+  double first = 0, last = 0;
+  for (int i = 0; i < 6; ++i) first += s1.steps[static_cast<std::size_t>(i)].loss, last += s1.steps[static_cast<std::size_t>(12 + i)].loss;
+  CHECK(last < first);
+  CHECK(s1.tokens > 0);
+  CHECK(s1.tokens_per_second > 0);
+  // The model now holds the trained weights (shared xkv basis updated once for the group).
+  CHECK((*m1.weights.layers[0].mla->w_up_k - *base.weights.layers[0].mla->w_up_k).norm() > 0);
+  CHECK(m1.weights.layers[0].mla->w_up_k.get() == m1.weights.layers[1].mla->w_up_k.get());
+  // Determinism.
+  auto m2 = base;
+  train::MLATrainer<float> t2(m2, o);
+  const auto s2 = t2.train(seqs);
+  CHECK(s2.steps.back().loss == s1.steps.back().loss);
+  CHECK((m2.weights.layers[2].mla->w_down_v - m1.weights.layers[2].mla->w_down_v).norm() == 0.0f);
+  // JSON.
+  const auto path = std::filesystem::temp_directory_path() / ("cacheshrink_train_stats_" + std::to_string(::getpid()) + ".json");
+  s1.save_json(path);
+  const auto j = nlohmann::json::parse(io::read_text_file(path));
+  CHECK(j["steps"].size() == 18);
+  CHECK(j["steps"][0]["lr_euclidean"].get<double>() == 0.0);  // warmup starts at 0
+  std::filesystem::remove(path);
+}
+
+TEST_CASE("bad input: clear errors") {
+  auto m = converted({"tiny-llama2", "separate"});
+  train::TrainOptions o;
+  o.recon_alpha = 0.3;
+  o.distill = true;
+  CHECK_THROWS_AS(train::MLATrainer<float>(m, o), InvalidArgument);
+  o.distill = false;
+  o.batch_size = 0;
+  CHECK_THROWS_AS(train::MLATrainer<float>(m, o), InvalidArgument);
+  o.batch_size = 4;
+  auto no_kv = m;
+  no_kv.weights.layers[1].wk.resize(0, 0);
+  try {
+    train::MLATrainer<float> t(no_kv, o);
+    FAIL("expected an error");
+  } catch (const InvalidArgument& e) {
+    CHECK(std::string(e.what()).find("store-original-weights") != std::string::npos);
+  }
+  auto plain = model::load_model(test::model_dir("tiny-llama2"));
+  CHECK_THROWS_AS(train::TrainGraph<float>{plain}, InvalidArgument);
+  train::TrainGraph<float> g(m);
+  CHECK_THROWS_AS(g.forward_backward(std::vector<std::vector<int>>{{1, 99999}}, {}, 0.0), InvalidArgument);
+  CHECK_THROWS_AS(g.forward_backward(std::vector<std::vector<int>>{{}}, {}, 0.0), InvalidArgument);
+  train::MLATrainer<float> t(m, o);
+  CHECK_THROWS_AS(t.train({{5}}), InvalidArgument);
+}

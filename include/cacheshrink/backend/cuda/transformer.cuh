@@ -216,6 +216,9 @@ class Transformer<Kind, Cuda> {
       put(L.n2b, lw.norm2_b);
       if (lw.mla) {
         const MlaLayer& m = *lw.mla;
+        if (m.method != CompressionMethod::Separate && m.method != CompressionMethod::Xkv && m.method != CompressionMethod::Joint)
+          throw InvalidArgument(std::string("Transformer<Cuda>: layer ") + std::to_string(l) + " uses MLA method '" +
+                                compression_method_name(m.method) + "', which the CUDA backend does not run yet (separate, xkv, joint only)");
         L.mla = true;
         L.joint = m.method == CompressionMethod::Joint;
         L.d_latent = m.d_latent;

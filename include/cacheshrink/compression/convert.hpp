@@ -305,6 +305,8 @@ inline model::Model convert(const model::Model& original, const ConvertOptions& 
       lr.kind = "mla";
       lr.energy_k = tr > 0 ? std::clamp((full.topLeftCorner(d_rope, d_rope).trace() + bk.energy * sk.trace()) / tr, 0.0, 1.0) : 1.0;
       lr.energy_v = bv.energy;
+      lr.spectrum_k = bk.spectrum;  // of the compressed content part
+      lr.spectrum_v = bv.spectrum;
     }
   }
   if (method == CompressionMethod::Joint) {

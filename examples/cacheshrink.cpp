@@ -11,6 +11,8 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "cli_train.hpp"
+
 #ifndef CACHESHRINK_DEFAULT_MODEL
 #define CACHESHRINK_DEFAULT_MODEL "tests/fixtures/models/tiny-llama3"
 #endif
@@ -198,6 +200,7 @@ int main(int argc, char** argv) {
   demo->add_option("--model", model_dir, "HF model directory")->capture_default_str();
   demo->add_option("--windows", eval_windows, "Perplexity windows of 256 tokens (0: 64)")->capture_default_str();
 
+  cli::add_train_command(app);  // `train` runs from its own callback (examples/cli_train.hpp)
   CLI11_PARSE(app, argc, argv);
   if (*conv) {
     if (gs->count()) co.cross_layer_group_size = group_size;

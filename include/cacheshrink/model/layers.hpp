@@ -97,10 +97,13 @@ class Rope {
   }
 
   /// Rotates every head of row `row` of x at position `pos`: x*cos + rotate_half(x)*sin.
+  /// cos/sin come from a per-position table grown on demand (not thread-safe, like the
+  /// Transformer that owns this object).
   void apply_row(float* row, int heads, int pos) const {
     const int half = head_dim_ / 2;
-    float c[512], s[512];
-    angles(pos, c, s);
+    if (pos >= table_positions_) grow(pos + 1);
+    const float* c = cos_.data() + static_cast<std::size_t>(pos) * half;
+    const float* s = sin_.data() + static_cast<std::size_t>(pos) * half;
     for (int h = 0; h < heads; ++h) {
       float* x = row + h * head_dim_;
       for (int i = 0; i < half; ++i) {
@@ -115,8 +118,20 @@ class Rope {
   const std::vector<float>& inv_freq() const { return inv_freq_; }
 
  private:
+  void grow(int positions) const {
+    const int half = head_dim_ / 2;
+    const int n = std::max(positions, 2 * table_positions_);
+    cos_.resize(static_cast<std::size_t>(n) * half);
+    sin_.resize(static_cast<std::size_t>(n) * half);
+    for (int p = table_positions_; p < n; ++p)
+      angles(p, cos_.data() + static_cast<std::size_t>(p) * half, sin_.data() + static_cast<std::size_t>(p) * half);
+    table_positions_ = n;
+  }
+
   int head_dim_ = 0;
   std::vector<float> inv_freq_;
+  mutable std::vector<float> cos_, sin_;  // (positions, head_dim / 2)
+  mutable int table_positions_ = 0;
 };
 
 }  // namespace cacheshrink::model

@@ -193,7 +193,12 @@ class Transformer<Kind, Cpu> {
           cache->k[l][s].middleRows(p0[s], n) = k_.middleRows(off[s], n);
           if (!joint) cache->v[l][s].middleRows(p0[s], n) = v_.middleRows(off[s], n);
         }
-        for (int s = 0; s < B; ++s) {
+        for (int s = 0; s < B && absorb_; ++s) {
+          const int n = off[s + 1] - off[s];
+          latent_attention(lw, mla, q_.middleRows(off[s], n), p0[s], cache->k[l][s], joint ? cache->k[l][s] : cache->v[l][s],
+                           attn_.middleRows(off[s], n));
+        }
+        for (int s = 0; s < B && !absorb_; ++s) {
           const int n = off[s + 1] - off[s];
           const int Ltot = p0[s] + n;
           const auto& ck = cache->k[l][s];
@@ -267,7 +272,64 @@ class Transformer<Kind, Cpu> {
     return out;
   }
 
+  /// Attention on the latent cache (weight absorption) for MLA layers: values are never
+  /// rebuilt — attention weights average the value latents, then W_uv maps the average
+  /// (sum_j p_j (c_j Wuv^T + bv) = (sum_j p_j c_j) Wuv^T + bv). Keys: where no rotation or norm
+  /// sits between W_uk and the query (GPT-2), the query is absorbed instead,
+  /// q.k_j = (q Wuk_h).c_j + q.bk_h, the last term constant over j; elsewhere keys are rebuilt
+  /// (RoPE at each key's position), but values still are not. Off by default; exact up to
+  /// rounding (see tests/test_absorb.cpp).
+  void set_absorbed(bool on) { absorb_ = on; }
+  bool absorbed() const { return absorb_; }
+
  private:
+  template <class QBlock, class OBlock>
+  void latent_attention(const LayerWeights& lw, const MlaLayer& mla, const QBlock& q, int p0, const MatrixRf& ck, const MatrixRf& cv,
+                        OBlock&& out) {
+    const int n = static_cast<int>(q.rows()), L = p0 + n, hd = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads;
+    const int group = nh / nkv, dl = mla.d_latent, dr = mla.d_rope, window = c_.sliding_window;
+    const bool absorb_k = !c_.uses_rope() && lw.k_norm.size() == 0 && dr == 0;
+    const int lo = window > 0 ? std::max(0, p0 - window + 1) : 0;
+    const int span = L - lo;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    if (!absorb_k) {  // rebuild keys only
+      kfull_.resize(L, c_.d_kv());
+      if (dr > 0) kfull_.leftCols(dr) = ck.block(0, dl, L, dr);
+      kfull_.rightCols(c_.d_kv() - dr).noalias() = ck.block(0, 0, L, dl) * mla.w_up_k->transpose();
+      if (lw.bk.size()) kfull_.rowwise() += lw.bk.transpose();
+      if (lw.k_norm.size()) head_rms_norm(kfull_, hd, lw.k_norm, static_cast<float>(c_.norm_eps));
+      if (c_.uses_rope())
+        for (int i = 0; i < L; ++i) rope_.apply_row(kfull_.row(i).data(), nkv, i);
+    }
+    MatrixRf scores(n, span), qt, avg;
+    for (int h = 0; h < nh; ++h) {
+      const int kvh = Kind::kv_head(h, group);
+      if (absorb_k) {
+        qt.noalias() = (q.middleCols(h * hd, hd) * scale) * mla.w_up_k->middleRows(kvh * hd, hd);  // (n, d_latent)
+        scores.noalias() = qt * ck.block(lo, 0, span, dl).transpose();
+      } else {
+        scores.noalias() = (q.middleCols(h * hd, hd) * scale) * kfull_.block(lo, kvh * hd, span, hd).transpose();
+      }
+      for (int i = 0; i < n; ++i) {
+        const int pos = p0 + i;
+        const int a = (window > 0 ? std::max(0, pos - window + 1) : 0) - lo, b = pos - lo + 1;
+        auto row = scores.row(i);
+        float m = -std::numeric_limits<float>::infinity();
+        for (int j = a; j < b; ++j) m = std::max(m, row[j]);
+        float sum = 0.0f;
+        for (int j = 0; j < span; ++j) {
+          const float e = (j >= a && j < b) ? std::exp(row[j] - m) : 0.0f;
+          row[j] = e;
+          sum += e;
+        }
+        row *= 1.0f / sum;
+      }
+      avg.noalias() = scores * cv.block(lo, 0, span, dl);                                    // (n, d_latent)
+      out.middleCols(h * hd, hd).noalias() = avg * mla.w_up_v->middleRows(kvh * hd, hd).transpose();  // (n, hd)
+      if (lw.bv.size()) out.middleCols(h * hd, hd).rowwise() += lw.bv.segment(kvh * hd, hd).transpose();
+    }
+  }
+
   /// K/V post-processing shared by the standard and MLA paths: biases, k-norm, RoPE on keys.
   /// Rows of packed sequence s (offsets off) sit at positions p0[s]...
   void finish_kv(const LayerWeights& lw, MatrixRf& k, MatrixRf& v, const std::vector<int>& off,
@@ -285,6 +347,7 @@ class Transformer<Kind, Cpu> {
   Rope rope_;
   // Buffers reused across calls (allocated once per batch shape).
   MatrixRf x_, h_, q_, k_, v_, attn_, gate_, up_, kfull_, vfull_;
+  bool absorb_ = false;
 };
 
 }  // namespace cacheshrink::model

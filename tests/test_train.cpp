@@ -476,3 +476,43 @@ TEST_CASE("bad input: clear errors") {
   train::MLATrainer<float> t(m, o);
   CHECK_THROWS_AS(t.train({{5}}), InvalidArgument);
 }
+
+TEST_CASE("checkpoints: resuming from step-N continues the same trajectory; old checkpoints pruned") {
+  auto base = converted({"tiny-qwen2", "xkv"});
+  const auto seqs = random_seqs(base.config.vocab_size, {9, 12, 7, 10, 11, 8, 6}, 77);
+  const auto dir = std::filesystem::temp_directory_path() / ("cacheshrink_ckpt_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  train::TrainOptions o;
+  o.recon_alpha = 0.3;
+  o.batch_size = 2;
+  o.epochs = 2;  // 4 steps per epoch, 8 in all; checkpoints at 3 and 6 (keep 1)
+  o.warmup_steps = 2;
+  o.euclidean_lr = 1e-3;
+  o.riemannian_lr = 1e-2;
+  o.checkpoint_dir = dir.string();
+  o.checkpoint_every = 3;
+  o.keep_last_checkpoints = 1;
+  auto m1 = base;
+  train::MLATrainer<float> t1(m1, o);
+  const auto s1 = t1.train(seqs);
+  REQUIRE(s1.steps.size() == 8);
+  CHECK(!std::filesystem::exists(dir / "step-3"));
+  REQUIRE(std::filesystem::exists(dir / "step-6"));
+  auto m2 = base;
+  o.checkpoint_dir.clear();
+  train::MLATrainer<float> t2(m2, o);
+  t2.load_checkpoint(dir / "step-6");
+  const auto s2 = t2.train(seqs);
+  REQUIRE(s2.steps.size() == 2);
+  CHECK(s2.steps.back().step == 8);
+  CHECK(s2.steps.back().loss == s1.steps.back().loss);
+  for (std::size_t l = 0; l < m1.weights.layers.size(); ++l) {
+    CHECK((m1.weights.layers[l].mla->w_down_k - m2.weights.layers[l].mla->w_down_k).norm() == 0.0f);
+    CHECK((*m1.weights.layers[l].mla->w_up_v - *m2.weights.layers[l].mla->w_up_v).norm() == 0.0f);
+  }
+  // A checkpoint of another model is refused.
+  auto other = converted({"tiny-qwen2", "separate"});
+  train::MLATrainer<float> t3(other, o);
+  CHECK_THROWS_AS(t3.load_checkpoint(dir / "step-6"), FormatError);
+  std::filesystem::remove_all(dir);
+}

@@ -20,9 +20,12 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <optional>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -60,6 +63,9 @@ struct TrainOptions {
   long max_steps = 0;  // > 0: stop after this many optimizer steps (the schedule still spans all)
   bool progress = false;
   bool verbose = false;  // print a log line every log_every steps
+  std::string checkpoint_dir;  // non-empty with checkpoint_every > 0: DIR/step-N/ every N steps
+  int checkpoint_every = 0;
+  int keep_last_checkpoints = 2;  // older step-N folders are removed
 
   LossOptions loss() const { return {recon_alpha, distill, distill_alpha, temperature}; }
   void validate() const {
@@ -77,6 +83,8 @@ struct TrainOptions {
     if (ortho_every < 0) bad("ortho_every", ">= 0", ortho_every);
     if (!(euclidean_weight_decay >= 0)) bad("euclidean_weight_decay", ">= 0", euclidean_weight_decay);
     if (!(riemannian_weight_decay >= 0)) bad("riemannian_weight_decay", ">= 0", riemannian_weight_decay);
+    if (checkpoint_every < 0) bad("checkpoint_every", ">= 0", checkpoint_every);
+    if (keep_last_checkpoints < 1) bad("keep_last_checkpoints", ">= 1", keep_last_checkpoints);
     loss().validate();
   }
 };
@@ -251,17 +259,30 @@ class MLATrainer {
     const long run_steps = o_.max_steps > 0 ? std::min(total, o_.max_steps) : total;
     std::mt19937_64 rng(o_.seed);
     std::vector<std::size_t> order(seqs.size());
-    Progress bar("train", run_steps, "steps", o_.progress);
     long t = 0;
+    int epoch0 = 0;
+    std::size_t pos0 = 0;
+    if (resume_) {
+      t = resume_->step;
+      epoch0 = resume_->epoch;
+      pos0 = resume_->pos;
+      rng = resume_->rng_epoch_start;
+      if (resume_->sequences != seqs.size())
+        throw InvalidArgument("train: the checkpoint was taken with " + std::to_string(resume_->sequences) + " training sequences, got " +
+                              std::to_string(seqs.size()) + " (resume with the same data and options)");
+      resume_.reset();
+    }
+    Progress bar("train", run_steps, "steps", o_.progress);
     const auto t0 = std::chrono::steady_clock::now();
-    for (int epoch = 0; epoch < o_.epochs && t < run_steps; ++epoch) {
+    for (int epoch = epoch0; epoch < o_.epochs && t < run_steps; ++epoch) {
+      const std::mt19937_64 rng_epoch_start = rng;
       for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
       if (o_.shuffle)
         for (std::size_t i = order.size() - 1; i > 0; --i) {
           const std::size_t j = static_cast<std::size_t>(rng() % (i + 1));
           std::swap(order[i], order[j]);
         }
-      std::size_t pos = 0;
+      std::size_t pos = epoch == epoch0 ? pos0 : 0;
       while (pos < order.size() && t < run_steps) {
         std::vector<std::vector<std::vector<int>>> micro;
         for (int a = 0; a < o_.grad_accum && pos < order.size(); ++a) {
@@ -280,6 +301,9 @@ class MLATrainer {
                        st.ortho_error >= 0 ? (" ortho " + std::to_string(st.ortho_error)).c_str() : "");
         stats.steps.push_back(st);
         bar.update(t, static_cast<double>(stats.tokens), "tok");
+        if (!o_.checkpoint_dir.empty() && o_.checkpoint_every > 0 && t % o_.checkpoint_every == 0)
+          save_checkpoint_at(std::filesystem::path(o_.checkpoint_dir) / ("step-" + std::to_string(t)),
+                             {t, epoch, pos, rng_epoch_start, seqs.size()});
       }
     }
     stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -292,12 +316,111 @@ class MLATrainer {
   /// Copies the current compression parameters into the model.
   void write_back() { g_.write_back(m_); }
 
+  /// Loads a checkpoint written during train() (DIR/step-N): parameters, optimizer states and
+  /// the data position; the next train() call with the same sequences and options continues
+  /// the same trajectory.
+  void load_checkpoint(const std::filesystem::path& dir) {
+    const auto meta_path = dir / "checkpoint.json";
+    auto meta = nlohmann::json::parse(io::read_text_file(meta_path), nullptr, false);
+    if (meta.is_discarded() || meta.value("format", "") != "cacheshrink-train-checkpoint")
+      throw FormatError(meta_path.string() + ": not a cacheshrink training checkpoint");
+    auto& ps = g_.params();
+    if (meta["params"].size() != ps.size())
+      throw FormatError(meta_path.string() + ": checkpoint has " + std::to_string(meta["params"].size()) + " parameters, the model " +
+                        std::to_string(ps.size()));
+    const std::string bin = io::read_text_file(dir / "state.bin");
+    std::size_t off = 0;
+    auto read = [&](Mat& m, Eigen::Index r, Eigen::Index c) {
+      const std::size_t n = static_cast<std::size_t>(r * c);
+      if (off + n * sizeof(double) > bin.size()) throw FormatError((dir / "state.bin").string() + ": truncated");
+      linalg::Matrix<double> d(r, c);
+      std::memcpy(d.data(), bin.data() + off, n * sizeof(double));
+      off += n * sizeof(double);
+      m = d.template cast<Scalar>();
+    };
+    std::size_t ie = 0, ir = 0;
+    for (std::size_t i = 0; i < ps.size(); ++i) {
+      const auto& e = meta["params"][i];
+      auto& p = ps[i];
+      if (e.value("name", "") != p.name || e.value("rows", -1L) != p.value.rows() || e.value("cols", -1L) != p.value.cols())
+        throw FormatError(meta_path.string() + ": parameter " + std::to_string(i) + " is '" + e.value("name", "") +
+                          "' with another shape than the model's '" + p.name + "'");
+      auto& st = p.stiefel ? radam_.param(ir++).state : adamw_.param(ie++).state;
+      read(p.value, p.value.rows(), p.value.cols());
+      st.step = e.value("opt_step", 0L);
+      if (st.step > 0) {
+        read(st.exp_avg, p.value.rows(), p.value.cols());
+        read(st.exp_avg_sq, e.value("sq_rows", 1L), e.value("sq_cols", 1L));
+      }
+    }
+    Resume r;
+    r.step = meta.value("step", 0L);
+    r.epoch = meta.value("epoch", 0);
+    r.pos = meta.value("pos", std::size_t{0});
+    r.sequences = meta.value("sequences", std::size_t{0});
+    std::istringstream rs(meta.value("rng", std::string()));
+    rs >> r.rng_epoch_start;
+    if (!rs) throw FormatError(meta_path.string() + ": bad rng state");
+    resume_ = r;
+  }
+
  private:
+  struct Resume {
+    long step = 0;
+    int epoch = 0;
+    std::size_t pos = 0;
+    std::mt19937_64 rng_epoch_start;
+    std::size_t sequences = 0;
+  };
+
+  /// Writes DIR (via a temporary folder renamed into place) and prunes old step-N folders.
+  void save_checkpoint_at(const std::filesystem::path& dir, const Resume& r) {
+    namespace fs = std::filesystem;
+    fs::create_directories(dir.parent_path());
+    fs::path tmp = dir;
+    tmp += ".tmp";
+    fs::remove_all(tmp);
+    fs::create_directory(tmp);
+    nlohmann::json params = nlohmann::json::array();
+    std::string bin;
+    auto put = [&](const Mat& m) {
+      const linalg::Matrix<double> d = m.template cast<double>();
+      bin.append(reinterpret_cast<const char*>(d.data()), static_cast<std::size_t>(d.size()) * sizeof(double));
+    };
+    std::size_t ie = 0, ir = 0;
+    for (const auto& p : g_.params()) {
+      const auto& st = p.stiefel ? radam_.param(ir++).state : adamw_.param(ie++).state;
+      put(p.value);
+      if (st.step > 0) {
+        put(st.exp_avg);
+        put(st.exp_avg_sq);
+      }
+      params.push_back({{"name", p.name}, {"rows", p.value.rows()}, {"cols", p.value.cols()}, {"opt_step", st.step},
+                        {"sq_rows", st.exp_avg_sq.rows()}, {"sq_cols", st.exp_avg_sq.cols()}});
+    }
+    std::ostringstream rs;
+    rs << r.rng_epoch_start;
+    const nlohmann::json meta{{"format", "cacheshrink-train-checkpoint"}, {"step", r.step}, {"epoch", r.epoch}, {"pos", r.pos},
+                              {"sequences", r.sequences}, {"rng", rs.str()}, {"params", params}};
+    io::atomic_write(tmp / "state.bin", [&](std::ofstream& f) { f.write(bin.data(), static_cast<std::streamsize>(bin.size())); });
+    io::atomic_write(tmp / "checkpoint.json", [&](std::ofstream& f) { f << meta.dump(1) << "\n"; });
+    fs::remove_all(dir);
+    fs::rename(tmp, dir);
+    checkpoints_.push_back(dir);
+    while (static_cast<int>(checkpoints_.size()) > o_.keep_last_checkpoints) {
+      std::error_code ec;
+      fs::remove_all(checkpoints_.front(), ec);
+      checkpoints_.erase(checkpoints_.begin());
+    }
+  }
+
   model::Model& m_;
   TrainOptions o_;
   Graph g_;
   optim::AdamW<Scalar> adamw_;
   optim::RiemannianAdam<Scalar> radam_;
+  std::optional<Resume> resume_;
+  std::vector<std::filesystem::path> checkpoints_;
 };
 
 }  // namespace cacheshrink::train

@@ -21,7 +21,7 @@
 namespace cacheshrink::cli {
 
 struct TrainCommand {
-  std::string model_dir, data, out, stats;
+  std::string model_dir, data, out, stats, resume;
   train::TrainOptions o;
   long paragraphs = 0;
   compression::ConvertOptions co;
@@ -71,6 +71,7 @@ inline int run_train(TrainCommand& c) {
     std::printf("training on %zu sequences (%zu paragraphs of %s), %ld steps, loss %s\n", seqs.size(), texts.size(), c.data.c_str(),
                 tr.total_steps(seqs.size()),
                 c.o.distill ? "distillation" : (c.o.recon_alpha > 0 ? "LM + reconstruction" : "LM"));
+  if (!c.resume.empty()) tr.load_checkpoint(c.resume);
   const auto stats = tr.train(seqs);
   pipeline::SaveOptions so;
   so.store_original_weights = c.co.store_original_weights;
@@ -108,6 +109,10 @@ inline CLI::App* add_train_command(CLI::App& app) {
   t->add_option("--max-grad-norm", c->o.max_grad_norm, "Global gradient-norm clipping (0: off)")->capture_default_str();
   t->add_option("--max-steps", c->o.max_steps, "Stop after N optimizer steps (0: all)")->capture_default_str();
   t->add_option("--seed", c->o.seed, "Shuffling seed")->capture_default_str();
+  t->add_option("--checkpoint-dir", c->o.checkpoint_dir, "Write DIR/step-N checkpoints (parameters, optimizer state, data position)");
+  t->add_option("--checkpoint-every", c->o.checkpoint_every, "Checkpoint every N steps (0: never)")->capture_default_str();
+  t->add_option("--keep-checkpoints", c->o.keep_last_checkpoints, "Keep the last N checkpoints")->capture_default_str();
+  t->add_option("--resume", c->resume, "Resume from a checkpoint folder (same model, data and options)");
   t->add_option("--stats", c->stats, "Write the training stats JSON here (default: OUT/train_stats.json)");
   c->ratio_opt = t->add_option("--ratio", c->co.compression_ratio, "Plain HF model: KV compression ratio")->capture_default_str();
   c->method_opt = t->add_option("--method", c->co.method, "Plain HF model: separate | xkv | joint | auto")

@@ -105,8 +105,17 @@ class Transformer<Kind, Cpu> {
         vw.push_back(c_.d_kv());
       }
     }
-    return KvCache(std::move(kw), std::move(vw), n_seqs);
+    return KvCache(std::move(kw), std::move(vw), n_seqs, cache_dtype_);
   }
+
+  /// Storage of the caches this transformer makes (make_cache, and the local cache of a
+  /// forward without one): F32, or Int8 / Fp8E4M3 with a per-token scale (model/kv_quant.hpp).
+  /// Rows are quantized when written and attention reads them back from the cache, the
+  /// current chunk's own rows included, so logits do not depend on how a sequence is split
+  /// into prefill and decode calls. Applies to every layer's cache (latents of MLA layers,
+  /// K/V rows of layers kept original); an explicit cache passed to forward uses its own dtype.
+  void set_cache_dtype(CacheDtype d) { cache_dtype_ = d; }
+  CacheDtype cache_dtype() const { return cache_dtype_; }
 
   /// Runs the new tokens of each sequence (appended after `cache` when given, else from
   /// position 0). Returns logits: All -> one row per packed token in order; Last -> one
@@ -168,14 +177,13 @@ class Transformer<Kind, Cpu> {
         finish_kv(lw, k_, v_, off, p0);
         for (int s = 0; s < B; ++s) {
           const int n = off[s + 1] - off[s];
-          cache->reserve(l, s, p0[s] + n);
-          cache->k[l][s].middleRows(p0[s], n) = k_.middleRows(off[s], n);
-          cache->v[l][s].middleRows(p0[s], n) = v_.middleRows(off[s], n);
+          cache->write_k(l, s, p0[s], k_.middleRows(off[s], n));
+          cache->write_v(l, s, p0[s], v_.middleRows(off[s], n));
         }
         for (int s = 0; s < B; ++s) {
           const int n = off[s + 1] - off[s];
-          causal_attention<Kind>(q_.middleRows(off[s], n), p0[s], cache->k[l][s], cache->v[l][s], nh, nkv, hd, c_.sliding_window,
-                                 attn_.middleRows(off[s], n));
+          causal_attention<Kind>(q_.middleRows(off[s], n), p0[s], cache->read_k(l, s, p0[s] + n), cache->read_v(l, s, p0[s] + n), nh, nkv, hd,
+                                 c_.sliding_window, attn_.middleRows(off[s], n));
         }
       } else {
         // MLA: cache the latents only; rebuild K and V of the whole visible cache from them
@@ -189,20 +197,20 @@ class Transformer<Kind, Cpu> {
         if (!joint) v_.noalias() = h_ * mla.w_down_v.transpose();
         for (int s = 0; s < B; ++s) {
           const int n = off[s + 1] - off[s];
-          cache->reserve(l, s, p0[s] + n);
-          cache->k[l][s].middleRows(p0[s], n) = k_.middleRows(off[s], n);
-          if (!joint) cache->v[l][s].middleRows(p0[s], n) = v_.middleRows(off[s], n);
+          cache->write_k(l, s, p0[s], k_.middleRows(off[s], n));
+          if (!joint) cache->write_v(l, s, p0[s], v_.middleRows(off[s], n));
         }
         for (int s = 0; s < B && absorb_; ++s) {
           const int n = off[s + 1] - off[s];
-          latent_attention(lw, mla, q_.middleRows(off[s], n), p0[s], cache->k[l][s], joint ? cache->k[l][s] : cache->v[l][s],
+          const MatrixRf& ck = cache->read_k(l, s, p0[s] + n);
+          latent_attention(lw, mla, q_.middleRows(off[s], n), p0[s], ck, joint ? ck : cache->read_v(l, s, p0[s] + n),
                            attn_.middleRows(off[s], n));
         }
         for (int s = 0; s < B && !absorb_; ++s) {
           const int n = off[s + 1] - off[s];
           const int Ltot = p0[s] + n;
-          const auto& ck = cache->k[l][s];
-          const auto& cv = joint ? cache->k[l][s] : cache->v[l][s];
+          const auto& ck = cache->read_k(l, s, Ltot);
+          const auto& cv = joint ? ck : cache->read_v(l, s, Ltot);
           kfull_.resize(Ltot, c_.d_kv());
           if (dr > 0) kfull_.leftCols(dr) = ck.block(0, dl, Ltot, dr);
           kfull_.rightCols(c_.d_kv() - dr).noalias() = ck.block(0, 0, Ltot, dl) * mla.w_up_k->transpose();
@@ -348,6 +356,7 @@ class Transformer<Kind, Cpu> {
   // Buffers reused across calls (allocated once per batch shape).
   MatrixRf x_, h_, q_, k_, v_, attn_, gate_, up_, kfull_, vfull_;
   bool absorb_ = false;
+  CacheDtype cache_dtype_ = CacheDtype::F32;
 };
 
 }  // namespace cacheshrink::model

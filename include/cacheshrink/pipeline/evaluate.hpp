@@ -133,4 +133,27 @@ inline std::vector<CacheMemoryRow> cache_memory(const model::Model& m, const std
   return rows;
 }
 
+/// The same in a cache dtype (model/kv_quant.hpp): F32 4 bytes per number; Int8/Fp8E4M3
+/// 1 byte per number plus a 4-byte scale per token for each non-empty K and V row of a
+/// layer. Equals KvCache::bytes_per_token of the runtime's caches (tests/test_quant_cache.cpp).
+inline std::vector<CacheMemoryRow> cache_memory(const model::Model& m, const std::vector<int>& seq_lens, model::CacheDtype dtype) {
+  std::size_t std_per_token = 0, mla_per_token = 0;
+  for (const auto& lw : m.weights.layers) {
+    const std::size_t full = 2 * model::cache_row_bytes(m.config.d_kv(), dtype);
+    std_per_token += full;
+    mla_per_token += lw.mla ? model::cache_row_bytes(lw.mla->k_cache_width(), dtype) + model::cache_row_bytes(lw.mla->v_cache_width(), dtype)
+                            : full;
+  }
+  std::vector<CacheMemoryRow> rows;
+  for (int T : seq_lens) {
+    CacheMemoryRow r;
+    r.seq_len = T;
+    r.standard_bytes = std_per_token * static_cast<std::size_t>(T);
+    r.mla_bytes = mla_per_token * static_cast<std::size_t>(T);
+    r.ratio = r.mla_bytes ? static_cast<double>(r.standard_bytes) / static_cast<double>(r.mla_bytes) : 1.0;
+    rows.push_back(r);
+  }
+  return rows;
+}
+
 }  // namespace cacheshrink::pipeline

@@ -25,6 +25,7 @@
 #include "cacheshrink/compression/policies.hpp"
 #include "cacheshrink/core/error.hpp"
 #include "cacheshrink/core/progress.hpp"
+#include "cacheshrink/dist/comm.hpp"
 #include "cacheshrink/linalg/eigen.hpp"
 #include "cacheshrink/linalg/gram.hpp"
 #include "cacheshrink/model/transformer.hpp"
@@ -106,9 +107,15 @@ inline CompressionMethod resolve_method(const ModelConfig& c, const ConvertOptio
   return m;
 }
 
-/// Per-layer Gram matrices of the attention input over the calibration sequences.
-inline std::vector<linalg::Matrix<double>> attention_input_grams(const model::Model& m, const std::vector<std::vector<int>>& seqs,
-                                                                 int batch, bool progress, long long* tokens = nullptr) {
+/// Per-layer Gram matrices of the attention input over the calibration sequences. With a
+/// communicator of P ranks, rank r streams only its contiguous share of `seqs`
+/// (dist::shard_range) and the float64 sums are all-reduced, so every rank returns the Gram
+/// of all sequences (equal to one process up to the order of float64 additions); `tokens`
+/// counts all ranks' tokens and only rank 0 shows progress.
+template <dist::Communicator Comm = dist::Single>
+std::vector<linalg::Matrix<double>> attention_input_grams(const model::Model& m, const std::vector<std::vector<int>>& seqs, int batch,
+                                                          bool progress, long long* tokens = nullptr, const Comm& comm = {}) {
+  const auto [first, last] = dist::shard_range(seqs.size(), comm.rank(), comm.size());
   const int L = m.config.n_layers;
   std::vector<linalg::GramAccumulator> acc;
   for (int l = 0; l < L; ++l) acc.emplace_back(m.config.hidden_size, linalg::Centering::None);
@@ -118,21 +125,28 @@ inline std::vector<linalg::Matrix<double>> attention_input_grams(const model::Mo
   fo.logits = model::LogitsFor::None;
   fo.hooks = &hooks;
   fo.stop_after_attn_input = L - 1;  // the last layer's attention input is the last thing needed
-  Progress bar("calibration", static_cast<long long>(seqs.size()), "sequences", progress);
+  Progress bar("calibration", static_cast<long long>(last - first), "sequences", progress && comm.rank() == 0);
   long long n = 0;
   dispatch_attention_kind(m.config, [&](auto kind) {
     model::Transformer<decltype(kind)> tf(m);
-    for (std::size_t b = 0; b < seqs.size(); b += batch) {
-      const std::size_t e = std::min(seqs.size(), b + batch);
+    for (std::size_t b = first; b < last; b += batch) {
+      const std::size_t e = std::min(last, b + batch);
       std::vector<std::vector<int>> chunk(seqs.begin() + b, seqs.begin() + e);
       for (const auto& s : chunk) n += static_cast<long long>(s.size());
       tf.forward(std::span<const std::vector<int>>(chunk), nullptr, fo);
-      bar.update(static_cast<long long>(e), static_cast<double>(n), "tok");
+      bar.update(static_cast<long long>(e - first), static_cast<double>(n), "tok");
     }
   });
-  if (tokens) *tokens = n;
   std::vector<linalg::Matrix<double>> out;
-  for (auto& a : acc) out.push_back(a.statistic());
+  for (auto& a : acc) {
+    out.push_back(a.statistic());
+    comm.allreduce_sum(out.back().data(), static_cast<std::size_t>(out.back().size()));
+  }
+  if (tokens) {
+    double nt = static_cast<double>(n);
+    comm.allreduce_sum(&nt, 1);
+    *tokens = static_cast<long long>(nt);
+  }
   return out;
 }
 
@@ -175,8 +189,13 @@ inline MatrixRf to_f(const MatD& m) { return m.cast<float>(); }
 
 /// Converts `original` to MLA. `calibration`: token sequences (ignored when
 /// use_calibration is false). Returns the converted model; fills `report` when given.
-inline model::Model convert(const model::Model& original, const ConvertOptions& o, const std::vector<std::vector<int>>& calibration,
-                            ConversionReport* report = nullptr) {
+/// With a communicator (dist::Mpi), every rank passes the same model, options and calibration
+/// list; calibration is sharded and reduced (attention_input_grams), then every rank computes
+/// the same initialisation from the same Grams (redundantly: the eigen-decompositions are
+/// d_kv x d_kv, small next to calibration for the models we target) and returns the same model.
+template <dist::Communicator Comm = dist::Single>
+model::Model convert(const model::Model& original, const ConvertOptions& o, const std::vector<std::vector<int>>& calibration,
+                     ConversionReport* report = nullptr, const Comm& comm = {}) {
   using detail::MatD;
   const auto t0 = std::chrono::steady_clock::now();
   const ModelConfig& c = original.config;
@@ -194,7 +213,7 @@ inline model::Model convert(const model::Model& original, const ConvertOptions& 
   if (o.use_calibration) {
     if (calibration.empty()) throw InvalidArgument("convert: use_calibration is on but no calibration sequences were given");
     const auto tc = std::chrono::steady_clock::now();
-    grams = attention_input_grams(original, calibration, o.calibration_batch, o.verbose, &rep.calibration_tokens);
+    grams = attention_input_grams(original, calibration, o.calibration_batch, o.verbose, &rep.calibration_tokens, comm);
     rep.calibration_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
     rep.calibrated = true;
   } else {
@@ -342,18 +361,18 @@ inline model::Model convert(const model::Model& original, const ConvertOptions& 
   for (const auto& lw : out.weights.layers)
     rep.cache_floats_per_token_mla += lw.mla ? static_cast<std::size_t>(lw.mla->cache_width()) : static_cast<std::size_t>(2 * c.d_kv());
   rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  if (o.verbose)
+  if (o.verbose && comm.rank() == 0)
     for (const auto& w : rep.warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
   if (report) *report = std::move(rep);
   return out;
 }
 
 /// Typed entry point: the method is fixed by the policy (options.method is ignored).
-template <CompressionPolicy P>
+template <CompressionPolicy P, dist::Communicator Comm = dist::Single>
 model::Model convert(const model::Model& original, ConvertOptions o, const std::vector<std::vector<int>>& calibration,
-                     ConversionReport* report = nullptr) {
+                     ConversionReport* report = nullptr, const Comm& comm = {}) {
   o.method = compression_method_name(P::id);
-  return convert(original, o, calibration, report);
+  return convert(original, o, calibration, report, comm);
 }
 
 }  // namespace cacheshrink::compression

@@ -32,10 +32,12 @@
 #include "cacheshrink/compression/calibration.hpp"
 #include "cacheshrink/core/error.hpp"
 #include "cacheshrink/core/progress.hpp"
+#include "cacheshrink/dist/comm.hpp"
 #include "cacheshrink/io/file.hpp"
 #include "cacheshrink/manifold/euclidean.hpp"
 #include "cacheshrink/manifold/stiefel.hpp"
 #include "cacheshrink/optim/optim.hpp"
+#include "cacheshrink/train/data_parallel.hpp"
 #include "cacheshrink/train/graph.hpp"
 
 namespace cacheshrink::train {
@@ -151,15 +153,19 @@ inline std::vector<std::vector<int>> encode_texts(const tokenizer::Tokenizer& to
   return seqs;
 }
 
-template <linalg::RealScalar Scalar_>
+/// Comm_: dist::Single (one process) or a communicator (dist::Mpi, dist::Nccl) for data-parallel
+/// training: micro-batches are split over the ranks and gradients summed (data_parallel.hpp);
+/// only rank 0 logs and writes checkpoints. Every rank passes the same model, options and data.
+template <linalg::RealScalar Scalar_, dist::Communicator Comm_ = dist::Single>
 class MLATrainer {
  public:
   using Scalar = Scalar_;
+  using Comm = Comm_;
   using Graph = TrainGraph<Scalar>;
   using Mat = linalg::Matrix<Scalar>;
 
   /// `m` is updated in place (its MLA weights) at the end of train() and by write_back().
-  MLATrainer(model::Model& m, TrainOptions o) : m_(m), o_(std::move(o)), g_(m) {
+  MLATrainer(model::Model& m, TrainOptions o, Comm comm = {}) : m_(m), o_(std::move(o)), g_(m), comm_(std::move(comm)) {
     o_.validate();
     if ((o_.recon_alpha > 0 || o_.distill) && !g_.has_original_kv())
       throw InvalidArgument(std::string(o_.distill ? "distillation" : "reconstruction") +
@@ -182,6 +188,7 @@ class MLATrainer {
   MLATrainer& operator=(const MLATrainer&) = delete;
 
   Graph& graph() { return g_; }
+  const Comm& comm() const { return comm_; }
   const TrainOptions& options() const { return o_; }
   optim::AdamW<Scalar>& euclidean_optimizer() { return adamw_; }
   optim::RiemannianAdam<Scalar>& riemannian_optimizer() { return radam_; }
@@ -204,19 +211,23 @@ class MLATrainer {
     st.step = t + 1;
     const double scale = 1.0 / static_cast<double>(micro.size());
     for (const auto& mb : micro) {
-      std::span<const std::vector<int>> seqs(mb);
+      // This rank's share of the micro-batch, weighted so the ranks' gradients sum to the whole one's.
+      const DataShare share = data_share(mb, o_.loss(), scale, comm_.rank(), comm_.size());
+      if (share.seqs.empty()) continue;
+      std::span<const std::vector<int>> seqs = share.seqs;
       MatrixR<Scalar> teacher;
       if (o_.distill) teacher = g_.teacher_logits(seqs);
-      const LossParts lp = g_.forward_backward(seqs, o_.loss(), scale, o_.distill ? &teacher : nullptr);
-      if (!std::isfinite(lp.total))
+      const LossParts lp = g_.forward_backward(seqs, share.loss, share.scale, o_.distill ? &teacher : nullptr);
+      if (!std::isfinite(lp.total) && comm_.size() == 1)
         throw NumericalError("train: non-finite loss at step " + std::to_string(t + 1) + " (lm " + std::to_string(lp.lm) + ", recon " +
                              std::to_string(lp.recon) + ", kl " + std::to_string(lp.kl) + "); the model keeps the last good weights");
       st.loss += scale * lp.total;
-      st.lm += scale * lp.lm;
-      st.recon += scale * lp.recon;
-      st.kl += scale * lp.kl;
+      st.lm += scale * lp.lm * share.lm_weight;
+      st.recon += scale * lp.recon * share.token_weight;
+      st.kl += scale * lp.kl * share.token_weight;
       st.tokens += lp.tokens;
     }
+    allreduce_step(g_, comm_, o_.loss(), st);
     std::vector<Mat*> grads;
     for (auto& p : g_.params()) grads.push_back(&p.grad);
     if (o_.max_grad_norm > 0) {
@@ -272,7 +283,7 @@ class MLATrainer {
                               std::to_string(seqs.size()) + " (resume with the same data and options)");
       resume_.reset();
     }
-    Progress bar("train", run_steps, "steps", o_.progress);
+    Progress bar("train", run_steps, "steps", o_.progress && comm_.rank() == 0);
     const auto t0 = std::chrono::steady_clock::now();
     for (int epoch = epoch0; epoch < o_.epochs && t < run_steps; ++epoch) {
       const std::mt19937_64 rng_epoch_start = rng;
@@ -295,13 +306,13 @@ class MLATrainer {
         ++t;
         if (o_.ortho_every > 0 && (t % o_.ortho_every == 0 || t == run_steps)) st.ortho_error = ortho_error();
         stats.tokens += st.tokens;
-        if (o_.verbose && (t % o_.log_every == 0 || t == run_steps))
+        if (o_.verbose && comm_.rank() == 0 && (t % o_.log_every == 0 || t == run_steps))
           std::fprintf(stderr, "step %ld/%ld epoch %d loss %.4f (lm %.4f recon %.5f kl %.4f) lr %.2e/%.2e |g| %.3f%s\n", t, run_steps, epoch,
                        st.loss, st.lm, st.recon, st.kl, st.lr_euclidean, st.lr_riemannian, st.grad_norm,
                        st.ortho_error >= 0 ? (" ortho " + std::to_string(st.ortho_error)).c_str() : "");
         stats.steps.push_back(st);
         bar.update(t, static_cast<double>(stats.tokens), "tok");
-        if (!o_.checkpoint_dir.empty() && o_.checkpoint_every > 0 && t % o_.checkpoint_every == 0)
+        if (comm_.rank() == 0 && !o_.checkpoint_dir.empty() && o_.checkpoint_every > 0 && t % o_.checkpoint_every == 0)
           save_checkpoint_at(std::filesystem::path(o_.checkpoint_dir) / ("step-" + std::to_string(t)),
                              {t, epoch, pos, rng_epoch_start, seqs.size()});
       }
@@ -421,6 +432,7 @@ class MLATrainer {
   optim::RiemannianAdam<Scalar> radam_;
   std::optional<Resume> resume_;
   std::vector<std::filesystem::path> checkpoints_;
+  Comm comm_;
 };
 
 }  // namespace cacheshrink::train

@@ -127,6 +127,7 @@ pipeline::PerplexityResult eval_model(const model::Model& m, const std::vector<i
 }  // namespace
 
 int main(int argc, char** argv) {
+  cli::MpiLaunch mpi_launch(&argc, &argv);  // under mpirun (MPI builds): cli::comm() spans the ranks
   CLI::App app{"cacheshrink: shrink transformer KV caches with Multi-Head Latent Attention"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "cacheshrink 0.1.0");
@@ -209,6 +210,7 @@ int main(int argc, char** argv) {
   }
 
   try {
+    if (!*conv && cli::comm().rank() != 0) return 0;  // mpirun: only convert and train are distributed
     if (*conv || *demo) {
       const bool is_demo = demo->parsed();
       if (is_demo) {
@@ -232,7 +234,8 @@ int main(int argc, char** argv) {
         calib = compression::encode_calibration(tok, paras, calib_len);
       }
       compression::ConversionReport rep;
-      auto mm = compression::convert(m, co, calib, &rep);
+      auto mm = compression::convert(m, co, calib, &rep, is_demo ? dist::AnyComm{} : cli::comm());
+      if (cli::comm().rank() != 0) return 0;  // mpirun: rank 0 reports, saves and evaluates
       nlohmann::json j{{"model", model_dir}, {"conversion", conversion_json(rep)}};
       if (!json) print_conversion(rep);
       if (!plot_energy.empty()) {
@@ -357,6 +360,7 @@ int main(int argc, char** argv) {
     }
   } catch (const cacheshrink::Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
+    cli::abort_other_ranks(2);
     return 2;
   }
   return 0;

@@ -18,6 +18,8 @@
 #include <memory>
 #include <string>
 
+#include "cli_dist.hpp"
+
 namespace cacheshrink::cli {
 
 struct TrainCommand {
@@ -52,7 +54,7 @@ inline int run_train(TrainCommand& c) {
       if (calib.empty()) throw InvalidArgument("--calibration " + file + ": no paragraph longer than 100 characters");
     }
     compression::ConversionReport rep;
-    m = compression::convert(m, c.co, calib, &rep);
+    m = compression::convert(m, c.co, calib, &rep, comm());  // mpirun: calibration sharded over the ranks
     if (!c.quiet)
       std::printf("converted: %s, d_latent %d of d_kv %d, cache %zu -> %zu numbers per token\n", compression_method_name(rep.method), rep.d_latent,
                   rep.d_kv, rep.cache_floats_per_token_original, rep.cache_floats_per_token_mla);
@@ -66,13 +68,14 @@ inline int run_train(TrainCommand& c) {
   const auto seqs = train::encode_texts(tok, texts, c.o.max_length);
   c.o.progress = !c.quiet;
   c.o.verbose = !c.quiet;
-  train::MLATrainer<float> tr(m, c.o);
+  train::MLATrainer<float, dist::AnyComm> tr(m, c.o, comm());  // mpirun: data parallel (docs/scaling.md)
   if (!c.quiet)
     std::printf("training on %zu sequences (%zu paragraphs of %s), %ld steps, loss %s\n", seqs.size(), texts.size(), c.data.c_str(),
                 tr.total_steps(seqs.size()),
                 c.o.distill ? "distillation" : (c.o.recon_alpha > 0 ? "LM + reconstruction" : "LM"));
   if (!c.resume.empty()) tr.load_checkpoint(c.resume);
   const auto stats = tr.train(seqs);
+  if (comm().rank() != 0) return 0;  // rank 0 saves and reports
   pipeline::SaveOptions so;
   so.store_original_weights = c.co.store_original_weights;
   so.overwrite = c.overwrite;
@@ -130,6 +133,7 @@ inline CLI::App* add_train_command(CLI::App& app) {
       rc = run_train(*c);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "error: %s\n", e.what());
+      abort_other_ranks(2);
       throw CLI::RuntimeError(2);
     }
     if (rc != 0) throw CLI::RuntimeError(rc);

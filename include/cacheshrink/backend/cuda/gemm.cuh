@@ -39,4 +39,17 @@ void gemm_xwt(cublasHandle_t h, int rows, int out, int in, const TIn* X, int ldx
   }
 }
 
+/// Column-major strided-batched GEMM, C_i = alpha * op(A_i) op(B_i) + beta * C_i for
+/// i < count (A_i = A + i * sA, ...). float uses fp32 math; bf16 inputs/outputs accumulate in
+/// fp32. Used by the latent decode path (per-head absorption of W_uk and W_uv).
+template <class T>
+void gemm_cm_strided_batched(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha,
+                             const T* A, int lda, long long sA, const T* B, int ldb, long long sB, float beta, T* C, int ldc,
+                             long long sC, int count) {
+  if (m == 0 || n == 0 || count == 0) return;
+  CACHESHRINK_CUBLAS_CHECK(cublasGemmStridedBatchedEx(h, ta, tb, m, n, k, &alpha, A, cuda_data_type<T>(), lda, sA, B, cuda_data_type<T>(),
+                                                      ldb, sB, &beta, C, cuda_data_type<T>(), ldc, sC, count, CUBLAS_COMPUTE_32F,
+                                                      CUBLAS_GEMM_DEFAULT));
+}
+
 }  // namespace cacheshrink::cuda

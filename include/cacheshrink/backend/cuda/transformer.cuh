@@ -13,7 +13,12 @@
 // Projections are fused: [Wq; Wk; Wv] is one (Dq + 2 Dkv, H) GEMM and [Wgate; Wup] one
 // (2I, H) GEMM; the output projections accumulate straight into the float residual (beta = 1).
 //
-// Not yet on the GPU: KV-cache decode (forward with a cache throws InvalidArgument), hooks.
+// Decode (one token per sequence per step) runs against a cuda::DeviceKvCache: standard layers
+// cache K and V; MLA layers cache the latents and either rebuild K/V for the whole cache every
+// step (LatentDecode::Rebuild, the original package's way) or attend on the latents with W_uk
+// absorbed into the query and W_uv into the output (LatentDecode::Absorbed; layers where no
+// RoPE or k-norm sits between latent and key). decode.cuh has the kernels.
+// Not yet on the GPU: the packed forward with a cache (use decode), hooks.
 #include <cuda_bf16.h>
 
 #include <cstring>
@@ -25,6 +30,7 @@
 #include "cacheshrink/backend/cpu/cpu.hpp"
 #include "cacheshrink/backend/cuda/attention.cuh"
 #include "cacheshrink/backend/cuda/check.cuh"
+#include "cacheshrink/backend/cuda/decode.cuh"
 #include "cacheshrink/backend/cuda/gemm.cuh"
 #include "cacheshrink/backend/cuda/kernels.cuh"
 #include "cacheshrink/backend/cuda/memory.cuh"
@@ -57,6 +63,7 @@ struct Options {
 struct RandomWeights {
   unsigned long long seed = 1;
   float stddev = 0.02f;
+  int mla_d_latent = 0;  // > 0: every layer is an MLA layer (separate K/V latents of this width)
 };
 
 /// A weight tensor in the model's compute precision (only one member is filled).
@@ -69,6 +76,44 @@ struct DevTensor {
     if constexpr (std::is_same_v<T, float>) return f.data();
     else return b.data();
   }
+};
+
+/// How MLA layers decode from their latent cache.
+enum class LatentDecode {
+  Rebuild,   // K~ = C_k W_uk^T, V~ = C_v W_uv^T for every cached token, every step
+  Absorbed,  // attention on the latents (needs no RoPE / k-norm between latent and key)
+};
+
+inline const char* latent_decode_name(LatentDecode m) { return m == LatentDecode::Rebuild ? "rebuild" : "absorbed"; }
+
+/// A KV cache on the device, made by Transformer<Kind, Cuda>::make_cache. Per layer one
+/// buffer `a` [batch][capacity][width_a] and, for standard layers, `b` for V:
+/// standard layers: a = K (after RoPE / k-norm), b = V, width n_kv * head_dim;
+/// MLA layers: a = [c_k | c_v] (joint: c), width 2 d_latent (joint: d_latent); b empty.
+/// Elements are the model's compute precision (float or bf16). Capacity is rounded up to a
+/// multiple of 16 and the buffers are zero-filled (the tensor-core kernel reads whole tiles).
+struct DeviceKvCache {
+  struct Layer {
+    DevTensor a, b;
+    int width_a = 0, width_b = 0;
+    bool latent = false;
+  };
+  int batch = 0, capacity = 0;
+  LatentDecode mode = LatentDecode::Absorbed;
+  std::vector<int> len;  // tokens held per sequence (host copy)
+  std::vector<Layer> layers;
+  /// Bytes per cached token summed over layers (the KV-cache formula).
+  std::size_t bytes_per_token() const {
+    std::size_t n = 0;
+    for (const auto& L : layers) n += static_cast<std::size_t>(L.width_a + L.width_b) * (L.a.f.size() ? 4 : 2);
+    return n;
+  }
+  std::size_t allocated_bytes() const {
+    std::size_t n = 0;
+    for (const auto& L : layers) n += L.a.f.size() * 4 + L.a.b.size() * 2 + L.b.f.size() * 4 + L.b.b.size() * 2;
+    return n;
+  }
+  void reset() { std::fill(len.begin(), len.end(), 0); }
 };
 
 }  // namespace cacheshrink::cuda
@@ -148,6 +193,98 @@ class Transformer<Kind, Cuda> {
     return {s, scored_};
   }
 
+  /// A device KV cache for `batch` sequences of up to `capacity` tokens (see DeviceKvCache).
+  /// mode = Absorbed requires every MLA layer to be absorbable (no RoPE, no k-norm).
+  cuda::DeviceKvCache make_cache(int batch, int capacity, cuda::LatentDecode mode = cuda::LatentDecode::Absorbed) {
+    if (batch < 1) throw InvalidArgument("make_cache: batch must be >= 1 (got " + std::to_string(batch) + ")");
+    if (capacity < 1) throw InvalidArgument("make_cache: capacity must be >= 1 (got " + std::to_string(capacity) + ")");
+    if (c_.family == Family::Gpt2 && capacity > c_.max_position)
+      throw InvalidArgument("make_cache: capacity " + std::to_string(capacity) + " exceeds max_position_embeddings " + std::to_string(c_.max_position));
+    cuda::DeviceKvCache kc;
+    kc.batch = batch;
+    kc.capacity = (capacity + 15) / 16 * 16;
+    kc.mode = mode;
+    kc.len.assign(static_cast<std::size_t>(batch), 0);
+    kc.layers.resize(layers_.size());
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      const DevLayer& L = layers_[l];
+      auto& C = kc.layers[l];
+      C.latent = L.mla;
+      if (L.mla) {
+        if (mode == cuda::LatentDecode::Absorbed && (c_.uses_rope() || !L.k_norm.empty()))
+          throw InvalidArgument("make_cache: layer " + std::to_string(l) + " cannot decode on absorbed latents: " +
+                                (c_.uses_rope() ? "RoPE rotates the reconstructed keys" : "a k-norm follows the reconstruction") +
+                                "; use cuda::LatentDecode::Rebuild");
+        C.width_a = L.joint ? L.d_latent : 2 * L.d_latent;
+      } else {
+        C.width_a = C.width_b = c_.d_kv();
+      }
+      alloc_zero(C.a, static_cast<std::size_t>(batch) * kc.capacity * C.width_a);
+      if (C.width_b) alloc_zero(C.b, static_cast<std::size_t>(batch) * kc.capacity * C.width_b);
+    }
+    stream_->synchronize();
+    return kc;
+  }
+
+  /// Benchmarks: fills every cache row with uniform(-a, a) values and sets every sequence's
+  /// length to `len` (the decode cost does not depend on the values).
+  void fill_cache_random(cuda::DeviceKvCache& kc, int len, unsigned long long seed = 7, float a = 1.0f) {
+    if (len < 0 || len >= kc.capacity) throw InvalidArgument("fill_cache_random: len must be in [0, capacity)");
+    for (auto& C : kc.layers)
+      for (cuda::DevTensor* t : {&C.a, &C.b}) {
+        if (t->b.size()) cuda::fill_uniform(t->b.data(), static_cast<long long>(t->b.size()), seed++, a, st());
+        if (t->f.size()) cuda::fill_uniform(t->f.data(), static_cast<long long>(t->f.size()), seed++, a, st());
+      }
+    std::fill(kc.len.begin(), kc.len.end(), len);
+    stream_->synchronize();
+  }
+
+  /// One decode step: tokens[b] is appended to sequence b of the cache (at position len[b]) and
+  /// the next-token logits (batch, vocab) come back to the host.
+  MatrixRf decode(cuda::DeviceKvCache& kc, std::span<const int> tokens) {
+    decode_device(kc, tokens);
+    const int B = kc.batch, V = c_.vocab_size;
+    MatrixRf out(B, V);
+    CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(out.data(), logits_.data(), sizeof(float) * B * V, cudaMemcpyDeviceToHost, st()));
+    stream_->synchronize();
+    return out;
+  }
+
+  /// decode() without copying the logits to the host (they stay in device memory; the call
+  /// is asynchronous on stream()).
+  void decode_device(cuda::DeviceKvCache& kc, std::span<const int> tokens) {
+    const int B = kc.batch;
+    if (static_cast<int>(tokens.size()) != B)
+      throw InvalidArgument("decode: " + std::to_string(tokens.size()) + " tokens for a cache of batch " + std::to_string(B));
+    if (kc.layers.size() != layers_.size()) throw InvalidArgument("decode: the cache was made for another model");
+    dec_host_.assign(static_cast<std::size_t>(3 * B), 0);
+    int max_len = 0;
+    for (int b = 0; b < B; ++b) {
+      if (tokens[b] < 0 || tokens[b] >= c_.vocab_size)
+        throw InvalidArgument("decode: token id " + std::to_string(tokens[b]) + " of sequence " + std::to_string(b) +
+                              " is outside the vocabulary [0, " + std::to_string(c_.vocab_size) + ")");
+      if (kc.len[b] + 1 > kc.capacity)
+        throw InvalidArgument("decode: sequence " + std::to_string(b) + " is full (capacity " + std::to_string(kc.capacity) + " tokens)");
+      if (c_.family == Family::Gpt2 && kc.len[b] + 1 > c_.max_position)
+        throw InvalidArgument("decode: sequence " + std::to_string(b) + " reaches max_position_embeddings " + std::to_string(c_.max_position));
+      dec_host_[b] = tokens[b];
+      dec_host_[B + b] = kc.len[b];
+      dec_host_[2 * B + b] = kc.len[b] + 1;
+      max_len = std::max(max_len, kc.len[b] + 1);
+    }
+    if (c_.uses_rope()) ensure_rope(max_len);
+    dec_meta_.reserve(dec_host_.size());
+    CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(dec_meta_.data(), dec_host_.data(), sizeof(int) * dec_host_.size(), cudaMemcpyHostToDevice, st()));
+    if (kc.mode == cuda::LatentDecode::Rebuild && c_.uses_rope() && static_cast<int>(iota_.size()) < max_len) {
+      std::vector<int> io(static_cast<std::size_t>(kc.capacity));
+      for (int i = 0; i < kc.capacity; ++i) io[i] = i;
+      iota_.upload(io, st());
+    }
+    if (bf16()) decode_layers<__nv_bfloat16>(kc, max_len);
+    else decode_layers<float>(kc, max_len);
+    for (int b = 0; b < B; ++b) ++kc.len[b];
+  }
+
   /// Bytes of device memory held by the weights.
   std::size_t weight_bytes() const {
     const std::size_t es = opt_.precision == Precision::BFloat16 ? 2 : 4;
@@ -168,6 +305,7 @@ class Transformer<Kind, Cuda> {
     bool mla = false, joint = false;
     int d_latent = 0;
     cuda::DevTensor w_dk, w_dv, w_uk, w_uv;
+    cuda::DeviceBuffer<float> bv_q;  // MLA: the V bias repeated per query head (absorbed decode)
   };
 
   void init_device() {
@@ -227,6 +365,12 @@ class Transformer<Kind, Cuda> {
         if (!L.joint) put(L.w_dv, m.w_down_v);
         put(L.w_uk, *m.w_up_k);
         put(L.w_uv, *m.w_up_v);
+        if (lw.bv.size()) {
+          const int g = c_.n_heads / c_.n_kv_heads, hd = c_.head_dim;
+          VectorXf bq(Dq);
+          for (int h = 0; h < c_.n_heads; ++h) bq.segment(h * hd, hd) = lw.bv.segment((h / g) * hd, hd);
+          put(L.bv_q, bq);
+        }
       } else {
         MatrixRf qkv(Dq + 2 * Dkv, H);
         qkv << lw.wq, lw.wk, lw.wv;
@@ -256,6 +400,16 @@ class Transformer<Kind, Cuda> {
       put(L.b_down, lw.b_down);
     }
     staging_.resize(0);
+  }
+
+  void alloc_zero(cuda::DevTensor& d, std::size_t n) {
+    if (bf16()) {
+      d.b.resize(n);
+      CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(d.b.data(), 0, n * 2, st()));
+    } else {
+      d.f.resize(n);
+      CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(d.f.data(), 0, n * 4, st()));
+    }
   }
 
   void rand_t(cuda::DevTensor& d, std::size_t n, float a, unsigned long long seed) {
@@ -290,7 +444,19 @@ class Transformer<Kind, Cuda> {
         const_f(L.n1b, H, 0.0f);
         const_f(L.n2b, H, 0.0f);
       }
-      rand_t(L.w_qkv, (Dq + 2 * Dkv) * H, a, seed++);
+      if (rw.mla_d_latent > 0) {
+        const std::size_t dl = static_cast<std::size_t>(rw.mla_d_latent);
+        L.mla = true;
+        L.d_latent = rw.mla_d_latent;
+        rand_t(L.w_qkv, Dq * H, a, seed++);
+        rand_t(L.w_dk, dl * H, a, seed++);
+        rand_t(L.w_dv, dl * H, a, seed++);
+        const float au = 1.7320508f / std::sqrt(static_cast<float>(Dkv));  // columns of unit norm on average
+        rand_t(L.w_uk, Dkv * dl, au, seed++);
+        rand_t(L.w_uv, Dkv * dl, au, seed++);
+      } else {
+        rand_t(L.w_qkv, (Dq + 2 * Dkv) * H, a, seed++);
+      }
       if (c_.qkv_bias || gpt2) const_f(L.b_qkv, Dq + 2 * Dkv, 0.0f);
       if (c_.qk_norm) {
         const_f(L.q_norm, c_.head_dim, 1.0f);
@@ -445,23 +611,184 @@ class Transformer<Kind, Cuda> {
       cuda::gemm_xwt<T, float>(hb, N, H, Dq, attn.data(), Dq, L.wo.template ptr<T>(), Dq, x_.data(), H, 1.0f, 1.0f);
       if (!L.bo.empty()) cuda::add_bias<float>(x_.data(), H, N, H, L.bo.data(), s);
 
-      cuda::norm_rows<T>(x_.data(), H, L.n2w.data(), gpt2 ? L.n2b.data() : nullptr, gpt2, eps, h.data(), H, N, H, s);
-      if (gpt2) {
-        cuda::gemm_xwt<T, T>(hb, N, I, H, h.data(), H, L.w_gu.template ptr<T>(), H, gu.data(), I);
-        cuda::bias_gelu<T>(gu.data(), N, I, L.b_up.empty() ? nullptr : L.b_up.data(), s);
-        cuda::gemm_xwt<T, float>(hb, N, H, I, gu.data(), I, L.w_down.template ptr<T>(), I, x_.data(), H, 1.0f, 1.0f);
-      } else {
-        cuda::gemm_xwt<T, T>(hb, N, 2 * I, H, h.data(), H, L.w_gu.template ptr<T>(), H, gu.data(), 2 * I);
-        cuda::swiglu<T>(gu.data(), N, I, L.b_gate.empty() ? nullptr : L.b_gate.data(), L.b_up.empty() ? nullptr : L.b_up.data(), a2.data(), s);
-        cuda::gemm_xwt<T, float>(hb, N, H, I, a2.data(), I, L.w_down.template ptr<T>(), I, x_.data(), H, 1.0f, 1.0f);
-      }
-      if (!L.b_down.empty()) cuda::add_bias<float>(x_.data(), H, N, H, L.b_down.data(), s);
+      mlp_block<T>(L, N);
     }
     auto& hf = act<T>(h_f_, h_b_);
     const bool gpt2n = gpt2;
     cuda::norm_rows<T>(x_.data(), H, final_w_.data(), gpt2n ? final_b_.data() : nullptr, gpt2n, eps, hf.data(), H, N, H, s);
   }
 
+  /// x += MLP(norm2(x)) for N rows (activation buffers reserved by the caller's size).
+  template <class T>
+  void mlp_block(const DevLayer& L, int N) {
+    const int H = c_.hidden_size, I = c_.intermediate_size;
+    const bool gpt2 = c_.family == Family::Gpt2;
+    const float eps = static_cast<float>(c_.norm_eps);
+    cublasHandle_t hb = blas_->get();
+    cudaStream_t s = st();
+    auto& h = act<T>(h_f_, h_b_);
+    auto& gu = act<T>(gu_f_, gu_b_);
+    auto& a2 = act<T>(act_f_, act_b_);
+    cuda::norm_rows<T>(x_.data(), H, L.n2w.data(), gpt2 ? L.n2b.data() : nullptr, gpt2, eps, h.data(), H, N, H, s);
+    if (gpt2) {
+      cuda::gemm_xwt<T, T>(hb, N, I, H, h.data(), H, L.w_gu.template ptr<T>(), H, gu.data(), I);
+      cuda::bias_gelu<T>(gu.data(), N, I, L.b_up.empty() ? nullptr : L.b_up.data(), s);
+      cuda::gemm_xwt<T, float>(hb, N, H, I, gu.data(), I, L.w_down.template ptr<T>(), I, x_.data(), H, 1.0f, 1.0f);
+    } else {
+      cuda::gemm_xwt<T, T>(hb, N, 2 * I, H, h.data(), H, L.w_gu.template ptr<T>(), H, gu.data(), 2 * I);
+      cuda::swiglu<T>(gu.data(), N, I, L.b_gate.empty() ? nullptr : L.b_gate.data(), L.b_up.empty() ? nullptr : L.b_up.data(), a2.data(), s);
+      cuda::gemm_xwt<T, float>(hb, N, H, I, a2.data(), I, L.w_down.template ptr<T>(), I, x_.data(), H, 1.0f, 1.0f);
+    }
+    if (!L.b_down.empty()) cuda::add_bias<float>(x_.data(), H, N, H, L.b_down.data(), s);
+  }
+
+  /// One decode step over every layer (metadata in dec_meta_: tokens | pos | len after).
+  template <class T>
+  void decode_layers(cuda::DeviceKvCache& kc, int max_len) {
+    const int B = kc.batch, H = c_.hidden_size, Dq = c_.d_q(), Dkv = c_.d_kv(), hd = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads;
+    const int I = c_.intermediate_size, Wqkv = Dq + 2 * Dkv, V = c_.vocab_size, g = nh / nkv, cap = kc.capacity;
+    const bool gpt2 = c_.family == Family::Gpt2;
+    const float eps = static_cast<float>(c_.norm_eps), scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    cublasHandle_t hb = blas_->get();
+    cudaStream_t s = st();
+    const int* d_tok = dec_meta_.data();
+    const int* d_pos = d_tok + B;
+    const int* d_len = d_pos + B;
+    auto& h = act<T>(h_f_, h_b_);
+    auto& qkv = act<T>(qkv_f_, qkv_b_);
+    auto& attn = act<T>(attn_f_, attn_b_);
+    auto& lat = act<T>(lat_f_, lat_b_);
+    auto& kbuf = act<T>(kbuf_f_, kbuf_b_);
+    auto& vbuf = act<T>(vbuf_f_, vbuf_b_);
+    auto& qlat = act<T>(qlat_f_, qlat_b_);
+    auto& olat = act<T>(olat_f_, olat_b_);
+    x_.reserve(static_cast<std::size_t>(B) * H);
+    h.reserve(static_cast<std::size_t>(B) * H);
+    qkv.reserve(static_cast<std::size_t>(B) * Wqkv);
+    attn.reserve(static_cast<std::size_t>(B) * Dq);
+    act<T>(gu_f_, gu_b_).reserve(static_cast<std::size_t>(B) * (gpt2 ? I : 2 * I));
+    if (!gpt2) act<T>(act_f_, act_b_).reserve(static_cast<std::size_t>(B) * I);
+    cuda::embedding<T>(d_tok, d_pos, embed_.template ptr<T>(), gpt2 ? pos_embed_.template ptr<T>() : nullptr, x_.data(), B, H, s);
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      const DevLayer& L = layers_[l];
+      auto& C = kc.layers[l];
+      T* ca = C.a.template ptr<T>() == nullptr ? nullptr : const_cast<T*>(C.a.template ptr<T>());
+      cuda::norm_rows<T>(x_.data(), H, L.n1w.data(), gpt2 ? L.n1b.data() : nullptr, gpt2, eps, h.data(), H, B, H, s);
+      if (!L.mla) {
+        T* cb = const_cast<T*>(C.b.template ptr<T>());
+        cuda::gemm_xwt<T, T>(hb, B, Wqkv, H, h.data(), H, L.w_qkv.template ptr<T>(), H, qkv.data(), Wqkv);
+        if (!L.b_qkv.empty()) cuda::add_bias<T>(qkv.data(), Wqkv, B, Wqkv, L.b_qkv.data(), s);
+        if (!L.q_norm.empty()) cuda::head_rms_norm<T>(qkv.data(), Wqkv, 0, B, nh, hd, L.q_norm.data(), eps, s);
+        if (!L.k_norm.empty()) cuda::head_rms_norm<T>(qkv.data(), Wqkv, Dq, B, nkv, hd, L.k_norm.data(), eps, s);
+        if (c_.uses_rope()) cuda::rope<T>(qkv.data(), Wqkv, 0, B, nh + nkv, hd, d_pos, rope_cos_.data(), rope_sin_.data(), s);
+        const long long ss = static_cast<long long>(cap) * Dkv;
+        cuda::append_rows<T>(qkv.data() + Dq, Wqkv, ca, Dkv, ss, d_pos, B, Dkv, s);
+        cuda::append_rows<T>(qkv.data() + Dq + Dkv, Wqkv, cb, Dkv, ss, d_pos, B, Dkv, s);
+        cuda::DecodeArgs<T> da;
+        da.q = qkv.data();
+        da.ldq = Wqkv;
+        da.k = ca;
+        da.v = cb;
+        da.ldkv = Dkv;
+        da.seq_stride = ss;
+        da.len = d_len;
+        da.batch = B;
+        da.n_heads = nh;
+        da.n_kv_heads = nkv;
+        da.head_dim = hd;
+        da.window = c_.sliding_window;
+        da.scale = scale;
+        cuda::decode_attention<T>(da, max_len, attn.data(), Dq, scratch_, s);
+      } else {
+        const int dl = L.d_latent, lw = C.width_a;
+        const long long ss = static_cast<long long>(cap) * lw;
+        lat.reserve(static_cast<std::size_t>(B) * lw);
+        cuda::gemm_xwt<T, T>(hb, B, Dq, H, h.data(), H, L.w_qkv.template ptr<T>(), H, qkv.data(), Wqkv);
+        cuda::gemm_xwt<T, T>(hb, B, dl, H, h.data(), H, L.w_dk.template ptr<T>(), H, lat.data(), lw);
+        if (!L.joint) cuda::gemm_xwt<T, T>(hb, B, dl, H, h.data(), H, L.w_dv.template ptr<T>(), H, lat.data() + dl, lw);
+        cuda::append_rows<T>(lat.data(), lw, ca, lw, ss, d_pos, B, lw, s);
+        if (!L.b_qkv.empty()) cuda::add_bias<T>(qkv.data(), Wqkv, B, Dq, L.b_qkv.data(), s);
+        if (!L.q_norm.empty()) cuda::head_rms_norm<T>(qkv.data(), Wqkv, 0, B, nh, hd, L.q_norm.data(), eps, s);
+        const T* ck = ca;
+        const T* cv = ca + (L.joint ? 0 : dl);
+        if (kc.mode == cuda::LatentDecode::Rebuild) {
+          kbuf.reserve(static_cast<std::size_t>(B) * cap * Dkv);
+          vbuf.reserve(static_cast<std::size_t>(B) * cap * Dkv);
+          for (int b = 0; b < B; ++b) {
+            const int rows = dec_host_[2 * B + b];
+            T* kb = kbuf.data() + static_cast<std::size_t>(b) * cap * Dkv;
+            T* vb = vbuf.data() + static_cast<std::size_t>(b) * cap * Dkv;
+            cuda::gemm_xwt<T, T>(hb, rows, Dkv, dl, ck + b * ss, lw, L.w_uk.template ptr<T>(), dl, kb, Dkv);
+            cuda::gemm_xwt<T, T>(hb, rows, Dkv, dl, cv + b * ss, lw, L.w_uv.template ptr<T>(), dl, vb, Dkv);
+            if (!L.b_qkv.empty()) {
+              cuda::add_bias<T>(kb, Dkv, rows, Dkv, L.b_qkv.data() + Dq, s);
+              cuda::add_bias<T>(vb, Dkv, rows, Dkv, L.b_qkv.data() + Dq + Dkv, s);
+            }
+            if (!L.k_norm.empty()) cuda::head_rms_norm<T>(kb, Dkv, 0, rows, nkv, hd, L.k_norm.data(), eps, s);
+            if (c_.uses_rope()) cuda::rope<T>(kb, Dkv, 0, rows, nkv, hd, iota_.data(), rope_cos_.data(), rope_sin_.data(), s);
+          }
+          if (c_.uses_rope()) cuda::rope<T>(qkv.data(), Wqkv, 0, B, nh, hd, d_pos, rope_cos_.data(), rope_sin_.data(), s);
+          cuda::DecodeArgs<T> da;
+          da.q = qkv.data();
+          da.ldq = Wqkv;
+          da.k = kbuf.data();
+          da.v = vbuf.data();
+          da.ldkv = Dkv;
+          da.seq_stride = static_cast<long long>(cap) * Dkv;
+          da.len = d_len;
+          da.batch = B;
+          da.n_heads = nh;
+          da.n_kv_heads = nkv;
+          da.head_dim = hd;
+          da.window = c_.sliding_window;
+          da.scale = scale;
+          cuda::decode_attention<T>(da, max_len, attn.data(), Dq, scratch_, s);
+        } else {
+          // q_lat[b, h, :] = scale * W_uk,kvh^T q[b, h, :]; the K bias adds q . b_k to every score
+          // of a row (softmax ignores it), the V bias is added after W_uv (probabilities sum to 1).
+          qlat.reserve(static_cast<std::size_t>(B) * nh * dl);
+          olat.reserve(static_cast<std::size_t>(B) * nh * dl);
+          const T* wuk = L.w_uk.template ptr<T>();
+          const T* wuv = L.w_uv.template ptr<T>();
+          for (int gi = 0; gi < g; ++gi)
+            cuda::gemm_cm_strided_batched<T>(hb, CUBLAS_OP_N, CUBLAS_OP_N, dl, B, hd, scale, wuk, dl, static_cast<long long>(hd) * dl,
+                                             qkv.data() + gi * hd, Wqkv, static_cast<long long>(g) * hd, 0.0f, qlat.data() + gi * dl, nh * dl,
+                                             static_cast<long long>(g) * dl, nkv);
+          cuda::LatentDecodeArgs<T> la;
+          la.q_lat = qlat.data();
+          la.ck = ck;
+          la.cv = cv;
+          la.ldc = lw;
+          la.seq_stride = ss;
+          la.len = d_len;
+          la.batch = B;
+          la.n_heads = nh;
+          la.d_latent = dl;
+          la.window = c_.sliding_window;
+          cuda::decode_latent_attention<T>(la, max_len, olat.data(), nh * dl, scratch_, s, force_latent_rows_);
+          for (int gi = 0; gi < g; ++gi)
+            cuda::gemm_cm_strided_batched<T>(hb, CUBLAS_OP_T, CUBLAS_OP_N, hd, B, dl, 1.0f, wuv, dl, static_cast<long long>(hd) * dl,
+                                             olat.data() + gi * dl, nh * dl, static_cast<long long>(g) * dl, 0.0f, attn.data() + gi * hd, Dq,
+                                             static_cast<long long>(g) * hd, nkv);
+          if (!L.bv_q.empty()) cuda::add_bias<T>(attn.data(), Dq, B, Dq, L.bv_q.data(), s);
+        }
+      }
+      cuda::gemm_xwt<T, float>(hb, B, H, Dq, attn.data(), Dq, L.wo.template ptr<T>(), Dq, x_.data(), H, 1.0f, 1.0f);
+      if (!L.bo.empty()) cuda::add_bias<float>(x_.data(), H, B, H, L.bo.data(), s);
+      mlp_block<T>(L, B);
+    }
+    cuda::norm_rows<T>(x_.data(), H, final_w_.data(), gpt2 ? final_b_.data() : nullptr, gpt2, eps, h.data(), H, B, H, s);
+    const cuda::DevTensor& W = lm_head_.size() ? lm_head_ : embed_;
+    logits_.reserve(static_cast<std::size_t>(B) * V);
+    cuda::gemm_xwt<T, float>(hb, B, V, H, h.data(), H, W.template ptr<T>(), H, logits_.data(), V);
+  }
+
+ public:
+  /// Tests: run the absorbed latent attention with the warp kernel even where the tensor-core
+  /// kernel applies.
+  void set_force_latent_rows(bool on) { force_latent_rows_ = on; }
+
+ private:
   /// Logits (float) of the final-normed rows into logits_; `last`: one row per sequence;
   /// `nll`: then per-token NLL into tok_nll_ (chunked so the logits buffer stays bounded).
   template <class T>
@@ -514,6 +841,13 @@ class Transformer<Kind, Cuda> {
   cuda::DeviceBuffer<float> x_, logits_, tok_nll_;
   cuda::DeviceBuffer<float> h_f_, qkv_f_, attn_f_, gu_f_, act_f_, lat_f_;
   cuda::DeviceBuffer<__nv_bfloat16> h_b_, qkv_b_, attn_b_, gu_b_, act_b_, lat_b_;
+  // decode state
+  std::vector<int> dec_host_;
+  cuda::DeviceBuffer<int> dec_meta_, iota_;
+  cuda::DecodeScratch scratch_;
+  cuda::DeviceBuffer<float> kbuf_f_, vbuf_f_, qlat_f_, olat_f_;
+  cuda::DeviceBuffer<__nv_bfloat16> kbuf_b_, vbuf_b_, qlat_b_, olat_b_;
+  bool force_latent_rows_ = false;
 };
 
 }  // namespace cacheshrink::model

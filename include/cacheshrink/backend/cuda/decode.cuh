@@ -1,0 +1,557 @@
+#pragma once
+// Decode attention on the GPU: one new query token per sequence against a device cache, with
+// the sequence split over blocks ("split-K", so batch 1 still fills the card) and a second
+// kernel merging the per-split partial softmaxes.
+//
+// Two caches:
+//  - standard: K and V rows, [batch][capacity][n_kv * hd] each (row stride ldkv, sequence
+//    stride seq_stride, in elements). Query head h reads KV head h / group.
+//  - latent (MLA with absorption): per token a K latent c_k and a V latent c_v of d_latent
+//    values each (joint: the same vector), shared by every head. The caller absorbs W_uk into
+//    the query (q_lat[h] = W_uk,h^T q_h * scale) and W_uv into the output (o_h = W_uv,h o_lat[h]),
+//    so attention runs on the latents:  s_hj = q_lat[h] . c_k,j,  o_lat[h] = sum_j p_hj c_v,j.
+//    Valid only where no rotation or norm sits between the latent and the key (GPT-2-style
+//    learned positions, or position-free attention); RoPE models decode by rebuilding keys.
+//
+// A query at position L-1 (L = len[b], cache length including the new token) sees keys j with
+// j < L and (window <= 0 or j > L-1-window). Scores, softmax and accumulation are float.
+//
+// Partial results: po [batch][n_heads][splits][D] (unnormalised sum of p * v), pml
+// [batch][n_heads][splits] = (running max m, running sum l); combine() writes
+// out[b, h*D + d] = sum_s e^{m_s-M} po_s / sum_s e^{m_s-M} l_s.
+//
+// Kernels:
+//  - decode_std<T>: 128 threads; K/V tiles of 64 tokens staged in shared memory (16-byte loads
+//    when rows allow), a block serves up to `hpb` query heads of one KV head (GQA/MQA reuse).
+//  - decode_latent_rows<T>: one warp per (sequence, head, split); any d_latent <= 1024; float32
+//    parity mode and the fallback.
+//  - decode_latent_wmma: bf16 tensor cores (WMMA 16x16x16, float accumulate); a block serves 16
+//    heads and one split of 128 tokens whose latents are staged through shared memory with
+//    cp.async, double-buffered 128 columns at a time: S = Q C_k^T, exact softmax over the split,
+//    O = P C_v stored per column tile. Rows past the sequence are zero-filled, never read.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "cacheshrink/backend/cuda/check.cuh"
+#include "cacheshrink/backend/cuda/kernels.cuh"
+#include "cacheshrink/core/error.hpp"
+
+namespace cacheshrink::cuda {
+
+template <class T>
+struct DecodeArgs {
+  const T* q = nullptr;  // (batch, n_heads * hd), leading dim ldq
+  const T* k = nullptr;  // cache, see header
+  const T* v = nullptr;
+  int ldq = 0, ldkv = 0;
+  long long seq_stride = 0;
+  const int* len = nullptr;  // device (batch)
+  int batch = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, window = 0;
+  float scale = 1.0f;
+};
+
+template <class T>
+struct LatentDecodeArgs {
+  const T* q_lat = nullptr;  // (batch, n_heads, d_latent), scale already applied
+  const T* ck = nullptr;     // latent cache: token j of sequence b at b*seq_stride + j*ldc
+  const T* cv = nullptr;
+  int ldc = 0;
+  long long seq_stride = 0;
+  const int* len = nullptr;  // device (batch)
+  int batch = 0, n_heads = 0, d_latent = 0, window = 0;
+};
+
+/// Scratch for the partial softmaxes (grown on demand, owned by the caller).
+struct DecodeScratch {
+  DeviceBuffer<float> po;
+  DeviceBuffer<float2> pml;
+  void reserve(long long rows, int splits, int D) {
+    po.reserve(static_cast<std::size_t>(rows) * splits * D);
+    pml.reserve(static_cast<std::size_t>(rows) * splits);
+  }
+};
+
+namespace kernels {
+
+constexpr int kDecTile = 64;
+constexpr int kDecThreads = 128;
+constexpr int kDecMaxAcc = 32;  // (heads per block) * hd <= 128 * 32
+
+__device__ __forceinline__ void visible_range(int L, int window, int split, int chunk, int& j0, int& j1) {
+  const int lo = window > 0 ? max(0, L - window) : 0;
+  j0 = max(split * chunk, lo);
+  j1 = min(L, (split + 1) * chunk);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kDecThreads) decode_std(DecodeArgs<T> a, int chunk, int splits, int hpb, float* po, float2* pml) {
+  constexpr int PAD = sizeof(T) == 2 ? 2 : 1;
+  const int split = blockIdx.x, b = blockIdx.z, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int g = a.n_heads / a.n_kv_heads, blocks_per_kv = (g + hpb - 1) / hpb;
+  const int kvh = blockIdx.y / blocks_per_kv, h0 = kvh * g + (blockIdx.y % blocks_per_kv) * hpb;
+  const int nhb = min(hpb, kvh * g + g - h0), hd = a.head_dim, ldt = hd + PAD;
+  extern __shared__ __align__(16) unsigned char dsmem[];
+  float* qs = reinterpret_cast<float*>(dsmem);  // hpb * hd
+  float* ps = qs + hpb * hd;                    // hpb * tile
+  float* alpha = ps + hpb * kDecTile;           // hpb
+  float* mrow = alpha + hpb;
+  float* lrow = mrow + hpb;
+  T* ks = reinterpret_cast<T*>(lrow + hpb);
+  T* vs = ks + kDecTile * ldt;
+  const int L = a.len[b];
+  int j0, j1;
+  visible_range(L, a.window, split, chunk, j0, j1);
+  for (int i = tid; i < nhb * hd; i += kDecThreads)
+    qs[i] = to_f(a.q[static_cast<long long>(b) * a.ldq + static_cast<long long>(h0) * hd + i]) * a.scale;
+  if (tid < hpb) {
+    mrow[tid] = -INFINITY;
+    lrow[tid] = 0.0f;
+  }
+  float acc[kDecMaxAcc];
+#pragma unroll
+  for (int i = 0; i < kDecMaxAcc; ++i) acc[i] = 0.0f;
+  const T* kb = a.k + static_cast<long long>(b) * a.seq_stride + static_cast<long long>(kvh) * hd;
+  const T* vb = a.v + static_cast<long long>(b) * a.seq_stride + static_cast<long long>(kvh) * hd;
+  constexpr int VEC = 16 / sizeof(T);
+  const bool vec = hd % VEC == 0 && a.ldkv % VEC == 0 && (reinterpret_cast<std::uintptr_t>(kb) % 16 == 0) &&
+                   (reinterpret_cast<std::uintptr_t>(vb) % 16 == 0);
+  for (int t0 = j0; t0 < j1; t0 += kDecTile) {
+    const int n = min(kDecTile, j1 - t0);
+    __syncthreads();
+    if (vec) {
+      // all of a thread's 16-byte loads are issued before any shared-memory store
+      constexpr int U = 4;
+      const int per_row = hd / VEC, total = n * per_row;
+      for (int i0 = tid; i0 < total; i0 += kDecThreads * U) {
+        uint4 kr[U], vr[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int i = i0 + u * kDecThreads;
+          if (i < total) {
+            const long long off = static_cast<long long>(t0 + i / per_row) * a.ldkv + (i % per_row) * VEC;
+            kr[u] = *reinterpret_cast<const uint4*>(kb + off);
+            vr[u] = *reinterpret_cast<const uint4*>(vb + off);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int i = i0 + u * kDecThreads;
+          if (i < total) {
+            const int r = i / per_row, c = (i % per_row) * VEC;
+            const T* ke = reinterpret_cast<const T*>(&kr[u]);
+            const T* ve = reinterpret_cast<const T*>(&vr[u]);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+              ks[r * ldt + c + e] = ke[e];
+              vs[r * ldt + c + e] = ve[e];
+            }
+          }
+        }
+      }
+    } else {
+      for (int i = tid; i < n * hd; i += kDecThreads) {
+        const int r = i / hd, c = i % hd;
+        const long long off = static_cast<long long>(t0 + r) * a.ldkv + c;
+        ks[r * ldt + c] = kb[off];
+        vs[r * ldt + c] = vb[off];
+      }
+    }
+    __syncthreads();
+    for (int i = tid; i < nhb * kDecTile; i += kDecThreads) {
+      const int h = i / kDecTile, j = i % kDecTile;
+      float s = -INFINITY;
+      if (j < n) {
+        s = 0.0f;
+        const float* qh = qs + h * hd;
+        const T* kr = ks + j * ldt;
+        for (int d = 0; d < hd; ++d) s += qh[d] * to_f(kr[d]);
+      }
+      ps[i] = s;
+    }
+    __syncthreads();
+    for (int h = warp; h < nhb; h += kDecThreads / 32) {
+      float* pr = ps + h * kDecTile;
+      float mx = -INFINITY;
+      for (int j = lane; j < kDecTile; j += 32) mx = fmaxf(mx, pr[j]);
+      mx = warp_max(mx);
+      const float mold = mrow[h], mnew = fmaxf(mold, mx);
+      const float al = mold == -INFINITY ? 0.0f : __expf(mold - mnew);
+      float sum = 0.0f;
+      for (int j = lane; j < kDecTile; j += 32) {
+        const float p = j < n ? __expf(pr[j] - mnew) : 0.0f;
+        pr[j] = p;
+        sum += p;
+      }
+      sum = warp_sum(sum);
+      if (lane == 0) {
+        lrow[h] = lrow[h] * al + sum;
+        mrow[h] = mnew;
+        alpha[h] = al;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kDecMaxAcc; ++i) {
+      const int idx = tid + kDecThreads * i;
+      if (idx < nhb * hd) {
+        const int h = idx / hd, d = idx % hd;
+        const float* pr = ps + h * kDecTile;
+        float s = acc[i] * alpha[h];
+        for (int j = 0; j < n; ++j) s += pr[j] * to_f(vs[j * ldt + d]);
+        acc[i] = s;
+      }
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kDecMaxAcc; ++i) {
+    const int idx = tid + kDecThreads * i;
+    if (idx < nhb * hd) {
+      const int h = idx / hd, d = idx % hd;
+      po[((static_cast<long long>(b) * a.n_heads + h0 + h) * splits + split) * hd + d] = acc[i];
+    }
+  }
+  if (tid < nhb) pml[(static_cast<long long>(b) * a.n_heads + h0 + tid) * splits + split] = make_float2(mrow[tid], lrow[tid]);
+}
+
+constexpr int kLatMaxPerLane = 32;  // d_latent <= 1024 in the warp kernel
+
+template <class T>
+__global__ void decode_latent_rows(LatentDecodeArgs<T> a, int chunk, int splits, float* po, float2* pml) {
+  const long long warp = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (warp >= static_cast<long long>(a.batch) * a.n_heads * splits) return;
+  const int split = static_cast<int>(warp % splits);
+  const int h = static_cast<int>((warp / splits) % a.n_heads);
+  const int b = static_cast<int>(warp / (static_cast<long long>(splits) * a.n_heads));
+  const int D = a.d_latent;
+  float qv[kLatMaxPerLane], acc[kLatMaxPerLane];
+  const T* qr = a.q_lat + (static_cast<long long>(b) * a.n_heads + h) * D;
+#pragma unroll
+  for (int t = 0; t < kLatMaxPerLane; ++t) {
+    const int d = lane + 32 * t;
+    qv[t] = d < D ? to_f(qr[d]) : 0.0f;
+    acc[t] = 0.0f;
+  }
+  int j0, j1;
+  visible_range(a.len[b], a.window, split, chunk, j0, j1);
+  float m = -INFINITY, l = 0.0f;
+  const T* kb = a.ck + static_cast<long long>(b) * a.seq_stride;
+  const T* vb = a.cv + static_cast<long long>(b) * a.seq_stride;
+  for (int j = j0; j < j1; ++j) {
+    const T* kr = kb + static_cast<long long>(j) * a.ldc;
+    float s = 0.0f;
+#pragma unroll
+    for (int t = 0; t < kLatMaxPerLane; ++t) {
+      const int d = lane + 32 * t;
+      if (d < D) s += qv[t] * to_f(kr[d]);
+    }
+    s = warp_sum(s);
+    const float mn = fmaxf(m, s), al = __expf(m - mn), p = __expf(s - mn);
+    l = l * al + p;
+    m = mn;
+    const T* vr = vb + static_cast<long long>(j) * a.ldc;
+#pragma unroll
+    for (int t = 0; t < kLatMaxPerLane; ++t) {
+      const int d = lane + 32 * t;
+      if (d < D) acc[t] = acc[t] * al + p * to_f(vr[d]);
+    }
+  }
+  float* o = po + ((static_cast<long long>(b) * a.n_heads + h) * splits + split) * D;
+#pragma unroll
+  for (int t = 0; t < kLatMaxPerLane; ++t) {
+    const int d = lane + 32 * t;
+    if (d < D) o[d] = acc[t];
+  }
+  if (lane == 0) pml[(static_cast<long long>(b) * a.n_heads + h) * splits + split] = make_float2(m, l);
+}
+
+constexpr int kLatHeads = 16;   // heads per block (one WMMA row tile); partials are padded to 16
+constexpr int kLatChunk = 128;  // tokens per block (one split)
+constexpr int kLatWarps = 8;
+constexpr int kLatCB = 128;     // latent columns per staged block
+constexpr int kLatLdt = kLatCB + 8;  // staged row stride (bf16): no bank conflicts, 16-byte rows
+
+inline std::size_t latent_wmma_smem(int D) {
+  return static_cast<std::size_t>(kLatHeads) * D * 2             // Q (bf16)
+         + 2 * static_cast<std::size_t>(kLatChunk) * kLatLdt * 2  // two staged blocks (S aliases the second)
+         + kLatHeads * kLatChunk * 2;                              // P (bf16)
+}
+
+/// cp.async of rows [t0, t0 + 128) x columns [c0, c0 + w) into `st`; rows at or past `valid`
+/// are zero-filled instead of read.
+__device__ __forceinline__ void stage_async(const __nv_bfloat16* base, int ldc, int t0, int valid, int c0, int w, __nv_bfloat16* st) {
+  const int per_row = w / 8;
+  for (int i = threadIdx.x; i < kLatChunk * per_row; i += kLatWarps * 32) {
+    const int r = i / per_row, c = (i % per_row) * 8;
+    __nv_bfloat16* d = st + r * kLatLdt + c;
+    if (t0 + r < valid) {
+      const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(d));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(base + static_cast<long long>(t0 + r) * ldc + c0 + c));
+    } else {
+      *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
+    }
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+template <int N>
+__device__ __forceinline__ void stage_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+/// One block = 16 heads x one split of 128 tokens, latents staged through shared memory with
+/// cp.async, double-buffered 128 columns at a time. Pass A: S = Q C_k^T (warp w: token tile w).
+/// Exact softmax over the split. Pass B: O = P C_v (warp w: column tile w of each staged block),
+/// stored straight to the padded partials.
+__global__ void __launch_bounds__(kLatWarps * 32) decode_latent_wmma(LatentDecodeArgs<__nv_bfloat16> a, int splits, int nh_pad, float* po, float2* pml) {
+  using namespace nvcuda;
+  using bf16 = __nv_bfloat16;
+  const int split = blockIdx.x, h0 = blockIdx.y * kLatHeads, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, D = a.d_latent;
+  const int nh = min(kLatHeads, a.n_heads - h0);
+  extern __shared__ __align__(128) unsigned char dsmem[];
+  bf16* Qs = reinterpret_cast<bf16*>(dsmem);
+  bf16* St0 = Qs + kLatHeads * D;
+  bf16* St1 = St0 + kLatChunk * kLatLdt;
+  bf16* Ps = St1 + kLatChunk * kLatLdt;
+  float* Ss = reinterpret_cast<float*>(St1);  // 16 x 128 floats, used between the passes
+  __shared__ float mrow[kLatHeads], lrow[kLatHeads];
+  const int L = a.len[b];
+  int j0, j1;
+  visible_range(L, a.window, split, kLatChunk, j0, j1);
+  const int t0 = split * kLatChunk;
+  const bf16* kb = a.ck + static_cast<long long>(b) * a.seq_stride;
+  const bf16* vb = a.cv + static_cast<long long>(b) * a.seq_stride;
+  const int ncb = (D + kLatCB - 1) / kLatCB;
+  if (j1 > j0) stage_async(kb, a.ldc, t0, j1, 0, min(kLatCB, D), St0);
+  const bf16* qb = a.q_lat + (static_cast<long long>(b) * a.n_heads + h0) * D;
+  for (int i = tid; i < kLatHeads * D; i += kLatWarps * 32) Qs[i] = i / D < nh ? qb[i] : __float2bfloat16(0.0f);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> sfrag;
+  wmma::fill_fragment(sfrag, 0.0f);
+  const bool live = j1 > j0 && t0 + warp * 16 < j1 && t0 + warp * 16 + 16 > j0;
+  if (j1 > j0) {
+    for (int cb = 0; cb < ncb; ++cb) {
+      bf16* cur = (cb & 1) ? St1 : St0;
+      if (cb + 1 < ncb) {
+        stage_async(kb, a.ldc, t0, j1, (cb + 1) * kLatCB, min(kLatCB, D - (cb + 1) * kLatCB), (cb & 1) ? St0 : St1);
+        stage_wait<1>();
+      } else {
+        stage_wait<0>();
+      }
+      __syncthreads();
+      if (live) {
+        const int c0 = cb * kLatCB, w = min(kLatCB, D - c0);
+        for (int k = 0; k < w; k += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> qa;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> kf;
+          wmma::load_matrix_sync(qa, Qs + c0 + k, D);
+          wmma::load_matrix_sync(kf, cur + warp * 16 * kLatLdt + k, kLatLdt);
+          wmma::mma_sync(sfrag, qa, kf, sfrag);
+        }
+      }
+      __syncthreads();
+    }
+    // first value block in flight while the softmax runs
+    stage_async(vb, a.ldc, t0, j1, 0, min(kLatCB, D), St0);
+  }
+  wmma::store_matrix_sync(Ss + warp * 16, sfrag, kLatChunk, wmma::mem_row_major);
+  __syncthreads();
+  for (int r = warp; r < kLatHeads; r += kLatWarps) {
+    const float* sr = Ss + r * kLatChunk;
+    float mx = -INFINITY;
+    for (int j = lane; j < kLatChunk; j += 32) {
+      const int t = t0 + j;
+      if (t >= j0 && t < j1) mx = fmaxf(mx, sr[j]);
+    }
+    mx = warp_max(mx);
+    float sum = 0.0f;
+    for (int j = lane; j < kLatChunk; j += 32) {
+      const int t = t0 + j;
+      const float p = (t >= j0 && t < j1) ? __expf(sr[j] - mx) : 0.0f;
+      Ps[r * kLatChunk + j] = __float2bfloat16(p);
+      sum += p;
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) {
+      mrow[r] = mx;
+      lrow[r] = sum;
+    }
+  }
+  __syncthreads();
+  const long long hstride = static_cast<long long>(splits) * D;
+  float* pbase = po + ((static_cast<long long>(b) * nh_pad + h0) * splits + split) * D;
+  const int kmax = j1 > t0 ? min(kLatChunk, j1 - t0) : 0;
+  for (int cb = 0; cb < ncb; ++cb) {
+    const int c0 = cb * kLatCB, w = min(kLatCB, D - c0);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
+    wmma::fill_fragment(o, 0.0f);
+    if (j1 > j0) {
+      bf16* cur = (cb & 1) ? St1 : St0;
+      if (cb + 1 < ncb) {
+        stage_async(vb, a.ldc, t0, j1, (cb + 1) * kLatCB, min(kLatCB, D - (cb + 1) * kLatCB), (cb & 1) ? St0 : St1);
+        stage_wait<1>();
+      } else {
+        stage_wait<0>();
+      }
+      __syncthreads();
+      if (warp * 16 < w)
+        for (int k = 0; k < kmax; k += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> pa;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> vf;
+          wmma::load_matrix_sync(pa, Ps + k, kLatChunk);
+          wmma::load_matrix_sync(vf, cur + k * kLatLdt + warp * 16, kLatLdt);
+          wmma::mma_sync(o, pa, vf, o);
+        }
+      __syncthreads();
+    }
+    if (warp * 16 < w) wmma::store_matrix_sync(pbase + c0 + warp * 16, o, static_cast<unsigned>(hstride), wmma::mem_row_major);
+  }
+  if (tid < kLatHeads) pml[(static_cast<long long>(b) * nh_pad + h0 + tid) * splits + split] = make_float2(mrow[tid], lrow[tid]);
+}
+
+/// out[b, h*D + d] (leading dim ldo) = merged partials. Grid (batch * n_heads, ceil(D / 128)).
+/// Partials are indexed with nh_pad heads per sequence (>= n_heads).
+template <class T>
+__global__ void decode_combine(const float* po, const float2* pml, int n_heads, int nh_pad, int splits, int D, T* out, int ldo) {
+  const int b = blockIdx.x / n_heads, h = blockIdx.x % n_heads;
+  const long long row = static_cast<long long>(b) * nh_pad + h;
+  const float2* ml = pml + row * splits;
+  float M = -INFINITY;
+  for (int s = 0; s < splits; ++s) M = fmaxf(M, ml[s].x);
+  float den = 0.0f;
+  for (int s = 0; s < splits; ++s)
+    if (ml[s].x != -INFINITY) den += __expf(ml[s].x - M) * ml[s].y;
+  const float inv = den > 0.0f ? 1.0f / den : 0.0f;
+  const int d = blockIdx.y * blockDim.x + threadIdx.x;
+  if (d >= D) return;
+  float num = 0.0f;
+  for (int s = 0; s < splits; ++s)
+    if (ml[s].x != -INFINITY) num += __expf(ml[s].x - M) * po[(row * splits + s) * D + d];
+  out[static_cast<long long>(b) * ldo + static_cast<long long>(h) * D + d] = from_f<T>(num * inv);
+}
+
+/// dst[b][pos[b]][0:width] = src[b, 0:width] (dst sequence stride seq_stride, row stride ld).
+template <class T>
+__global__ void append_rows(const T* src, int lds, T* dst, int ld, long long seq_stride, const int* pos, int batch, int width) {
+  const long long n = static_cast<long long>(batch) * width;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n; i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const int b = static_cast<int>(i / width), c = static_cast<int>(i % width);
+    dst[b * seq_stride + static_cast<long long>(pos[b]) * ld + c] = src[static_cast<long long>(b) * lds + c];
+  }
+}
+
+}  // namespace kernels
+
+/// How many splits to cut a sequence of `max_len` tokens into so that `blocks` x splits fills
+/// the card (about 4 blocks per SM), with chunks of at least `min_chunk` tokens.
+inline int decode_splits(long long blocks, int max_len, int min_chunk, int multiple) {
+  int sms = 132;
+  int dev = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess) (void)cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const long long want = std::max<long long>(1, (4LL * sms + blocks - 1) / std::max<long long>(1, blocks));
+  const int by_len = std::max(1, (max_len + min_chunk - 1) / min_chunk);
+  int s = static_cast<int>(std::min<long long>(want, by_len));
+  int chunk = (max_len + s - 1) / s;
+  chunk = (chunk + multiple - 1) / multiple * multiple;
+  return std::max(1, (max_len + chunk - 1) / chunk);
+}
+inline int decode_chunk(int max_len, int splits, int multiple) {
+  int chunk = (max_len + splits - 1) / splits;
+  return std::max(multiple, (chunk + multiple - 1) / multiple * multiple);
+}
+
+/// Standard-cache decode: out (batch, n_heads * hd; leading dim ldo). max_len: the largest
+/// len[b] (host value; it sizes the split).
+template <class T>
+void decode_attention(const DecodeArgs<T>& a, int max_len, T* out, int ldo, DecodeScratch& scratch, cudaStream_t s) {
+  if (a.n_kv_heads <= 0 || a.n_heads % a.n_kv_heads != 0)
+    throw InvalidArgument("decode_attention: n_heads " + std::to_string(a.n_heads) + " is not a multiple of n_kv_heads " + std::to_string(a.n_kv_heads));
+  if (a.head_dim <= 0 || a.head_dim > kernels::kDecThreads * kernels::kDecMaxAcc)
+    throw InvalidArgument("decode_attention: head_dim " + std::to_string(a.head_dim) + " is out of range");
+  if (a.batch == 0 || max_len <= 0) return;
+  const int g = a.n_heads / a.n_kv_heads;
+  const int hpb = std::max(1, std::min({g, kernels::kDecThreads * kernels::kDecMaxAcc / a.head_dim, kernels::kDecThreads}));
+  const int bpk = (g + hpb - 1) / hpb;
+  const long long blocks = static_cast<long long>(a.batch) * a.n_kv_heads * bpk;
+  const int splits = decode_splits(blocks, max_len, 256, kernels::kDecTile);
+  const int chunk = decode_chunk(max_len, splits, kernels::kDecTile);
+  scratch.reserve(static_cast<long long>(a.batch) * a.n_heads, splits, a.head_dim);
+  const int pad = sizeof(T) == 2 ? 2 : 1;
+  const std::size_t smem = sizeof(float) * (static_cast<std::size_t>(hpb) * a.head_dim + hpb * kernels::kDecTile + 3 * hpb) +
+                           2 * sizeof(T) * kernels::kDecTile * (a.head_dim + pad) + 16;
+  if (smem > 48 * 1024) {
+    static const bool configured = [] {
+      CACHESHRINK_CUDA_CHECK(cudaFuncSetAttribute(kernels::decode_std<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+      return true;
+    }();
+    (void)configured;
+  }
+  kernels::decode_std<T><<<dim3(splits, a.n_kv_heads * bpk, a.batch), kernels::kDecThreads, smem, s>>>(a, chunk, splits, hpb, scratch.po.data(), scratch.pml.data());
+  CACHESHRINK_CUDA_LAUNCH_CHECK("decode_std");
+  kernels::decode_combine<T><<<dim3(a.batch * a.n_heads, (a.head_dim + 127) / 128), 128, 0, s>>>(scratch.po.data(), scratch.pml.data(), a.n_heads, a.n_heads, splits, a.head_dim, out, ldo);
+  CACHESHRINK_CUDA_LAUNCH_CHECK("decode_combine");
+}
+
+/// True when the tensor-core latent kernel handles this geometry.
+inline bool latent_wmma_supported(const LatentDecodeArgs<__nv_bfloat16>& a) {
+  const auto al16 = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+  return a.d_latent % 16 == 0 && a.d_latent <= 2048 && a.ldc % 8 == 0 && a.seq_stride % 8 == 0 && al16(a.ck) && al16(a.cv);
+}
+
+/// Latent-cache decode: o_lat (batch, n_heads * d_latent; leading dim ldo). With bf16 and a
+/// supported geometry the tensor-core kernel runs; otherwise the
+/// warp kernel (d_latent <= 1024). force_rows: always the warp kernel (tests).
+template <class T>
+void decode_latent_attention(const LatentDecodeArgs<T>& a, int max_len, T* out, int ldo, DecodeScratch& scratch, cudaStream_t s,
+                             bool force_rows = false) {
+  if (a.batch == 0 || max_len <= 0) return;
+  if (a.d_latent <= 0) throw InvalidArgument("decode_latent_attention: d_latent must be positive");
+  bool wmma = false;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) wmma = !force_rows && latent_wmma_supported(a);
+  if (wmma) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      const int hb = (a.n_heads + kernels::kLatHeads - 1) / kernels::kLatHeads, nh_pad = hb * kernels::kLatHeads;
+      const int splits = (max_len + kernels::kLatChunk - 1) / kernels::kLatChunk;
+      scratch.reserve(static_cast<long long>(a.batch) * nh_pad, splits, a.d_latent);
+      static const bool configured = [] {
+        CACHESHRINK_CUDA_CHECK(cudaFuncSetAttribute(kernels::decode_latent_wmma, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+        return true;
+      }();
+      (void)configured;
+      kernels::decode_latent_wmma<<<dim3(splits, hb, a.batch), kernels::kLatWarps * 32, kernels::latent_wmma_smem(a.d_latent), s>>>(
+          a, splits, nh_pad, scratch.po.data(), scratch.pml.data());
+      CACHESHRINK_CUDA_LAUNCH_CHECK("decode_latent_wmma");
+      kernels::decode_combine<T><<<dim3(a.batch * a.n_heads, (a.d_latent + 127) / 128), 128, 0, s>>>(scratch.po.data(), scratch.pml.data(), a.n_heads, nh_pad,
+                                                                                                   splits, a.d_latent, out, ldo);
+      CACHESHRINK_CUDA_LAUNCH_CHECK("decode_combine");
+      return;
+    }
+  }
+  if (a.d_latent > 32 * kernels::kLatMaxPerLane)
+    throw InvalidArgument("decode_latent_attention: d_latent " + std::to_string(a.d_latent) +
+                          " > 1024 needs the bf16 tensor-core kernel (d_latent and the cache row stride multiples of 16)");
+  const long long warps_wo_split = static_cast<long long>(a.batch) * a.n_heads;
+  const int splits = decode_splits((warps_wo_split + 3) / 4, max_len, 64, 1);
+  const int chunk = decode_chunk(max_len, splits, 1);
+  scratch.reserve(warps_wo_split, splits, a.d_latent);
+  const long long threads = warps_wo_split * splits * 32;
+  kernels::decode_latent_rows<T><<<static_cast<unsigned>((threads + 127) / 128), 128, 0, s>>>(a, chunk, splits, scratch.po.data(), scratch.pml.data());
+  CACHESHRINK_CUDA_LAUNCH_CHECK("decode_latent_rows");
+  kernels::decode_combine<T><<<dim3(a.batch * a.n_heads, (a.d_latent + 127) / 128), 128, 0, s>>>(scratch.po.data(), scratch.pml.data(), a.n_heads, a.n_heads, splits, a.d_latent, out, ldo);
+  CACHESHRINK_CUDA_LAUNCH_CHECK("decode_combine");
+}
+
+template <class T>
+void append_rows(const T* src, int lds, T* dst, int ld, long long seq_stride, const int* pos, int batch, int width, cudaStream_t s) {
+  const long long n = static_cast<long long>(batch) * width;
+  if (n == 0) return;
+  kernels::append_rows<T><<<grid_for(n, 256), 256, 0, s>>>(src, lds, dst, ld, seq_stride, pos, batch, width);
+  CACHESHRINK_CUDA_LAUNCH_CHECK("append_rows");
+}
+
+}  // namespace cacheshrink::cuda

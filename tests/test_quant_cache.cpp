@@ -277,7 +277,7 @@ TEST_CASE("quantized latent cache on every fixture (auto method at the anchor ra
           abs.set_absorbed(true);
           auto c0 = f32.make_cache(1), c1 = dec.make_cache(1), c2 = abs.make_cache(1);
           const MatrixRf a0 = f32.forward(prefix, &c0), a1 = dec.forward(prefix, &c1), a2 = abs.forward(prefix, &c2);
-          CHECK(c1.quantized());
+          REQUIRE(c1.quantized());
           CHECK(c1.bytes_used() == 150 * want);
           // Layer 0 sees the same input with and without quantization: its cached latents are
           // the float ones within the per-element bound.

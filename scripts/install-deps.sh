@@ -2,7 +2,8 @@
 # Installs the Debian 12 packages cacheshrink needs to build, test and benchmark.
 # Does nothing when they are all present; uses sudo when not run as root.
 set -euo pipefail
-pkgs=(build-essential cmake pkg-config git libeigen3-dev nlohmann-json3-dev libpcre2-dev doctest-dev libcli11-dev libbenchmark-dev)
+pkgs=(build-essential cmake pkg-config git libeigen3-dev nlohmann-json3-dev libpcre2-dev doctest-dev libcli11-dev libbenchmark-dev
+      openmpi-bin libopenmpi-dev)  # MPI: optional for the library; multi-process CLI and tests/mpi (docs/scaling.md)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -152,6 +152,10 @@ int main(int argc, char** argv) {
   eval->add_option("--stride", po.stride, "Sliding-window stride (0: non-overlapping windows)")->capture_default_str()->check(CLI::NonNegativeNumber);
   eval->add_option("--batch", po.batch, "Windows per forward call")->capture_default_str()->check(CLI::PositiveNumber);
   eval->add_flag("--json", json, "Print a JSON object before the final perplexity line");
+  std::string cache_dtype = "f32";
+  eval->add_option("--cache-dtype", cache_dtype, "KV/latent cache storage: f32, int8 or fp8 (E4M3), per-token scales; read back quantized")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "int8", "fp8"}));
 
   std::string prompt_ids, prompt_text;
   model::SamplingOptions so;
@@ -168,6 +172,9 @@ int main(int argc, char** argv) {
   gen->add_option("--seed", so.seed, "Random seed for --sample")->capture_default_str();
   gen->add_flag("--no-cache", no_cache, "Recompute the whole sequence every step instead of using the KV cache");
   gen->add_flag("--json", json, "Print JSON (prompt_ids, generated_ids, text when a tokenizer exists)");
+  gen->add_option("--cache-dtype", cache_dtype, "KV/latent cache storage: f32, int8 or fp8 (E4M3), per-token scales")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "int8", "fp8"}));
 
   compression::ConvertOptions co;
   std::string out_dir, calib_file = CACHESHRINK_DEFAULT_CALIBRATION;
@@ -309,19 +316,23 @@ int main(int argc, char** argv) {
         ids = io::read_ids_u16(source);
       }
       po.progress = true;
+      std::size_t kv_bytes = 0;
       auto r = dispatch_attention_kind(m.config, [&](auto kind) {
         model::Transformer<decltype(kind)> tf(m);
+        tf.set_cache_dtype(model::parse_cache_dtype(cache_dtype));
+        kv_bytes = tf.make_cache(1).bytes_per_token();
         return pipeline::perplexity(tf, ids, po);
       });
       if (json) {
         nlohmann::json j{{"model", model_dir},       {"source", source},           {"window", po.window},
                          {"stride", po.stride},      {"windows", r.windows},       {"predicted_tokens", r.predicted_tokens},
                          {"mean_nll", r.mean_nll},   {"perplexity", r.perplexity}, {"seconds", r.seconds},
-                         {"tokens_per_second", r.tokens_per_second}};
+                         {"tokens_per_second", r.tokens_per_second}, {"cache_dtype", cache_dtype}, {"kv_bytes_per_token", kv_bytes}};
         std::cout << j.dump(2) << "\n";
       } else {
         std::printf("windows: %ld, predicted tokens: %lld, %.2f s, %.0f tokens/s\n", r.windows, r.predicted_tokens, r.seconds,
                     r.tokens_per_second);
+        std::printf("cache: %s, %zu bytes per token\n", cache_dtype.c_str(), kv_bytes);
       }
       std::printf("perplexity: %.4f\n", r.perplexity);
     } else if (*gen) {
@@ -341,6 +352,7 @@ int main(int argc, char** argv) {
       so.eos_token_id = -1;
       auto out = dispatch_attention_kind(m.config, [&](auto kind) {
         model::Transformer<decltype(kind)> tf(m);
+        tf.set_cache_dtype(model::parse_cache_dtype(cache_dtype));
         return model::generate(tf, prompt, so);
       });
       if (!tok) {

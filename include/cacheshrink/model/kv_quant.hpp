@@ -14,8 +14,9 @@
 //            (two's complement; -128 never written); x~_i = code_i * scale
 //   Fp8E4M3: scale = amax / 448;  code_i = e4m3_satfinite_rne(x_i / scale)     (core/fp8.hpp)
 //            x~_i = e4m3_to_float(code_i) * scale
-//   amax == 0: scale = 0, every code 0 (x~ = 0). Non-finite amax: scale = NaN, codes 0, so
-//   NaN propagates to attention like a float cache would.
+//   amax == 0 (or amax / code_max underflowing to 0): scale = 0, every code 0 (x~ = 0). A
+//   non-finite element: scale = NaN, codes 0, so NaN propagates to attention as it would
+//   from a float cache.
 //   All arithmetic in float32: x_i / scale is an IEEE division (not a multiply by 1/scale),
 //   rne = round half to even.
 // Bytes per token and layer: (w_k + 4) + (w_v + 4), the V term absent when w_v == 0. The

@@ -25,10 +25,12 @@
 //    when rows allow), a block serves up to `hpb` query heads of one KV head (GQA/MQA reuse).
 //  - decode_latent_rows<T>: one warp per (sequence, head, split); any d_latent <= 1024; float32
 //    parity mode and the fallback.
-//  - decode_latent_wmma: bf16 tensor cores (WMMA 16x16x16, float accumulate); a block serves 16
-//    heads and one split of 128 tokens whose latents are staged through shared memory with
-//    cp.async, double-buffered 128 columns at a time: S = Q C_k^T, exact softmax over the split,
-//    O = P C_v stored per column tile. Rows past the sequence are zero-filled, never read.
+//  - decode_latent_wmma<HT>: bf16 tensor cores (WMMA 16x16x16, float accumulate); a block serves
+//    HT x 16 heads (HT = 2 above 16 heads when the grid stays large, so a 32-head model reads
+//    each latent once) and one
+//    split of 128 tokens whose latents are staged through shared memory with cp.async,
+//    double-buffered 64 columns at a time: S = Q C_k^T, exact softmax over the split, O = P C_v
+//    stored per column tile. Rows past the sequence are zero-filled, never read.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
@@ -271,16 +273,16 @@ __global__ void decode_latent_rows(LatentDecodeArgs<T> a, int chunk, int splits,
   if (lane == 0) pml[(static_cast<long long>(b) * a.n_heads + h) * splits + split] = make_float2(m, l);
 }
 
-constexpr int kLatHeads = 16;   // heads per block (one WMMA row tile); partials are padded to 16
 constexpr int kLatChunk = 128;  // tokens per block (one split)
 constexpr int kLatWarps = 8;
-constexpr int kLatCB = 128;     // latent columns per staged block
-constexpr int kLatLdt = kLatCB + 8;  // staged row stride (bf16): no bank conflicts, 16-byte rows
+constexpr int kLatCB = 64;      // latent columns per staged block
+constexpr int kLatLdt = kLatCB + 8;  // staged row stride (bf16): 16-byte rows, 32-byte WMMA tiles
 
-inline std::size_t latent_wmma_smem(int D) {
-  return static_cast<std::size_t>(kLatHeads) * D * 2             // Q (bf16)
-         + 2 * static_cast<std::size_t>(kLatChunk) * kLatLdt * 2  // two staged blocks (S aliases the second)
-         + kLatHeads * kLatChunk * 2;                              // P (bf16)
+/// Shared memory of decode_latent_wmma<HT> (HT x 16 heads per block).
+inline std::size_t latent_wmma_smem(int D, int HT) {
+  return static_cast<std::size_t>(16 * HT) * D * 2                  // Q (bf16)
+         + 2 * static_cast<std::size_t>(kLatChunk) * kLatLdt * 2     // two staged blocks (S aliases the second)
+         + static_cast<std::size_t>(16 * HT) * kLatChunk * 2;        // P (bf16)
 }
 
 /// cp.async of rows [t0, t0 + 128) x columns [c0, c0 + w) into `st`; rows at or past `valid`
@@ -304,23 +306,26 @@ __device__ __forceinline__ void stage_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-/// One block = 16 heads x one split of 128 tokens, latents staged through shared memory with
-/// cp.async, double-buffered 128 columns at a time. Pass A: S = Q C_k^T (warp w: token tile w).
-/// Exact softmax over the split. Pass B: O = P C_v (warp w: column tile w of each staged block),
-/// stored straight to the padded partials.
+/// One block = HT x 16 heads (all heads of a 32-head model read the latents once) x one split of
+/// 128 tokens; latents staged through shared memory with cp.async, double-buffered 64 columns
+/// at a time. Pass A: S = Q C_k^T (warp w: token tile w, every head tile). Exact softmax over the
+/// split. Pass B: O = P C_v (warp w: one (head tile, column tile) of each staged block), stored
+/// straight to the partials (padded to HT x 16 heads per block).
+template <int HT>
 __global__ void __launch_bounds__(kLatWarps * 32) decode_latent_wmma(LatentDecodeArgs<__nv_bfloat16> a, int splits, int nh_pad, float* po, float2* pml) {
   using namespace nvcuda;
   using bf16 = __nv_bfloat16;
-  const int split = blockIdx.x, h0 = blockIdx.y * kLatHeads, b = blockIdx.z;
+  constexpr int R = 16 * HT;  // head rows per block
+  const int split = blockIdx.x, h0 = blockIdx.y * R, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, D = a.d_latent;
-  const int nh = min(kLatHeads, a.n_heads - h0);
+  const int nh = min(R, a.n_heads - h0);
   extern __shared__ __align__(128) unsigned char dsmem[];
   bf16* Qs = reinterpret_cast<bf16*>(dsmem);
-  bf16* St0 = Qs + kLatHeads * D;
+  bf16* St0 = Qs + R * D;
   bf16* St1 = St0 + kLatChunk * kLatLdt;
   bf16* Ps = St1 + kLatChunk * kLatLdt;
-  float* Ss = reinterpret_cast<float*>(St1);  // 16 x 128 floats, used between the passes
-  __shared__ float mrow[kLatHeads], lrow[kLatHeads];
+  float* Ss = reinterpret_cast<float*>(St1);  // R x 128 floats, used between the passes
+  __shared__ float mrow[R], lrow[R];
   const int L = a.len[b];
   int j0, j1;
   visible_range(L, a.window, split, kLatChunk, j0, j1);
@@ -330,9 +335,10 @@ __global__ void __launch_bounds__(kLatWarps * 32) decode_latent_wmma(LatentDecod
   const int ncb = (D + kLatCB - 1) / kLatCB;
   if (j1 > j0) stage_async(kb, a.ldc, t0, j1, 0, min(kLatCB, D), St0);
   const bf16* qb = a.q_lat + (static_cast<long long>(b) * a.n_heads + h0) * D;
-  for (int i = tid; i < kLatHeads * D; i += kLatWarps * 32) Qs[i] = i / D < nh ? qb[i] : __float2bfloat16(0.0f);
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> sfrag;
-  wmma::fill_fragment(sfrag, 0.0f);
+  for (int i = tid; i < R * D; i += kLatWarps * 32) Qs[i] = i / D < nh ? qb[i] : __float2bfloat16(0.0f);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> sfrag[HT];
+#pragma unroll
+  for (int t = 0; t < HT; ++t) wmma::fill_fragment(sfrag[t], 0.0f);
   const bool live = j1 > j0 && t0 + warp * 16 < j1 && t0 + warp * 16 + 16 > j0;
   if (j1 > j0) {
     for (int cb = 0; cb < ncb; ++cb) {
@@ -347,11 +353,14 @@ __global__ void __launch_bounds__(kLatWarps * 32) decode_latent_wmma(LatentDecod
       if (live) {
         const int c0 = cb * kLatCB, w = min(kLatCB, D - c0);
         for (int k = 0; k < w; k += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> qa;
           wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> kf;
-          wmma::load_matrix_sync(qa, Qs + c0 + k, D);
           wmma::load_matrix_sync(kf, cur + warp * 16 * kLatLdt + k, kLatLdt);
-          wmma::mma_sync(sfrag, qa, kf, sfrag);
+#pragma unroll
+          for (int t = 0; t < HT; ++t) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> qa;
+            wmma::load_matrix_sync(qa, Qs + t * 16 * D + c0 + k, D);
+            wmma::mma_sync(sfrag[t], qa, kf, sfrag[t]);
+          }
         }
       }
       __syncthreads();
@@ -359,9 +368,10 @@ __global__ void __launch_bounds__(kLatWarps * 32) decode_latent_wmma(LatentDecod
     // first value block in flight while the softmax runs
     stage_async(vb, a.ldc, t0, j1, 0, min(kLatCB, D), St0);
   }
-  wmma::store_matrix_sync(Ss + warp * 16, sfrag, kLatChunk, wmma::mem_row_major);
+#pragma unroll
+  for (int t = 0; t < HT; ++t) wmma::store_matrix_sync(Ss + t * 16 * kLatChunk + warp * 16, sfrag[t], kLatChunk, wmma::mem_row_major);
   __syncthreads();
-  for (int r = warp; r < kLatHeads; r += kLatWarps) {
+  for (int r = warp; r < R; r += kLatWarps) {
     const float* sr = Ss + r * kLatChunk;
     float mx = -INFINITY;
     for (int j = lane; j < kLatChunk; j += 32) {
@@ -386,8 +396,10 @@ __global__ void __launch_bounds__(kLatWarps * 32) decode_latent_wmma(LatentDecod
   const long long hstride = static_cast<long long>(splits) * D;
   float* pbase = po + ((static_cast<long long>(b) * nh_pad + h0) * splits + split) * D;
   const int kmax = j1 > t0 ? min(kLatChunk, j1 - t0) : 0;
+  const int ht = warp / (kLatCB / 16), f = warp % (kLatCB / 16);  // this warp's (head tile, column tile)
   for (int cb = 0; cb < ncb; ++cb) {
     const int c0 = cb * kLatCB, w = min(kLatCB, D - c0);
+    const bool mine = ht < HT && f * 16 < w;
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
     wmma::fill_fragment(o, 0.0f);
     if (j1 > j0) {
@@ -399,19 +411,19 @@ __global__ void __launch_bounds__(kLatWarps * 32) decode_latent_wmma(LatentDecod
         stage_wait<0>();
       }
       __syncthreads();
-      if (warp * 16 < w)
+      if (mine)
         for (int k = 0; k < kmax; k += 16) {
           wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> pa;
           wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> vf;
-          wmma::load_matrix_sync(pa, Ps + k, kLatChunk);
-          wmma::load_matrix_sync(vf, cur + k * kLatLdt + warp * 16, kLatLdt);
+          wmma::load_matrix_sync(pa, Ps + ht * 16 * kLatChunk + k, kLatChunk);
+          wmma::load_matrix_sync(vf, cur + k * kLatLdt + f * 16, kLatLdt);
           wmma::mma_sync(o, pa, vf, o);
         }
       __syncthreads();
     }
-    if (warp * 16 < w) wmma::store_matrix_sync(pbase + c0 + warp * 16, o, static_cast<unsigned>(hstride), wmma::mem_row_major);
+    if (mine) wmma::store_matrix_sync(pbase + ht * 16 * hstride + c0 + f * 16, o, static_cast<unsigned>(hstride), wmma::mem_row_major);
   }
-  if (tid < kLatHeads) pml[(static_cast<long long>(b) * nh_pad + h0 + tid) * splits + split] = make_float2(mrow[tid], lrow[tid]);
+  if (tid < R) pml[(static_cast<long long>(b) * nh_pad + h0 + tid) * splits + split] = make_float2(mrow[tid], lrow[tid]);
 }
 
 /// out[b, h*D + d] (leading dim ldo) = merged partials. Grid (batch * n_heads, ceil(D / 128)).
@@ -515,16 +527,24 @@ void decode_latent_attention(const LatentDecodeArgs<T>& a, int max_len, T* out, 
   if constexpr (std::is_same_v<T, __nv_bfloat16>) wmma = !force_rows && latent_wmma_supported(a);
   if (wmma) {
     if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-      const int hb = (a.n_heads + kernels::kLatHeads - 1) / kernels::kLatHeads, nh_pad = hb * kernels::kLatHeads;
+      // 32 heads per block (each latent read once) when that still leaves >= 2 blocks per SM;
+      // otherwise 16 (more blocks for batch 1).
+      int sms = 132, dev = 0;
+      if (cudaGetDevice(&dev) == cudaSuccess) (void)cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
       const int splits = (max_len + kernels::kLatChunk - 1) / kernels::kLatChunk;
+      const int ht = a.n_heads > 16 && static_cast<long long>(a.batch) * splits >= 2LL * sms ? 2 : 1, rows = 16 * ht;
+      const int hb = (a.n_heads + rows - 1) / rows, nh_pad = hb * rows;
       scratch.reserve(static_cast<long long>(a.batch) * nh_pad, splits, a.d_latent);
       static const bool configured = [] {
-        CACHESHRINK_CUDA_CHECK(cudaFuncSetAttribute(kernels::decode_latent_wmma, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+        CACHESHRINK_CUDA_CHECK(cudaFuncSetAttribute(kernels::decode_latent_wmma<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+        CACHESHRINK_CUDA_CHECK(cudaFuncSetAttribute(kernels::decode_latent_wmma<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
         return true;
       }();
       (void)configured;
-      kernels::decode_latent_wmma<<<dim3(splits, hb, a.batch), kernels::kLatWarps * 32, kernels::latent_wmma_smem(a.d_latent), s>>>(
-          a, splits, nh_pad, scratch.po.data(), scratch.pml.data());
+      const dim3 grid(splits, hb, a.batch);
+      const std::size_t smem = kernels::latent_wmma_smem(a.d_latent, ht);
+      if (ht == 2) kernels::decode_latent_wmma<2><<<grid, kernels::kLatWarps * 32, smem, s>>>(a, splits, nh_pad, scratch.po.data(), scratch.pml.data());
+      else kernels::decode_latent_wmma<1><<<grid, kernels::kLatWarps * 32, smem, s>>>(a, splits, nh_pad, scratch.po.data(), scratch.pml.data());
       CACHESHRINK_CUDA_LAUNCH_CHECK("decode_latent_wmma");
       kernels::decode_combine<T><<<dim3(a.batch * a.n_heads, (a.d_latent + 127) / 128), 128, 0, s>>>(scratch.po.data(), scratch.pml.data(), a.n_heads, nh_pad,
                                                                                                    splits, a.d_latent, out, ldo);

@@ -321,21 +321,25 @@ TEST_CASE("one training step in double equals hand-written AdamW / RiemannianAda
   std::vector<linalg::Matrix<double>> x0, grad;
   g.zero_grad();
   g.forward_backward(seqs, o.loss(), 1.0);
-  double sq = 0;
+  double sq = 0, sq_e = 0;
   for (auto& p : g.params()) {
     x0.push_back(p.value);
     grad.push_back(p.grad);
     sq += p.grad.squaredNorm();
+    if (!p.stiefel) sq_e += p.grad.squaredNorm();
   }
-  const double norm = std::sqrt(sq), coef = std::min(1.0, o.max_grad_norm / (norm + 1e-6));
+  // As the original trainer.py: only the Euclidean (w_down) gradients are clipped, by their own norm.
+  const double norm = std::sqrt(sq), coef = std::min(1.0, o.max_grad_norm / (std::sqrt(sq_e) + 1e-6));
+  REQUIRE(coef < 0.99);  // the clipping is exercised
   const long total = 10;
   const auto st = tr.step({seqs}, 0, total);
   CHECK(st.grad_norm == doctest::Approx(norm).epsilon(1e-12));
-  CHECK(st.lr_euclidean == doctest::Approx(o.euclidean_lr));  // linear decay from step 0
+  CHECK(st.lr_euclidean == doctest::Approx(o.euclidean_lr));  // constant schedule (the original creates no scheduler)
+  CHECK(st.lr_riemannian == doctest::Approx(o.riemannian_lr));
   for (std::size_t i = 0; i < x0.size(); ++i) {
     const auto& p = g.params()[i];
     CAPTURE(p.name);
-    const linalg::Matrix<double> gc = grad[i] * coef;
+    const linalg::Matrix<double> gc = p.stiefel ? grad[i] : linalg::Matrix<double>(grad[i] * coef);
     linalg::Matrix<double> expect;
     if (!p.stiefel) {
       // AdamW step 1: m^ = g, v^ = g^2 -> x (1 - lr wd) - lr g / (|g| + eps)
@@ -381,6 +385,7 @@ TEST_CASE("trainer steps match optim::RiemannianAdam / AdamW driven directly wit
   auto m = converted({"tiny-mqa", "separate"});
   train::TrainOptions o;
   o.recon_alpha = 0.5;
+  o.schedule = "linear";
   o.warmup_steps = 2;
   o.euclidean_lr = 1e-3;
   o.riemannian_lr = 1e-2;
@@ -411,10 +416,14 @@ TEST_CASE("training (float) reduces the loss, keeps the bases orthonormal, is de
   const auto texts = train::load_texts(test::fixtures() / "data" / "wikitext2_valid.txt", 24);
   const auto seqs = train::encode_texts(tok, texts, 48);
   REQUIRE(seqs.size() == 24);
+  // Like the original TextDataset, encode_texts keeps only sequences of more than 10 tokens.
+  CHECK(train::encode_texts(tok, {"a b c d"}, 48).empty());
+  CHECK(train::encode_texts(tok, {"a b c d"}, 48, 2).size() == 1);
   train::TrainOptions o;
   o.recon_alpha = 0.3;
   o.riemannian_lr = 3e-3;
   o.euclidean_lr = 3e-4;
+  o.schedule = "linear";
   o.warmup_steps = 2;
   o.epochs = 3;
   o.max_length = 48;
@@ -486,6 +495,7 @@ TEST_CASE("checkpoints: resuming from step-N continues the same trajectory; old 
   o.recon_alpha = 0.3;
   o.batch_size = 2;
   o.epochs = 2;  // 4 steps per epoch, 8 in all; checkpoints at 3 and 6 (keep 1)
+  o.schedule = "linear";
   o.warmup_steps = 2;
   o.euclidean_lr = 1e-3;
   o.riemannian_lr = 1e-2;

@@ -9,11 +9,14 @@
 //
 // Per optimizer step: for each of grad_accum micro-batches of batch_size sequences, the
 // training forward/backward (graph.hpp) with loss scaled by 1/grad_accum accumulates gradients;
-// then the global gradient norm over all compression parameters is clipped (torch semantics),
+// then the gradient norm of the Euclidean parameters (w_down_*) is clipped (torch semantics;
+// the Stiefel gradients are left alone, as in the original trainer.py, unless clip_stiefel),
 // w_down_* take an AdamW step (decoupled weight decay euclidean_weight_decay) and w_up_* a
 // RiemannianAdam step on the Euclidean-metric Stiefel manifold (weight decay
-// riemannian_weight_decay), each at its own linear-warmup-then-linear-decay learning rate
-// (HF get_linear_schedule_with_warmup; the first step runs at lr 0 when warmup > 0).
+// riemannian_weight_decay), each at its own learning rate. The default schedule is constant,
+// which is what the original MLATrainer does: its TrainingConfig declares warmup_steps = 100
+// and lr_scheduler_type = "linear" but train() never creates a scheduler. "linear" gives HF
+// get_linear_schedule_with_warmup (the first step runs at lr 0 when warmup > 0).
 // Sequences are shuffled every epoch with a seeded std::mt19937_64 and our own Fisher-Yates,
 // so a seed gives the same trajectory on every platform.
 #include <algorithm>
@@ -52,8 +55,9 @@ struct TrainOptions {
   double max_grad_norm = 1.0;  // <= 0: no clipping
   double euclidean_weight_decay = 0.01;
   double riemannian_weight_decay = 0.0;
-  int warmup_steps = 100;
-  std::string schedule = "linear";  // linear | cosine | constant (after warmup)
+  int warmup_steps = 100;             // used by the linear and cosine schedules only
+  std::string schedule = "constant";  // constant (the original's effective behaviour) | linear | cosine
+  bool clip_stiefel = false;  // false: max_grad_norm clips the w_down_* gradients only (as the original); true: all
   int log_every = 10;
   int ortho_every = 100;
   double recon_alpha = 0.0;
@@ -96,7 +100,7 @@ struct StepStats {
   int epoch = 0;
   double loss = 0, lm = 0, recon = 0, kl = 0;
   double lr_euclidean = 0, lr_riemannian = 0;
-  double grad_norm = 0;      // before clipping
+  double grad_norm = 0;      // of all compression parameters, before clipping
   double ortho_error = -1;   // max ||U^T U - I||_F over Stiefel parameters (on ortho steps), else -1
   long long tokens = 0;      // real tokens in the step
   double seconds = 0;        // wall time of the step
@@ -146,10 +150,13 @@ inline std::vector<std::string> load_texts(const std::filesystem::path& file, st
   return texts;
 }
 
-/// Tokenizes texts, cut to max_length tokens; sequences shorter than 2 tokens are dropped.
-inline std::vector<std::vector<int>> encode_texts(const tokenizer::Tokenizer& tok, const std::vector<std::string>& texts, int max_length) {
+/// Tokenizes texts, cut to max_length tokens; sequences shorter than min_tokens are dropped
+/// (default 11: the original TextDataset keeps an encoding only when it has more than 10 tokens).
+inline std::vector<std::vector<int>> encode_texts(const tokenizer::Tokenizer& tok, const std::vector<std::string>& texts, int max_length,
+                                                  std::size_t min_tokens = 11) {
   auto seqs = compression::encode_calibration(tok, texts, max_length);
-  std::erase_if(seqs, [](const auto& s) { return s.size() < 2; });
+  min_tokens = std::max<std::size_t>(min_tokens, 2);
+  std::erase_if(seqs, [&](const auto& s) { return s.size() < min_tokens; });
   return seqs;
 }
 
@@ -228,15 +235,14 @@ class MLATrainer {
       st.tokens += lp.tokens;
     }
     allreduce_step(g_, comm_, o_.loss(), st);
-    std::vector<Mat*> grads;
-    for (auto& p : g_.params()) grads.push_back(&p.grad);
-    if (o_.max_grad_norm > 0) {
-      st.grad_norm = optim::clip_grad_norm<Scalar>(std::span<Mat* const>(grads), o_.max_grad_norm);
-    } else {
-      double sq = 0;
-      for (auto* g : grads) sq += g->template cast<double>().squaredNorm();
-      st.grad_norm = std::sqrt(sq);
+    std::vector<Mat*> clipped;  // the original clips the Euclidean parameters only (trainer.py, "Clip gradients for Euclidean params only")
+    double sq = 0;
+    for (auto& p : g_.params()) {
+      sq += p.grad.template cast<double>().squaredNorm();
+      if (!p.stiefel || o_.clip_stiefel) clipped.push_back(&p.grad);
     }
+    st.grad_norm = std::sqrt(sq);
+    if (o_.max_grad_norm > 0 && !clipped.empty()) optim::clip_grad_norm<Scalar>(std::span<Mat* const>(clipped), o_.max_grad_norm);
     if (!std::isfinite(st.grad_norm))
       throw NumericalError("train: non-finite gradient norm at step " + std::to_string(t + 1) + "; the model keeps the last good weights");
     st.lr_euclidean = sched_e.lr(t);

@@ -209,6 +209,7 @@ int main(int argc, char** argv) {
   demo->add_option("--windows", eval_windows, "Perplexity windows of 256 tokens (0: 64)")->capture_default_str();
 
   cli::add_train_command(app);  // `train` runs from its own callback (examples/cli_train.hpp)
+  cli::add_plot_loss_command(app);  // `plot-loss STATS.json --out FILE.svg` (examples/cli_train.hpp)
   CLI11_PARSE(app, argc, argv);
   if (*conv) {
     if (gs->count()) co.cross_layer_group_size = group_size;

@@ -5,17 +5,23 @@
 //   cacheshrink train --model DIR --data FILE --recon-alpha 0.3 [--distill] [--epochs 3]
 //       [--batch-size 4] [--max-length 512] [--euclidean-lr ..] [--riemannian-lr ..] --out DIR2
 //
+// --plot-loss FILE.svg draws the per-step curves (pipeline/loss_plot.hpp); `cacheshrink plot-loss
+// STATS.json --out FILE.svg` draws them from a stats file written earlier. --json prints a summary.
+//
 // The subcommand runs from its CLI11 callback and ends the parse with CLI::Success (exit 0) or,
 // after printing "error: ...", CLI::RuntimeError(2), so main() needs only add_train_command(app).
 #include <CLI/CLI.hpp>
 #include <cacheshrink/cacheshrink.hpp>
 #include <cacheshrink/compression/calibration.hpp>
 #include <cacheshrink/compression/convert.hpp>
+#include <cacheshrink/pipeline/loss_plot.hpp>
 #include <cacheshrink/pipeline/save_load.hpp>
 #include <cacheshrink/train/train.hpp>
 #include <cstdio>
 #include <filesystem>
+#include <iostream>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 
 #include "cli_dist.hpp"
@@ -30,6 +36,9 @@ struct TrainCommand {
   std::string calibration;
   int n_calib = 128, calib_len = 512;
   bool no_calibration = false, overwrite = false, quiet = false;
+  std::string plot_loss;  // --plot-loss FILE.svg
+  int plot_smooth = 0;
+  bool json = false;
   CLI::Option* ratio_opt = nullptr;
   CLI::Option* method_opt = nullptr;
 };
@@ -55,7 +64,7 @@ inline int run_train(TrainCommand& c) {
     }
     compression::ConversionReport rep;
     m = compression::convert(m, c.co, calib, &rep, comm());  // mpirun: calibration sharded over the ranks
-    if (!c.quiet)
+    if (!c.quiet && !c.json)
       std::printf("converted: %s, d_latent %d of d_kv %d, cache %zu -> %zu numbers per token\n", compression_method_name(rep.method), rep.d_latent,
                   rep.d_kv, rep.cache_floats_per_token_original, rep.cache_floats_per_token_mla);
   } else {
@@ -69,7 +78,7 @@ inline int run_train(TrainCommand& c) {
   c.o.progress = !c.quiet;
   c.o.verbose = !c.quiet;
   train::MLATrainer<float, dist::AnyComm> tr(m, c.o, comm());  // mpirun: data parallel (docs/scaling.md)
-  if (!c.quiet)
+  if (!c.quiet && !c.json)
     std::printf("training on %zu sequences (%zu paragraphs of %s), %ld steps, loss %s\n", seqs.size(), texts.size(), c.data.c_str(),
                 tr.total_steps(seqs.size()),
                 c.o.distill ? "distillation" : (c.o.recon_alpha > 0 ? "LM + reconstruction" : "LM"));
@@ -84,6 +93,31 @@ inline int run_train(TrainCommand& c) {
   const fs::path stats_path = c.stats.empty() ? fs::path(c.out) / "train_stats.json" : fs::path(c.stats);
   stats.save_json(stats_path);
   const auto& last = stats.steps.back();
+  std::string plot_written;
+  if (!c.plot_loss.empty()) {
+    // The model and stats are saved already; a plot that cannot be written only warns.
+    try {
+      pipeline::write_loss_plot(pipeline::loss_history(stats.to_json()), c.plot_loss,
+                                {.title = fs::path(c.out).filename().string(), .smooth = c.plot_smooth});
+      plot_written = c.plot_loss;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "warning: --plot-loss: %s\n", e.what());
+    }
+  }
+  if (c.json) {
+    const nlohmann::json j{{"out", c.out},
+                           {"stats", stats_path.string()},
+                           {"loss_plot", plot_written.empty() ? nlohmann::json() : nlohmann::json(plot_written)},
+                           {"steps", stats.steps.size()},
+                           {"tokens", stats.tokens},
+                           {"seconds", stats.seconds},
+                           {"tokens_per_second", stats.tokens_per_second},
+                           {"final_ortho_error", stats.final_ortho_error},
+                           {"last", {{"loss", last.loss}, {"lm_loss", last.lm}, {"recon_loss", last.recon}, {"kl_loss", last.kl}}}};
+    std::cout << j.dump(2) << "\n";
+    return 0;
+  }
+  if (!plot_written.empty()) std::printf("loss plot: %s\n", plot_written.c_str());
   std::printf("trained %zu steps, %lld tokens in %.1f s (%.0f tokens/s); last loss %.4f (lm %.4f, recon %.5f, kl %.4f); ortho error %.2e\n",
               stats.steps.size(), stats.tokens, stats.seconds, stats.tokens_per_second, last.loss, last.lm, last.recon, last.kl,
               stats.final_ortho_error);
@@ -117,6 +151,10 @@ inline CLI::App* add_train_command(CLI::App& app) {
   t->add_option("--keep-checkpoints", c->o.keep_last_checkpoints, "Keep the last N checkpoints")->capture_default_str();
   t->add_option("--resume", c->resume, "Resume from a checkpoint folder (same model, data and options)");
   t->add_option("--stats", c->stats, "Write the training stats JSON here (default: OUT/train_stats.json)");
+  t->add_option("--plot-loss", c->plot_loss, "Write the loss curves (losses, learning rates, gradient norm per step) to this SVG file");
+  t->add_option("--plot-smooth", c->plot_smooth, "--plot-loss: also draw the mean of the total loss over the last N steps (0: off)")
+      ->capture_default_str()->check(CLI::NonNegativeNumber);
+  t->add_flag("--json", c->json, "Print a JSON summary instead of text (progress and log lines still go to stderr)");
   c->ratio_opt = t->add_option("--ratio", c->co.compression_ratio, "Plain HF model: KV compression ratio")->capture_default_str();
   c->method_opt = t->add_option("--method", c->co.method, "Plain HF model: separate | xkv | joint | auto")
                       ->capture_default_str()->check(CLI::IsMember({"separate", "xkv", "joint", "auto"}));
@@ -140,6 +178,34 @@ inline CLI::App* add_train_command(CLI::App& app) {
     throw CLI::Success();
   });
   return t;
+}
+
+/// Registers `plot-loss`: the loss curves of a stats JSON written by `train` (or TrainStats::save_json).
+inline CLI::App* add_plot_loss_command(CLI::App& app) {
+  struct Args {
+    std::string stats, out, title;
+    int smooth = 0;
+  };
+  auto a = std::make_shared<Args>();
+  auto* p = app.add_subcommand("plot-loss", "Plot the loss curves of a training stats JSON (from `train`) as an SVG file");
+  p->add_option("stats", a->stats, "Training stats JSON (train's OUT/train_stats.json or --stats)")->required();
+  p->add_option("--out", a->out, "SVG file to write")->required();
+  p->add_option("--title", a->title, "Prefix of the panel titles (default: the stats file's folder name)");
+  p->add_option("--smooth", a->smooth, "Also draw the mean of the total loss over the last N steps (0: off)")
+      ->capture_default_str()->check(CLI::NonNegativeNumber);
+  p->callback([a]() {
+    try {
+      const auto h = pipeline::load_loss_history(a->stats);
+      const std::string title = a->title.empty() ? std::filesystem::absolute(a->stats).parent_path().filename().string() : a->title;
+      pipeline::write_loss_plot(h, a->out, {.title = title, .smooth = a->smooth});
+      std::printf("loss plot: %s (%zu steps, loss %.4f -> %.4f)\n", a->out.c_str(), h.step.size(), h.loss.front(), h.loss.back());
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "error: %s\n", e.what());
+      throw CLI::RuntimeError(2);
+    }
+    throw CLI::Success();
+  });
+  return p;
 }
 
 }  // namespace cacheshrink::cli

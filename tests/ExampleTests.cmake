@@ -32,6 +32,17 @@ if(TARGET cacheshrink_cli)
     "rm -f cli_energy.svg && $<TARGET_FILE:cacheshrink_cli> convert --ratio 2 --calibration-samples 8 --plot-energy cli_energy.svg && grep -c '<path ' cli_energy.svg")
   # tiny-llama3: 4 layers x (K, V) = 8 curves
   set_tests_properties(cli_convert_plot_energy PROPERTIES PASS_REGULAR_EXPRESSION "energy plot: cli_energy.svg.*\n8\n")
+
+  # train --plot-loss --json (4 steps), then plot-loss on the stats it wrote: total, LM, recon, mean
+  # of the last 2 (loss panel) + 2 learning rates + gradient norm = 7 curves.
+  add_test(NAME cli_train_plot_loss COMMAND ${CMAKE_COMMAND} -E env sh -c
+    "rm -rf cli_ft cli_loss.svg cli_loss2.svg && $<TARGET_FILE:cacheshrink_cli> train --model ${CACHESHRINK_FIXTURES_DIR}/models/tiny-llama3 --ratio 2 --calibration-samples 8 --data ${CACHESHRINK_FIXTURES_DIR}/data/wikitext2_valid.txt --paragraphs 16 --epochs 1 --max-length 64 --warmup-steps 1 --recon-alpha 0.3 --out cli_ft --plot-loss cli_loss.svg --plot-smooth 2 --json --quiet && grep -c '<path ' cli_loss.svg && $<TARGET_FILE:cacheshrink_cli> plot-loss cli_ft/train_stats.json --out cli_loss2.svg && grep -c '<path ' cli_loss2.svg")
+  set_tests_properties(cli_train_plot_loss PROPERTIES
+    PASS_REGULAR_EXPRESSION "\"loss_plot\": \"cli_loss.svg\".*\"steps\": 4.*\n7\nloss plot: cli_loss2.svg \\(4 steps, loss [0-9.]+ -> [0-9.]+\\)\n6\n"
+    FAIL_REGULAR_EXPRESSION "error:|warning:")
+  # plot-loss refuses a JSON file that is not training stats, naming it.
+  add_test(NAME cli_plot_loss_bad_input COMMAND $<TARGET_FILE:cacheshrink_cli> plot-loss ${CACHESHRINK_FIXTURES_DIR}/models/tiny-llama3/config.json --out never.svg)
+  set_tests_properties(cli_plot_loss_bad_input PROPERTIES PASS_REGULAR_EXPRESSION "error: .*config.json: expected a JSON object with a \"steps\" array")
 endif()
 
 # ---- README: every ```cpp block compiles as written and runs (from the source dir, so its

@@ -48,7 +48,7 @@ void ref_attend(const float* q, int hd, const std::vector<const float*>& keys, c
 }
 
 template <class T>
-void check_standard(int nh, int nkv, int hd, int window, const std::vector<int>& lens, std::mt19937& gen) {
+void check_standard(int nh, int nkv, int hd, int window, const std::vector<int>& lens, std::mt19937& gen, bool force_cuda_cores = false) {
   const int B = static_cast<int>(lens.size()), cap = *std::max_element(lens.begin(), lens.end()) + 3;
   const int Dq = nh * hd, Dkv = nkv * hd, ldq = Dq + 8;
   auto q = test::random_floats(static_cast<std::size_t>(B) * ldq, gen);
@@ -78,7 +78,7 @@ void check_standard(int nh, int nkv, int hd, int window, const std::vector<int>&
   a.window = window;
   a.scale = 1.0f / std::sqrt(static_cast<float>(hd));
   cuda::DecodeScratch scratch;
-  cuda::decode_attention<T>(a, cap - 3, dout.data(), Dq, scratch, nullptr);
+  cuda::decode_attention<T>(a, cap - 3, dout.data(), Dq, scratch, nullptr, force_cuda_cores);
   const auto got = test::to_host(dout);
   std::vector<double> want(got.size());
   const int g = nh / nkv;
@@ -94,7 +94,7 @@ void check_standard(int nh, int nkv, int hd, int window, const std::vector<int>&
       ref_attend(q.data() + static_cast<std::size_t>(b) * ldq + h * hd, hd, ks, vs, hd, a.scale, want.data() + static_cast<std::size_t>(b) * Dq + h * hd);
     }
   const double e = test::max_rel(got, want), lim = std::is_same_v<T, float> ? 1e-5 : 1e-2;
-  INFO("nh ", nh, " nkv ", nkv, " hd ", hd, " window ", window, " max len ", cap - 3);
+  INFO("nh ", nh, " nkv ", nkv, " hd ", hd, " window ", window, " max len ", cap - 3, " cuda cores forced ", force_cuda_cores);
   CHECK(e <= lim);
 }
 
@@ -155,11 +155,13 @@ TEST_CASE("decode_attention (standard cache) matches a float64 recomputation") {
   CACHESHRINK_REQUIRE_GPU();
   std::mt19937 gen(11);
   const std::vector<std::vector<int>> len_sets = {{1}, {64, 1, 65}, {300, 129, 7}, {1000}};
-  for (auto [nh, nkv, hd] : std::vector<std::tuple<int, int, int>>{{4, 4, 32}, {8, 2, 64}, {8, 1, 128}, {6, 3, 80}, {3, 1, 3}, {32, 1, 128}, {2, 2, 256}})
+  for (auto [nh, nkv, hd] :
+       std::vector<std::tuple<int, int, int>>{{4, 4, 32}, {8, 2, 64}, {8, 1, 128}, {6, 3, 80}, {3, 1, 3}, {32, 1, 128}, {2, 2, 256}, {28, 4, 128}, {40, 2, 48}})
     for (int window : {0, 16, 70})
       for (const auto& lens : len_sets) {
         check_standard<float>(nh, nkv, hd, window, lens, gen);
-        check_standard<__nv_bfloat16>(nh, nkv, hd, window, lens, gen);
+        check_standard<__nv_bfloat16>(nh, nkv, hd, window, lens, gen);        // tensor cores for GQA/MQA
+        check_standard<__nv_bfloat16>(nh, nkv, hd, window, lens, gen, true);  // CUDA cores
       }
 }
 

@@ -22,7 +22,9 @@
 //
 // Kernels:
 //  - decode_std<T>: 128 threads; K/V tiles of 64 tokens staged in shared memory (16-byte loads
-//    when rows allow), a block serves up to `hpb` query heads of one KV head (GQA/MQA reuse).
+//    when rows allow), a block serves up to `hpb` query heads of one KV head. decode_attention
+//    uses it for float32 and for bf16 MHA; bf16 GQA/MQA (>= 4 query heads per KV head) goes to
+//    the tensor-core kernel below with one group per KV head.
 //  - decode_latent_rows<T>: one warp per (sequence, head, split); any d_latent <= 1024; float32
 //    parity mode and the fallback.
 //  - decode_latent_wmma<HT>: bf16 tensor cores (WMMA 16x16x16, float accumulate); a block serves
@@ -59,13 +61,18 @@ struct DecodeArgs {
 
 template <class T>
 struct LatentDecodeArgs {
-  const T* q_lat = nullptr;  // (batch, n_heads, d_latent), scale already applied
+  const T* q_lat = nullptr;  // (batch, n_heads, d_latent): head h of sequence b at b*ldq + h*d_latent
   const T* ck = nullptr;     // latent cache: token j of sequence b at b*seq_stride + j*ldc
   const T* cv = nullptr;
   int ldc = 0;
   long long seq_stride = 0;
   const int* len = nullptr;  // device (batch)
   int batch = 0, n_heads = 0, d_latent = 0, window = 0;
+  int ldq = 0;          // 0: n_heads * d_latent
+  float scale = 1.0f;   // applied to the scores (the absorbed path folds it into q_lat)
+  int groups = 1;       // tensor-core kernel only: heads split into `groups` equal groups, group g
+                        // reading columns [g*d_latent, (g+1)*d_latent) of the cache rows (GQA on
+                        // a standard cache: groups = n_kv_heads, d_latent = head_dim)
 };
 
 /// Scratch for the partial softmaxes (grown on demand, owned by the caller).
@@ -233,7 +240,7 @@ __global__ void decode_latent_rows(LatentDecodeArgs<T> a, int chunk, int splits,
   const int b = static_cast<int>(warp / (static_cast<long long>(splits) * a.n_heads));
   const int D = a.d_latent;
   float qv[kLatMaxPerLane], acc[kLatMaxPerLane];
-  const T* qr = a.q_lat + (static_cast<long long>(b) * a.n_heads + h) * D;
+  const T* qr = a.q_lat + static_cast<long long>(b) * (a.ldq > 0 ? a.ldq : a.n_heads * D) + static_cast<long long>(h) * D;
 #pragma unroll
   for (int t = 0; t < kLatMaxPerLane; ++t) {
     const int d = lane + 32 * t;
@@ -253,7 +260,7 @@ __global__ void decode_latent_rows(LatentDecodeArgs<T> a, int chunk, int splits,
       const int d = lane + 32 * t;
       if (d < D) s += qv[t] * to_f(kr[d]);
     }
-    s = warp_sum(s);
+    s = warp_sum(s) * a.scale;
     const float mn = fmaxf(m, s), al = __expf(m - mn), p = __expf(s - mn);
     l = l * al + p;
     m = mn;
@@ -316,9 +323,13 @@ __global__ void __launch_bounds__(kLatWarps * 32) decode_latent_wmma(LatentDecod
   using namespace nvcuda;
   using bf16 = __nv_bfloat16;
   constexpr int R = 16 * HT;  // head rows per block
-  const int split = blockIdx.x, h0 = blockIdx.y * R, b = blockIdx.z;
+  const int split = blockIdx.x, b = blockIdx.z;
+  const int hpg = a.n_heads / a.groups, hbg = (hpg + R - 1) / R;  // heads per group, blocks per group
+  const int grp = blockIdx.y / hbg, h0g = (blockIdx.y % hbg) * R;   // group, first head in the group
+  const int h0 = grp * hpg + h0g;                                      // first head (global)
+  const long long prow = static_cast<long long>(grp) * hbg * R + h0g;  // first padded partial row
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, D = a.d_latent;
-  const int nh = min(R, a.n_heads - h0);
+  const int nh = min(R, hpg - h0g);
   extern __shared__ __align__(128) unsigned char dsmem[];
   bf16* Qs = reinterpret_cast<bf16*>(dsmem);
   bf16* St0 = Qs + R * D;
@@ -330,12 +341,22 @@ __global__ void __launch_bounds__(kLatWarps * 32) decode_latent_wmma(LatentDecod
   int j0, j1;
   visible_range(L, a.window, split, kLatChunk, j0, j1);
   const int t0 = split * kLatChunk;
-  const bf16* kb = a.ck + static_cast<long long>(b) * a.seq_stride;
-  const bf16* vb = a.cv + static_cast<long long>(b) * a.seq_stride;
+  const bf16* kb = a.ck + static_cast<long long>(b) * a.seq_stride + static_cast<long long>(grp) * D;
+  const bf16* vb = a.cv + static_cast<long long>(b) * a.seq_stride + static_cast<long long>(grp) * D;
   const int ncb = (D + kLatCB - 1) / kLatCB;
+  // Q (16-byte cp.async; rows of padding heads zero) joins the first staged block's group.
+  const bf16* qb = a.q_lat + static_cast<long long>(b) * (a.ldq > 0 ? a.ldq : a.n_heads * D) + static_cast<long long>(h0) * D;
+  for (int i = tid; i < R * D / 8; i += kLatWarps * 32) {
+    bf16* d = Qs + i * 8;
+    if (i * 8 / D < nh) {
+      const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(d));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(qb + i * 8));
+    } else {
+      *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
+    }
+  }
   if (j1 > j0) stage_async(kb, a.ldc, t0, j1, 0, min(kLatCB, D), St0);
-  const bf16* qb = a.q_lat + (static_cast<long long>(b) * a.n_heads + h0) * D;
-  for (int i = tid; i < R * D; i += kLatWarps * 32) Qs[i] = i / D < nh ? qb[i] : __float2bfloat16(0.0f);
+  else asm volatile("cp.async.commit_group;\n" ::);
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> sfrag[HT];
 #pragma unroll
   for (int t = 0; t < HT; ++t) wmma::fill_fragment(sfrag[t], 0.0f);
@@ -367,9 +388,15 @@ __global__ void __launch_bounds__(kLatWarps * 32) decode_latent_wmma(LatentDecod
     }
     // first value block in flight while the softmax runs
     stage_async(vb, a.ldc, t0, j1, 0, min(kLatCB, D), St0);
+  } else {
+    stage_wait<0>();
   }
 #pragma unroll
-  for (int t = 0; t < HT; ++t) wmma::store_matrix_sync(Ss + t * 16 * kLatChunk + warp * 16, sfrag[t], kLatChunk, wmma::mem_row_major);
+  for (int t = 0; t < HT; ++t) {
+    if (a.scale != 1.0f)
+      for (int e = 0; e < sfrag[t].num_elements; ++e) sfrag[t].x[e] *= a.scale;
+    wmma::store_matrix_sync(Ss + t * 16 * kLatChunk + warp * 16, sfrag[t], kLatChunk, wmma::mem_row_major);
+  }
   __syncthreads();
   for (int r = warp; r < R; r += kLatWarps) {
     const float* sr = Ss + r * kLatChunk;
@@ -394,7 +421,7 @@ __global__ void __launch_bounds__(kLatWarps * 32) decode_latent_wmma(LatentDecod
   }
   __syncthreads();
   const long long hstride = static_cast<long long>(splits) * D;
-  float* pbase = po + ((static_cast<long long>(b) * nh_pad + h0) * splits + split) * D;
+  float* pbase = po + ((static_cast<long long>(b) * nh_pad + prow) * splits + split) * D;
   const int kmax = j1 > t0 ? min(kLatChunk, j1 - t0) : 0;
   const int ht = warp / (kLatCB / 16), f = warp % (kLatCB / 16);  // this warp's (head tile, column tile)
   for (int cb = 0; cb < ncb; ++cb) {
@@ -423,15 +450,18 @@ __global__ void __launch_bounds__(kLatWarps * 32) decode_latent_wmma(LatentDecod
     }
     if (mine) wmma::store_matrix_sync(pbase + ht * 16 * hstride + c0 + f * 16, o, static_cast<unsigned>(hstride), wmma::mem_row_major);
   }
-  if (tid < R) pml[(static_cast<long long>(b) * nh_pad + h0 + tid) * splits + split] = make_float2(mrow[tid], lrow[tid]);
+  if (tid < R) pml[(static_cast<long long>(b) * nh_pad + prow + tid) * splits + split] = make_float2(mrow[tid], lrow[tid]);
 }
 
 /// out[b, h*D + d] (leading dim ldo) = merged partials. Grid (batch * n_heads, ceil(D / 128)).
 /// Partials are indexed with nh_pad heads per sequence (>= n_heads).
+/// Head h's partials sit at padded row (h / hpg) * hpg_pad + h % hpg of nh_pad rows per sequence
+/// (identity when hpg = hpg_pad = n_heads = nh_pad).
 template <class T>
-__global__ void decode_combine(const float* po, const float2* pml, int n_heads, int nh_pad, int splits, int D, T* out, int ldo) {
+__global__ void decode_combine(const float* po, const float2* pml, int n_heads, int nh_pad, int hpg, int hpg_pad, int splits, int D, T* out,
+                               int ldo) {
   const int b = blockIdx.x / n_heads, h = blockIdx.x % n_heads;
-  const long long row = static_cast<long long>(b) * nh_pad + h;
+  const long long row = static_cast<long long>(b) * nh_pad + static_cast<long long>(h / hpg) * hpg_pad + h % hpg;
   const float2* ml = pml + row * splits;
   float M = -INFINITY;
   for (int s = 0; s < splits; ++s) M = fmaxf(M, ml[s].x);
@@ -480,13 +510,44 @@ inline int decode_chunk(int max_len, int splits, int multiple) {
 /// Standard-cache decode: out (batch, n_heads * hd; leading dim ldo). max_len: the largest
 /// len[b] (host value; it sizes the split).
 template <class T>
-void decode_attention(const DecodeArgs<T>& a, int max_len, T* out, int ldo, DecodeScratch& scratch, cudaStream_t s) {
+void decode_latent_attention(const LatentDecodeArgs<T>& a, int max_len, T* out, int ldo, DecodeScratch& scratch, cudaStream_t s,
+                             bool force_rows = false);
+inline bool latent_wmma_supported(const LatentDecodeArgs<__nv_bfloat16>& a);
+
+/// force_cuda_cores: bf16 GQA/MQA also on the CUDA-core kernel (tests, benchmarks).
+template <class T>
+void decode_attention(const DecodeArgs<T>& a, int max_len, T* out, int ldo, DecodeScratch& scratch, cudaStream_t s,
+                      bool force_cuda_cores = false) {
   if (a.n_kv_heads <= 0 || a.n_heads % a.n_kv_heads != 0)
     throw InvalidArgument("decode_attention: n_heads " + std::to_string(a.n_heads) + " is not a multiple of n_kv_heads " + std::to_string(a.n_kv_heads));
   if (a.head_dim <= 0 || a.head_dim > kernels::kDecThreads * kernels::kDecMaxAcc)
     throw InvalidArgument("decode_attention: head_dim " + std::to_string(a.head_dim) + " is out of range");
   if (a.batch == 0 || max_len <= 0) return;
   const int g = a.n_heads / a.n_kv_heads;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    // Several query heads per KV head (GQA/MQA): the tensor-core kernel, with each KV head a group
+    // of query rows over its own columns of the cache rows.
+    if (g >= 4 && !force_cuda_cores) {
+      LatentDecodeArgs<T> la;
+      la.q_lat = a.q;
+      la.ldq = a.ldq;
+      la.ck = a.k;
+      la.cv = a.v;
+      la.ldc = a.ldkv;
+      la.seq_stride = a.seq_stride;
+      la.len = a.len;
+      la.batch = a.batch;
+      la.n_heads = a.n_heads;
+      la.d_latent = a.head_dim;
+      la.window = a.window;
+      la.scale = a.scale;
+      la.groups = a.n_kv_heads;
+      if (latent_wmma_supported(la)) {
+        decode_latent_attention<T>(la, max_len, out, ldo, scratch, s);
+        return;
+      }
+    }
+  }
   const int hpb = std::max(1, std::min({g, kernels::kDecThreads * kernels::kDecMaxAcc / a.head_dim, kernels::kDecThreads}));
   const int bpk = (g + hpb - 1) / hpb;
   const long long blocks = static_cast<long long>(a.batch) * a.n_kv_heads * bpk;
@@ -505,14 +566,15 @@ void decode_attention(const DecodeArgs<T>& a, int max_len, T* out, int ldo, Deco
   }
   kernels::decode_std<T><<<dim3(splits, a.n_kv_heads * bpk, a.batch), kernels::kDecThreads, smem, s>>>(a, chunk, splits, hpb, scratch.po.data(), scratch.pml.data());
   CACHESHRINK_CUDA_LAUNCH_CHECK("decode_std");
-  kernels::decode_combine<T><<<dim3(a.batch * a.n_heads, (a.head_dim + 127) / 128), 128, 0, s>>>(scratch.po.data(), scratch.pml.data(), a.n_heads, a.n_heads, splits, a.head_dim, out, ldo);
+  kernels::decode_combine<T><<<dim3(a.batch * a.n_heads, (a.head_dim + 127) / 128), 128, 0, s>>>(scratch.po.data(), scratch.pml.data(), a.n_heads, a.n_heads, a.n_heads, a.n_heads, splits, a.head_dim, out, ldo);
   CACHESHRINK_CUDA_LAUNCH_CHECK("decode_combine");
 }
 
 /// True when the tensor-core latent kernel handles this geometry.
 inline bool latent_wmma_supported(const LatentDecodeArgs<__nv_bfloat16>& a) {
   const auto al16 = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
-  return a.d_latent % 16 == 0 && a.d_latent <= 2048 && a.ldc % 8 == 0 && a.seq_stride % 8 == 0 && al16(a.ck) && al16(a.cv);
+  return a.d_latent % 16 == 0 && a.d_latent <= 2048 && a.ldc % 8 == 0 && a.seq_stride % 8 == 0 && a.ldq % 8 == 0 && al16(a.ck) &&
+         al16(a.cv) && al16(a.q_lat) && a.groups >= 1 && a.n_heads % a.groups == 0;
 }
 
 /// Latent-cache decode: o_lat (batch, n_heads * d_latent; leading dim ldo). With bf16 and a
@@ -520,7 +582,7 @@ inline bool latent_wmma_supported(const LatentDecodeArgs<__nv_bfloat16>& a) {
 /// warp kernel (d_latent <= 1024). force_rows: always the warp kernel (tests).
 template <class T>
 void decode_latent_attention(const LatentDecodeArgs<T>& a, int max_len, T* out, int ldo, DecodeScratch& scratch, cudaStream_t s,
-                             bool force_rows = false) {
+                             bool force_rows) {
   if (a.batch == 0 || max_len <= 0) return;
   if (a.d_latent <= 0) throw InvalidArgument("decode_latent_attention: d_latent must be positive");
   bool wmma = false;
@@ -532,8 +594,9 @@ void decode_latent_attention(const LatentDecodeArgs<T>& a, int max_len, T* out, 
       int sms = 132, dev = 0;
       if (cudaGetDevice(&dev) == cudaSuccess) (void)cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
       const int splits = (max_len + kernels::kLatChunk - 1) / kernels::kLatChunk;
-      const int ht = a.n_heads > 16 && static_cast<long long>(a.batch) * splits >= 2LL * sms ? 2 : 1, rows = 16 * ht;
-      const int hb = (a.n_heads + rows - 1) / rows, nh_pad = hb * rows;
+      const int hpg = a.n_heads / a.groups;
+      const int ht = hpg > 16 && static_cast<long long>(a.batch) * a.groups * splits >= 2LL * sms ? 2 : 1, rows = 16 * ht;
+      const int hbg = (hpg + rows - 1) / rows, hpg_pad = hbg * rows, nh_pad = a.groups * hpg_pad;
       scratch.reserve(static_cast<long long>(a.batch) * nh_pad, splits, a.d_latent);
       static const bool configured = [] {
         CACHESHRINK_CUDA_CHECK(cudaFuncSetAttribute(kernels::decode_latent_wmma<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
@@ -541,17 +604,18 @@ void decode_latent_attention(const LatentDecodeArgs<T>& a, int max_len, T* out, 
         return true;
       }();
       (void)configured;
-      const dim3 grid(splits, hb, a.batch);
+      const dim3 grid(splits, a.groups * hbg, a.batch);
       const std::size_t smem = kernels::latent_wmma_smem(a.d_latent, ht);
       if (ht == 2) kernels::decode_latent_wmma<2><<<grid, kernels::kLatWarps * 32, smem, s>>>(a, splits, nh_pad, scratch.po.data(), scratch.pml.data());
       else kernels::decode_latent_wmma<1><<<grid, kernels::kLatWarps * 32, smem, s>>>(a, splits, nh_pad, scratch.po.data(), scratch.pml.data());
       CACHESHRINK_CUDA_LAUNCH_CHECK("decode_latent_wmma");
-      kernels::decode_combine<T><<<dim3(a.batch * a.n_heads, (a.d_latent + 127) / 128), 128, 0, s>>>(scratch.po.data(), scratch.pml.data(), a.n_heads, nh_pad,
-                                                                                                   splits, a.d_latent, out, ldo);
+      kernels::decode_combine<T><<<dim3(a.batch * a.n_heads, (a.d_latent + 127) / 128), 128, 0, s>>>(
+          scratch.po.data(), scratch.pml.data(), a.n_heads, nh_pad, hpg, hpg_pad, splits, a.d_latent, out, ldo);
       CACHESHRINK_CUDA_LAUNCH_CHECK("decode_combine");
       return;
     }
   }
+  if (a.groups != 1) throw InvalidArgument("decode_latent_attention: groups > 1 needs the bf16 tensor-core kernel");
   if (a.d_latent > 32 * kernels::kLatMaxPerLane)
     throw InvalidArgument("decode_latent_attention: d_latent " + std::to_string(a.d_latent) +
                           " > 1024 needs the bf16 tensor-core kernel (d_latent and the cache row stride multiples of 16)");
@@ -562,7 +626,7 @@ void decode_latent_attention(const LatentDecodeArgs<T>& a, int max_len, T* out, 
   const long long threads = warps_wo_split * splits * 32;
   kernels::decode_latent_rows<T><<<static_cast<unsigned>((threads + 127) / 128), 128, 0, s>>>(a, chunk, splits, scratch.po.data(), scratch.pml.data());
   CACHESHRINK_CUDA_LAUNCH_CHECK("decode_latent_rows");
-  kernels::decode_combine<T><<<dim3(a.batch * a.n_heads, (a.d_latent + 127) / 128), 128, 0, s>>>(scratch.po.data(), scratch.pml.data(), a.n_heads, a.n_heads, splits, a.d_latent, out, ldo);
+  kernels::decode_combine<T><<<dim3(a.batch * a.n_heads, (a.d_latent + 127) / 128), 128, 0, s>>>(scratch.po.data(), scratch.pml.data(), a.n_heads, a.n_heads, a.n_heads, a.n_heads, splits, a.d_latent, out, ldo);
   CACHESHRINK_CUDA_LAUNCH_CHECK("decode_combine");
 }
 

@@ -20,8 +20,18 @@ if(TARGET example_convert_model)
   add_test(NAME example_attention_microbench COMMAND example_attention_microbench ${CACHESHRINK_FIXTURES_DIR}/models/tiny-llama3 2 4)
   set_tests_properties(example_attention_microbench PROPERTIES PASS_REGULAR_EXPRESSION "MLA/standard")
 
+  # Fine-tuning with each loss, 6 optimizer steps: reconstruction on tiny-llama3 (auto: xkv 2x), distillation
+  # on tiny-gpt2 (auto: separate 2x); the loss plots go into the build dir.
+  add_test(NAME example_finetune_recon
+    COMMAND example_finetune ${CACHESHRINK_FIXTURES_DIR}/models/tiny-llama3 recon 6 ${CMAKE_CURRENT_BINARY_DIR}/example_finetune_recon.svg)
+  add_test(NAME example_finetune_distill
+    COMMAND example_finetune ${CACHESHRINK_FIXTURES_DIR}/models/tiny-gpt2 distill 6 ${CMAKE_CURRENT_BINARY_DIR}/example_finetune_distill.svg)
+  set_tests_properties(example_finetune_recon PROPERTIES PASS_REGULAR_EXPRESSION "recon loss: 6 steps.*fine-tuning checks passed")
+  set_tests_properties(example_finetune_distill PROPERTIES PASS_REGULAR_EXPRESSION "distill loss: 6 steps.*fine-tuning checks passed")
+
   # A failing exit code must fail these tests even when the expected line was printed.
-  foreach(t example_convert_model example_evaluate_cache_memory example_generate_text example_sweep_policies example_attention_microbench)
+  foreach(t example_convert_model example_evaluate_cache_memory example_generate_text example_sweep_policies example_attention_microbench
+            example_finetune_recon example_finetune_distill)
     set_tests_properties(${t} PROPERTIES LABELS "examples" TIMEOUT 300 FAIL_REGULAR_EXPRESSION "error:|DIFFER|MISMATCH|DOES NOT MATCH|FAILED")
   endforeach()
 endif()

@@ -142,8 +142,11 @@ inline CLI::App* add_train_command(CLI::App& app) {
   t->add_option("--grad-accum", c->o.grad_accum, "Micro-batches per optimizer step")->capture_default_str()->check(CLI::PositiveNumber);
   t->add_option("--euclidean-lr", c->o.euclidean_lr, "AdamW lr of W_down")->capture_default_str();
   t->add_option("--riemannian-lr", c->o.riemannian_lr, "RiemannianAdam lr of W_up")->capture_default_str();
-  t->add_option("--warmup-steps", c->o.warmup_steps, "Linear warmup steps, then linear decay")->capture_default_str();
-  t->add_option("--max-grad-norm", c->o.max_grad_norm, "Global gradient-norm clipping (0: off)")->capture_default_str();
+  t->add_option("--lr-schedule", c->o.schedule, "constant (as the Python MLATrainer, which creates no scheduler) | linear | cosine")
+      ->capture_default_str()->check(CLI::IsMember({"constant", "linear", "cosine"}));
+  t->add_option("--warmup-steps", c->o.warmup_steps, "Warmup steps of the linear and cosine schedules")->capture_default_str();
+  t->add_option("--max-grad-norm", c->o.max_grad_norm, "Gradient-norm clipping of W_down (0: off)")->capture_default_str();
+  t->add_flag("--clip-stiefel", c->o.clip_stiefel, "Clip the W_up gradients too (one global norm over all)");
   t->add_option("--max-steps", c->o.max_steps, "Stop after N optimizer steps (0: all)")->capture_default_str();
   t->add_option("--seed", c->o.seed, "Shuffling seed")->capture_default_str();
   t->add_option("--checkpoint-dir", c->o.checkpoint_dir, "Write DIR/step-N checkpoints (parameters, optimizer state, data position)");

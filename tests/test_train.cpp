@@ -340,6 +340,8 @@ TEST_CASE("one training step in double equals hand-written AdamW / RiemannianAda
     const auto& p = g.params()[i];
     CAPTURE(p.name);
     const linalg::Matrix<double> gc = p.stiefel ? grad[i] : linalg::Matrix<double>(grad[i] * coef);
+    // The step leaves the gradient it used in p.grad: clipped for w_down, untouched for w_up.
+    CHECK((p.grad - gc).cwiseAbs().maxCoeff() <= 1e-14 * std::max(1.0, gc.cwiseAbs().maxCoeff()));
     linalg::Matrix<double> expect;
     if (!p.stiefel) {
       // AdamW step 1: m^ = g, v^ = g^2 -> x (1 - lr wd) - lr g / (|g| + eps)
@@ -379,6 +381,10 @@ TEST_CASE("one training step in double equals hand-written AdamW / RiemannianAda
     row += static_cast<int>(s.size());
   }
   CHECK(nll / cnt == doctest::Approx(lm_graph).epsilon(1e-5));
+  // Constant by default: mid-run steps keep the base lrs (a linear schedule would be at 1/2 here).
+  const auto st5 = tr.step({seqs}, 5, total);
+  CHECK(st5.lr_euclidean == o.euclidean_lr);
+  CHECK(st5.lr_riemannian == o.riemannian_lr);
 }
 
 TEST_CASE("trainer steps match optim::RiemannianAdam / AdamW driven directly with the same gradients") {

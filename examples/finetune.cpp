@@ -68,7 +68,6 @@ int main(int argc, char** argv) try {
   o.batch_size = 4;
   o.epochs = 1;
   o.max_steps = steps;
-  o.warmup_steps = 2;
   o.euclidean_lr = 1e-4;  // 10x the defaults: a dozen steps should visibly move
   o.riemannian_lr = 1e-3;
   o.ortho_every = 4;

@@ -491,10 +491,15 @@ __global__ void append_rows(const T* src, int lds, T* dst, int ld, long long seq
 
 /// How many splits to cut a sequence of `max_len` tokens into so that `blocks` x splits fills
 /// the card (about 4 blocks per SM), with chunks of at least `min_chunk` tokens.
-inline int decode_splits(long long blocks, int max_len, int min_chunk, int multiple) {
-  int sms = 132;
-  int dev = 0;
+/// Multiprocessors of the current device (132 if the query fails).
+inline int sm_count() {
+  int sms = 132, dev = 0;
   if (cudaGetDevice(&dev) == cudaSuccess) (void)cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  return sms;
+}
+
+inline int decode_splits(long long blocks, int max_len, int min_chunk, int multiple) {
+  const int sms = sm_count();
   const long long want = std::max<long long>(1, (4LL * sms + blocks - 1) / std::max<long long>(1, blocks));
   const int by_len = std::max(1, (max_len + min_chunk - 1) / min_chunk);
   int s = static_cast<int>(std::min<long long>(want, by_len));
@@ -591,8 +596,7 @@ void decode_latent_attention(const LatentDecodeArgs<T>& a, int max_len, T* out, 
     if constexpr (std::is_same_v<T, __nv_bfloat16>) {
       // 32 heads per block (each latent read once) when that still leaves >= 2 blocks per SM;
       // otherwise 16 (more blocks for batch 1).
-      int sms = 132, dev = 0;
-      if (cudaGetDevice(&dev) == cudaSuccess) (void)cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+      const int sms = sm_count();
       const int splits = (max_len + kernels::kLatChunk - 1) / kernels::kLatChunk;
       const int hpg = a.n_heads / a.groups;
       const int ht = hpg > 16 && static_cast<long long>(a.batch) * a.groups * splits >= 2LL * sms ? 2 : 1, rows = 16 * ht;

@@ -669,10 +669,28 @@ class Transformer<Kind, Cuda> {
     act<T>(gu_f_, gu_b_).reserve(static_cast<std::size_t>(B) * (gpt2 ? I : 2 * I));
     if (!gpt2) act<T>(act_f_, act_b_).reserve(static_cast<std::size_t>(B) * I);
     cuda::embedding<T>(d_tok, d_pos, embed_.template ptr<T>(), gpt2 ? pos_embed_.template ptr<T>() : nullptr, x_.data(), B, H, s);
+    // Standard-cache decode over K/V rows of width Dkv (the layer's own cache, or the rebuilt K/V).
+    auto std_args = [&](const T* k, const T* v, long long seq_stride) {
+      cuda::DecodeArgs<T> da;
+      da.q = qkv.data();
+      da.ldq = Wqkv;
+      da.k = k;
+      da.v = v;
+      da.ldkv = Dkv;
+      da.seq_stride = seq_stride;
+      da.len = d_len;
+      da.batch = B;
+      da.n_heads = nh;
+      da.n_kv_heads = nkv;
+      da.head_dim = hd;
+      da.window = c_.sliding_window;
+      da.scale = scale;
+      return da;
+    };
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       const DevLayer& L = layers_[l];
       auto& C = kc.layers[l];
-      T* ca = C.a.template ptr<T>() == nullptr ? nullptr : const_cast<T*>(C.a.template ptr<T>());
+      T* ca = const_cast<T*>(C.a.template ptr<T>());
       cuda::norm_rows<T>(x_.data(), H, L.n1w.data(), gpt2 ? L.n1b.data() : nullptr, gpt2, eps, h.data(), H, B, H, s);
       if (!L.mla) {
         T* cb = const_cast<T*>(C.b.template ptr<T>());
@@ -684,20 +702,7 @@ class Transformer<Kind, Cuda> {
         const long long ss = static_cast<long long>(cap) * Dkv;
         cuda::append_rows<T>(qkv.data() + Dq, Wqkv, ca, Dkv, ss, d_pos, B, Dkv, s);
         cuda::append_rows<T>(qkv.data() + Dq + Dkv, Wqkv, cb, Dkv, ss, d_pos, B, Dkv, s);
-        cuda::DecodeArgs<T> da;
-        da.q = qkv.data();
-        da.ldq = Wqkv;
-        da.k = ca;
-        da.v = cb;
-        da.ldkv = Dkv;
-        da.seq_stride = ss;
-        da.len = d_len;
-        da.batch = B;
-        da.n_heads = nh;
-        da.n_kv_heads = nkv;
-        da.head_dim = hd;
-        da.window = c_.sliding_window;
-        da.scale = scale;
+        const cuda::DecodeArgs<T> da = std_args(ca, cb, ss);
         cuda::decode_attention<T>(da, max_len, attn.data(), Dq, scratch_, s);
       } else {
         const int dl = L.d_latent, lw = C.width_a;
@@ -728,20 +733,7 @@ class Transformer<Kind, Cuda> {
             if (c_.uses_rope()) cuda::rope<T>(kb, Dkv, 0, rows, nkv, hd, iota_.data(), rope_cos_.data(), rope_sin_.data(), s);
           }
           if (c_.uses_rope()) cuda::rope<T>(qkv.data(), Wqkv, 0, B, nh, hd, d_pos, rope_cos_.data(), rope_sin_.data(), s);
-          cuda::DecodeArgs<T> da;
-          da.q = qkv.data();
-          da.ldq = Wqkv;
-          da.k = kbuf.data();
-          da.v = vbuf.data();
-          da.ldkv = Dkv;
-          da.seq_stride = static_cast<long long>(cap) * Dkv;
-          da.len = d_len;
-          da.batch = B;
-          da.n_heads = nh;
-          da.n_kv_heads = nkv;
-          da.head_dim = hd;
-          da.window = c_.sliding_window;
-          da.scale = scale;
+          const cuda::DecodeArgs<T> da = std_args(kbuf.data(), vbuf.data(), static_cast<long long>(cap) * Dkv);
           cuda::decode_attention<T>(da, max_len, attn.data(), Dq, scratch_, s);
         } else {
           // q_lat[b, h, :] = scale * W_uk,kvh^T q[b, h, :]; the K bias adds q . b_k to every score

@@ -12,6 +12,8 @@
 //   CACHESHRINK_BENCH_ROWS=0,2,5    anchor rows to run (unset: all)
 //   CACHESHRINK_BENCH_PARAGRAPHS=N  training paragraphs (unset: 1000)
 //   CACHESHRINK_BENCH_EPOCHS=N      epochs (unset: 3)
+// and pick TrainOptions::recon_norm (the same on every row):
+//   CACHESHRINK_RECON_NORM=padded   tokens | padded (unset: the TrainOptions default)
 //
 //   ./build/benchmarks/bench_train --benchmark_filter=BM_TrainStep
 //   CACHESHRINK_BENCH_ROWS=2 ./build/benchmarks/bench_train --benchmark_filter=BM_TrainAnchor
@@ -87,6 +89,7 @@ void BM_TrainAnchor(benchmark::State& state, nlohmann::json row) {
     o.epochs = static_cast<int>(env_long("CACHESHRINK_BENCH_EPOCHS", 3));
     o.batch_size = 4;
     o.max_length = 256;
+    if (const char* rn = std::getenv("CACHESHRINK_RECON_NORM"); rn && *rn) o.recon_norm = rn;
     train::MLATrainer<float> tr(mm, o);
     const auto st = tr.train(training_data());
     secs = st.seconds;
@@ -174,8 +177,10 @@ int main(int argc, char** argv) {
   benchmark::Shutdown();
   if (!g_rows.empty()) {
     const long w = env_long("CACHESHRINK_BENCH_WINDOWS", 0);
-    std::printf("\nperplexity windows: %s; training paragraphs %ld, epochs %ld\n", w ? std::to_string(w).c_str() : "all (1682)",
-                env_long("CACHESHRINK_BENCH_PARAGRAPHS", 1000), env_long("CACHESHRINK_BENCH_EPOCHS", 3));
+    const char* rn = std::getenv("CACHESHRINK_RECON_NORM");
+    std::printf("\nperplexity windows: %s; training paragraphs %ld, epochs %ld; recon_norm %s\n", w ? std::to_string(w).c_str() : "all (1682)",
+                env_long("CACHESHRINK_BENCH_PARAGRAPHS", 1000), env_long("CACHESHRINK_BENCH_EPOCHS", 3),
+                rn && *rn ? rn : train::TrainOptions{}.recon_norm.c_str());
     std::printf("| model | ratio | method | used | d_latent | ppl original (Py) | Py after conversion | ours after conversion | Py after training | "
                 "ours after training | target met | Py train s | our train s | final loss | ortho err |\n");
     std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");

@@ -2,7 +2,7 @@
 // `cacheshrink train`: fine-tune the compression of an MLA model (a saved MLA directory, or a
 // plain HF model converted first with --ratio/--method) on a text file, then save it.
 //
-//   cacheshrink train --model DIR --data FILE --recon-alpha 0.3 [--distill] [--epochs 3]
+//   cacheshrink train --model DIR --data FILE --recon-alpha 0.3 [--recon-norm tokens|padded] [--distill] [--epochs 3]
 //       [--batch-size 4] [--max-length 512] [--euclidean-lr ..] [--riemannian-lr ..] --out DIR2
 //
 // --plot-loss FILE.svg draws the per-step curves (pipeline/loss_plot.hpp); `cacheshrink plot-loss
@@ -135,6 +135,10 @@ inline CLI::App* add_train_command(CLI::App& app) {
   t->add_option("--paragraphs", c->paragraphs, "Use the first N paragraphs (0: all)")->capture_default_str()->check(CLI::NonNegativeNumber);
   t->add_option("--recon-alpha", c->o.recon_alpha, "Reconstruction loss weight: (1-a) LM + a mean MSE(K~,K),(V~,V)")
       ->capture_default_str()->check(CLI::Range(0.0, 1.0));
+  t->add_option("--recon-norm", c->o.recon_norm,
+                "Reconstruction mean per batch: tokens (over real tokens) | padded (over batch x longest sequence, the Python "
+                "original's F.mse_loss denominator; padding adds no term)")
+      ->capture_default_str()->check(CLI::IsMember({"tokens", "padded"}));
   t->add_flag("--distill", c->o.distill, "Distillation from the original model (alpha 0.9, T 2); excludes --recon-alpha > 0");
   t->add_option("--epochs", c->o.epochs, "Epochs")->capture_default_str()->check(CLI::PositiveNumber);
   t->add_option("--batch-size", c->o.batch_size, "Sequences per micro-batch")->capture_default_str()->check(CLI::PositiveNumber);

@@ -10,7 +10,9 @@
 //   B = alpha N_r / N                      (recon / KL part)
 //   backward_scale' = s (A + B),  alpha' = B / (A + B)
 // then lm_w = s (1-alpha) / N_pred and the recon/KL coefficient s alpha / N, as for one process
-// with the whole micro-batch (s = 1/grad_accum). The summed gradients are all-reduced, so
+// with the whole micro-batch (s = 1/grad_accum). With ReconNorm::Padded the recon mean divides by
+// slots = sequences x longest sequence instead of N, so its share is B = alpha slots_r / slots
+// (slots_r: the rank's sequences x its longest one), giving the coefficient s alpha / slots. The summed gradients are all-reduced, so
 // clipping sees the global norm and every rank takes the same optimizer step.
 #include <algorithm>
 #include <cmath>
@@ -30,7 +32,7 @@ struct DataShare {
   LossOptions loss;                        // alpha' (see above); the caller's options for one rank
   double scale = 1.0;                      // backward_scale'
   double lm_weight = 1.0;                  // N_pred,r / N_pred: the rank's share of the LM mean
-  double token_weight = 1.0;               // N_r / N: its share of the recon / KL means
+  double token_weight = 1.0;               // N_r / N: its share of the recon / KL means (slots_r / slots: padded recon)
 };
 
 inline DataShare data_share(std::span<const std::vector<int>> micro, const LossOptions& lo, double scale, int rank, int size) {
@@ -43,14 +45,16 @@ inline DataShare data_share(std::span<const std::vector<int>> micro, const LossO
   }
   const auto [first, last] = dist::shard_range(micro.size(), rank, size);
   d.seqs = micro.subspan(first, last - first);
-  double pred = 0, n = 0, pred_r = 0, n_r = 0;
+  double pred = 0, n = 0, pred_r = 0, n_r = 0, tmax = 0, tmax_r = 0;
   for (std::size_t i = 0; i < micro.size(); ++i) {
     const double len = static_cast<double>(micro[i].size());
     n += len;
     pred += len > 0 ? len - 1 : 0;
+    tmax = std::max(tmax, len);
     if (i >= first && i < last) {
       n_r += len;
       pred_r += len > 0 ? len - 1 : 0;
+      tmax_r = std::max(tmax_r, len);
     }
   }
   if (d.seqs.empty() || pred <= 0 || n <= 0) {
@@ -59,6 +63,8 @@ inline DataShare data_share(std::span<const std::vector<int>> micro, const LossO
   }
   d.lm_weight = pred_r / pred;
   d.token_weight = n_r / n;
+  if (!lo.distill && lo.recon_norm == ReconNorm::Padded)
+    d.token_weight = (static_cast<double>(last - first) * tmax_r) / (static_cast<double>(micro.size()) * tmax);
   const double alpha = lo.distill ? lo.distill_alpha : lo.recon_alpha;
   const double a = (1.0 - alpha) * d.lm_weight, b = alpha * d.token_weight;
   d.scale = scale * (a + b);

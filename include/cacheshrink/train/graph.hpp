@@ -14,7 +14,11 @@
 //
 // Losses (alpha = recon_alpha; N_pred = tokens with a next token; N = real tokens):
 //   LM        mean over N_pred of -log softmax(z_t)[y_{t+1}]
-//   recon     mean over MLA layers of (MSE(K~, K) + MSE(V~, V)) / 2, MSE averaged over N * d_kv.
+//   recon     mean over MLA layers of (MSE(K~, K) + MSE(V~, V)) / 2, MSE averaged over N * d_kv
+//             (ReconNorm::Tokens). ReconNorm::Padded divides the same sum over real tokens by
+//             B * T_max * d_kv instead (B sequences, T_max the longest): the denominator of the
+//             original's F.mse_loss over its padded (B, T_max, d_kv) tensor, i.e. the Tokens term
+//             times N / (B * T_max). Padding positions themselves add no term (the original's do).
 //             K = h Wk^T + bk and V = h Wv^T + bv: the ORIGINAL projections applied to the same
 //             attention input h the MLA layer sees in this forward (after the input norm),
 //             before k-norm and RoPE; K~ = c_k Wuk^T + bk likewise (biases cancel). The target
@@ -39,11 +43,27 @@
 
 namespace cacheshrink::train {
 
+/// Normalisation of the reconstruction MSE of one batch (see the file comment).
+enum class ReconNorm {
+  Tokens,  // sum over the N real tokens / (N d_kv)
+  Padded   // sum over the N real tokens / (B T_max d_kv): the original's padded mean, without padding terms
+};
+
+inline const char* recon_norm_name(ReconNorm r) { return r == ReconNorm::Padded ? "padded" : "tokens"; }
+
+/// "tokens" | "padded"; anything else throws InvalidArgument naming `option` and the allowed values.
+inline ReconNorm parse_recon_norm(const std::string& s, const std::string& option = "recon_norm") {
+  if (s == "tokens") return ReconNorm::Tokens;
+  if (s == "padded") return ReconNorm::Padded;
+  throw InvalidArgument("train: option " + option + "='" + s + "' is invalid, expected one of: tokens, padded");
+}
+
 struct LossOptions {
   double recon_alpha = 0.0;  // weight of the reconstruction loss; 0 = pure LM
   bool distill = false;      // distillation from the original model (exclusive with recon_alpha > 0)
   double distill_alpha = 0.9;
   double temperature = 2.0;
+  ReconNorm recon_norm = ReconNorm::Tokens;  // denominator of the reconstruction mean
   void validate() const {
     if (!(recon_alpha >= 0.0 && recon_alpha <= 1.0))
       throw InvalidArgument("recon_alpha must be in [0, 1] (got " + std::to_string(recon_alpha) + ")");
@@ -356,6 +376,8 @@ class TrainGraph {
       maxlen = std::max(maxlen, static_cast<int>(t.size()));
     }
     if (c_.uses_rope()) rope_tab_.ensure(rope_, maxlen);
+    // Token slots the reconstruction mean divides by: N, or B * T_max for ReconNorm::Padded.
+    recon_slots_ = lo.recon_norm == ReconNorm::Padded ? static_cast<double>(B) * maxlen : static_cast<double>(off_.back());
     const int N = off_.back(), H = c_.hidden_size, hd = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads, dkv = c_.d_kv();
     const S eps = static_cast<S>(c_.norm_eps);
     LossParts lp;
@@ -395,7 +417,7 @@ class TrainGraph {
           a.rk.noalias() -= a.h * f.wk.transpose();
           a.rv = a.v;
           a.rv.noalias() -= a.h * f.wv.transpose();
-          const double nk = static_cast<double>(N) * dkv;
+          const double nk = recon_slots_ * dkv;
           recon_sum += 0.5 * (static_cast<double>(a.rk.squaredNorm()) / nk + static_cast<double>(a.rv.squaredNorm()) / nk);
         } else {
           a.rk.resize(0, 0);
@@ -489,8 +511,9 @@ class TrainGraph {
       dh.noalias() = dq * f.wq;
       if (f.mla) {
         if (a.rk.size()) {
-          // d recon / dK~ = coef * (K~ - K) / (N d_kv)  (0.5 * 2 of the mean of the two MSEs)
-          const S w = recon_coef_ / static_cast<S>(static_cast<double>(N) * dkv);
+          // d recon / dK~ = coef * (K~ - K) / (slots d_kv)  (0.5 * 2 of the mean of the two MSEs;
+          // slots = N, or B * T_max with ReconNorm::Padded: the same constant as the forward)
+          const S w = recon_coef_ / static_cast<S>(recon_slots_ * dkv);
           dk.noalias() += w * a.rk;
           dv.noalias() += w * a.rv;
           // The target K = h Wk^T depends on h too.
@@ -536,6 +559,7 @@ class TrainGraph {
   std::vector<Param> params_;
   int n_mla_ = 0, lmin_ = -1;
   S recon_coef_ = 0;
+  double recon_slots_ = 1;  // denominator (in tokens) of the last forward's reconstruction mean
   // Per-batch buffers.
   std::vector<int> off_;
   std::vector<Acts> acts_;

@@ -61,6 +61,11 @@ struct TrainOptions {
   int log_every = 10;
   int ortho_every = 100;
   double recon_alpha = 0.0;
+  // Denominator of the per-batch reconstruction mean: "tokens" (real tokens x d_kv) or "padded"
+  // (batch x longest sequence x d_kv, the original's F.mse_loss over its padded tensor, so the term
+  // is scaled by n_real / (batch * T_max); padding positions themselves add no term, unlike the
+  // original's). Gradients are scaled the same way.
+  std::string recon_norm = "tokens";
   bool distill = false;
   double distill_alpha = 0.9;
   double temperature = 2.0;
@@ -73,7 +78,7 @@ struct TrainOptions {
   int checkpoint_every = 0;
   int keep_last_checkpoints = 2;  // older step-N folders are removed
 
-  LossOptions loss() const { return {recon_alpha, distill, distill_alpha, temperature}; }
+  LossOptions loss() const { return {recon_alpha, distill, distill_alpha, temperature, parse_recon_norm(recon_norm)}; }
   void validate() const {
     auto bad = [](const std::string& opt, const std::string& expected, double v) {
       throw InvalidArgument("train: option " + opt + "=" + std::to_string(v) + " is invalid, expected " + expected);
@@ -91,6 +96,7 @@ struct TrainOptions {
     if (!(riemannian_weight_decay >= 0)) bad("riemannian_weight_decay", ">= 0", riemannian_weight_decay);
     if (checkpoint_every < 0) bad("checkpoint_every", ">= 0", checkpoint_every);
     if (keep_last_checkpoints < 1) bad("keep_last_checkpoints", ">= 1", keep_last_checkpoints);
+    (void)parse_recon_norm(recon_norm);  // InvalidArgument: "option recon_norm='x' is invalid, expected one of: tokens, padded"
     loss().validate();
   }
 };

@@ -22,6 +22,8 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "shapes.hpp"
+
 using namespace cacheshrink;
 
 namespace {
@@ -59,32 +61,11 @@ struct Shape {
 Shape make_shape(const std::string& n) {
   ModelConfig c;
   Shape s;
-  c.family = Family::Llama;
-  c.head_dim = 128;
-  c.max_position = 40000;
   if (n == "llama2") {
-    c.model_type = "llama";
-    c.source = "random LLaMA-2-7B shapes";
-    c.vocab_size = 32000;
-    c.hidden_size = 4096;
-    c.n_layers = 32;
-    c.n_heads = c.n_kv_heads = 32;
-    c.intermediate_size = 11008;
-    c.norm_eps = 1e-5;
-    c.rope_theta = 10000.0;
+    c = bench::llama2_7b(40000);
     s.ratio = 4;
   } else if (n == "qwen25") {
-    c.model_type = "qwen2";
-    c.source = "random Qwen2.5-7B shapes";
-    c.vocab_size = 152064;
-    c.hidden_size = 3584;
-    c.n_layers = 28;
-    c.n_heads = 28;
-    c.n_kv_heads = 4;
-    c.intermediate_size = 18944;
-    c.norm_eps = 1e-6;
-    c.rope_theta = 1000000.0;
-    c.qkv_bias = true;
+    c = bench::qwen25_7b(40000);
     s.ratio = 2;
   } else {
     throw InvalidArgument("--shapes: unknown shape '" + n + "' (llama2, qwen25)");

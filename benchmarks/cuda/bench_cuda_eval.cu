@@ -15,6 +15,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "shapes.hpp"
+
 using namespace cacheshrink;
 
 namespace {
@@ -26,42 +28,8 @@ struct Args {
   int iters = 5;
 };
 
-ModelConfig llama2_7b() {
-  ModelConfig c;
-  c.model_type = "llama";
-  c.source = "random LLaMA-2-7B shapes";
-  c.family = Family::Llama;
-  c.vocab_size = 32000;
-  c.hidden_size = 4096;
-  c.n_layers = 32;
-  c.n_heads = 32;
-  c.n_kv_heads = 32;
-  c.head_dim = 128;
-  c.intermediate_size = 11008;
-  c.max_position = 4096;
-  c.norm_eps = 1e-5;
-  c.rope_theta = 10000.0;
-  return c;
-}
-
-ModelConfig qwen25_7b() {
-  ModelConfig c;
-  c.model_type = "qwen2";
-  c.source = "random Qwen2.5-7B shapes";
-  c.family = Family::Llama;
-  c.vocab_size = 152064;
-  c.hidden_size = 3584;
-  c.n_layers = 28;
-  c.n_heads = 28;
-  c.n_kv_heads = 4;
-  c.head_dim = 128;
-  c.intermediate_size = 18944;
-  c.max_position = 32768;
-  c.norm_eps = 1e-6;
-  c.rope_theta = 1000000.0;
-  c.qkv_bias = true;
-  return c;
-}
+using bench::llama2_7b;
+using bench::qwen25_7b;
 
 nlohmann::json rows = nlohmann::json::array();
 

@@ -14,6 +14,7 @@
 // the reconstruction of the calibration activations is governed by Wu alone; its captured
 // energy (eigenvalue mass) is reported per layer. Without calibration G = I (weight SVD).
 // Biases stay outside the compression: K~ = X Wd^T Wu^T + bk.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -157,83 +158,100 @@ using MatD = linalg::Matrix<double>;
 struct Basis {
   MatD u;  // (d, k)
   double energy = 1.0;
-  MatD u_all;                    // (d, d): every eigenvector, descending (for the report's spectra)
+  MatD u_all;                    // (d, d): every eigenvector, descending (for the report's spectra);
+                                 // a backend may keep only the first k when not asked for all
   std::vector<double> spectrum;  // (d): eigenvalues, descending
 };
 
-inline Basis top_basis(const MatD& s, int k) {
-  auto es = linalg::symmetric_eigen(s);  // the solver computes all d pairs anyway
-  const double tr = s.trace();
+/// Basis from all eigenpairs (descending, signs fixed as linalg::symmetric_eigen) of a statistic
+/// with trace `tr`.
+inline Basis basis_from(MatD vectors, const Eigen::VectorXd& values, double tr, int k) {
   Basis b;
-  b.u = es.vectors.leftCols(k);
-  b.energy = tr > 0 ? std::clamp(es.values.head(k).sum() / tr, 0.0, 1.0) : 1.0;
-  b.u_all = std::move(es.vectors);
-  b.spectrum.assign(es.values.data(), es.values.data() + es.values.size());
+  b.u = vectors.leftCols(k);
+  b.energy = tr > 0 ? std::clamp(values.head(k).sum() / tr, 0.0, 1.0) : 1.0;
+  b.u_all = std::move(vectors);
+  b.spectrum.assign(values.data(), values.data() + values.size());
   return b;
 }
 
-/// diag(U^T S U): the energy of S along each column of U.
-inline std::vector<double> spectrum_along(const MatD& s, const MatD& u) {
-  const Eigen::VectorXd d = (s * u).cwiseProduct(u).colwise().sum().transpose();
-  return {d.data(), d.data() + d.size()};
-}
-
-inline double energy_of(const MatD& s, const MatD& u) {
-  const double tr = s.trace();
-  return tr > 0 ? std::clamp((u.transpose() * s * u).trace() / tr, 0.0, 1.0) : 1.0;
-}
+/// The dense float64 linear algebra of the initialisation, on the host (Eigen). The CUDA
+/// backend provides the same five operations with the Grams kept on the device
+/// (backend/cuda/convert.cuh), so both backends run one initialisation routine (initialise).
+struct HostInit {
+  const std::vector<MatD>* grams = nullptr;  // per layer; nullptr: G = I (weight SVD)
+  /// W G_l W^T for a weight W (d, hidden) as stored (float, row-major), in float64.
+  MatD statistic(int l, const MatrixRf& w) const {
+    const MatD a = w.cast<double>();
+    return grams ? MatD(a * (*grams)[l] * a.transpose()) : MatD(a * a.transpose());
+  }
+  /// Every eigenpair of s, descending; the first k vectors are the basis.
+  Basis top_basis(const MatD& s, int k) const {
+    auto es = linalg::symmetric_eigen(s);  // the solver computes all d pairs anyway
+    return basis_from(std::move(es.vectors), es.values, s.trace(), k);
+  }
+  /// top_basis of each statistic (a backend may run them concurrently; without `all_vectors` it
+  /// may return only the first k eigenvectors in u_all).
+  std::vector<Basis> top_bases(const std::vector<MatD>& s, int k, bool all_vectors = true) const {
+    (void)all_vectors;
+    std::vector<Basis> out;
+    for (const auto& m : s) out.push_back(top_basis(m, k));
+    return out;
+  }
+  /// How many layers' statistics initialise() hands to top_bases at once.
+  int parallelism() const { return 1; }
+  /// diag(U^T S U): the energy of S along each column of U.
+  std::vector<double> spectrum_along(const MatD& s, const MatD& u) const {
+    const Eigen::VectorXd d = (s * u).cwiseProduct(u).colwise().sum().transpose();
+    return {d.data(), d.data() + d.size()};
+  }
+  double energy_of(const MatD& s, const MatD& u) const {
+    const double tr = s.trace();
+    return tr > 0 ? std::clamp((u.transpose() * s * u).trace() / tr, 0.0, 1.0) : 1.0;
+  }
+  /// U^T W in float64, stored as float: the least-squares down-projection for an orthonormal U.
+  MatrixRf down(const MatD& u, const MatrixRf& w) const { return MatD(u.transpose() * w.cast<double>()).cast<float>(); }
+};
 
 inline MatrixRf to_f(const MatD& m) { return m.cast<float>(); }
 
-}  // namespace detail
-
-/// Converts `original` to MLA. `calibration`: token sequences (ignored when
-/// use_calibration is false). Returns the converted model; fills `report` when given.
-/// With a communicator (dist::Mpi), every rank passes the same model, options and calibration
-/// list; calibration is sharded and reduced (attention_input_grams), then every rank computes
-/// the same initialisation from the same Grams (redundantly: the eigen-decompositions are
-/// d_kv x d_kv, small next to calibration for the models we target) and returns the same model.
-template <dist::Communicator Comm = dist::Single>
-model::Model convert(const model::Model& original, const ConvertOptions& o, const std::vector<std::vector<int>>& calibration,
-                     ConversionReport* report = nullptr, const Comm& comm = {}) {
-  using detail::MatD;
-  const auto t0 = std::chrono::steady_clock::now();
-  const ModelConfig& c = original.config;
+/// Method and latent width of a conversion (fills rep.method, rep.d_kv, rep.d_latent).
+inline CompressionMethod plan(const ModelConfig& c, const ConvertOptions& o, ConversionReport& rep) {
   const CompressionMethod method = resolve_method(c, o);
-  ConversionReport rep;
   rep.method = method;
   rep.d_kv = c.d_kv();
   const int d_rope = method == CompressionMethod::DecoupledRope ? o.d_rope : 0;
   rep.d_latent = o.d_latent > 0 ? o.d_latent
                                 : dispatch_compression(method, [&](auto p) { return decltype(p)::d_latent(c.d_kv(), o.compression_ratio, d_rope); });
+  return method;
+}
+
+/// The initialisation shared by every backend: bases from the statistics A G_l A^T, the
+/// down-projections, the per-layer report, warnings and cache sizes. `init` supplies the
+/// linear algebra (HostInit or cuda::DeviceInit). `out` is the model to convert, modified in
+/// place (its K/V weights are read, never changed) and returned.
+template <class Init>
+model::Model initialise(model::Model out, const ConvertOptions& o, ConversionReport& rep, const Init& init, bool progress) {
+  const model::Model& original = out;
+  const ModelConfig& c = original.config;
+  const CompressionMethod method = rep.method;
+  const int d_rope = method == CompressionMethod::DecoupledRope ? o.d_rope : 0;
   const int dl = rep.d_latent;
-  const int L = c.n_layers, H = c.hidden_size;
+  const int L = c.n_layers;
 
-  std::vector<MatD> grams;
-  if (o.use_calibration) {
-    if (calibration.empty()) throw InvalidArgument("convert: use_calibration is on but no calibration sequences were given");
-    const auto tc = std::chrono::steady_clock::now();
-    grams = attention_input_grams(original, calibration, o.calibration_batch, o.verbose, &rep.calibration_tokens, comm);
-    rep.calibration_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
-    rep.calibrated = true;
-  } else {
-    grams.assign(L, MatD::Identity(H, H));
-  }
-
-  model::Model out = original;
   rep.layers.resize(L);
-  auto wk = [&](int l) -> MatD { return original.weights.layers[l].wk.cast<double>(); };
-  auto wv = [&](int l) -> MatD { return original.weights.layers[l].wv.cast<double>(); };
+  const int chunk = std::max(1, init.parallelism());
+  auto wk = [&](int l) -> const MatrixRf& { return original.weights.layers[l].wk; };
+  auto wv = [&](int l) -> const MatrixRf& { return original.weights.layers[l].wv; };
 
-  auto set_separate = [&](int l, const detail::Basis& bk, const detail::Basis& bv, int group, CompressionMethod m) {
+  auto set_separate = [&](int l, const MatrixRf& wkl, const MatrixRf& wvl, const Basis& bk, const Basis& bv, int group, CompressionMethod m) {
     model::MlaLayer mla;
     mla.method = m;
     mla.d_latent = dl;
     mla.group = group;
-    mla.w_up_k = std::make_shared<MatrixRf>(detail::to_f(bk.u));
-    mla.w_up_v = std::make_shared<MatrixRf>(detail::to_f(bv.u));
-    mla.w_down_k = detail::to_f(bk.u.transpose() * wk(l));
-    mla.w_down_v = detail::to_f(bv.u.transpose() * wv(l));
+    mla.w_up_k = std::make_shared<MatrixRf>(to_f(bk.u));
+    mla.w_up_v = std::make_shared<MatrixRf>(to_f(bv.u));
+    mla.w_down_k = init.down(bk.u, wkl);
+    mla.w_down_v = init.down(bv.u, wvl);
     out.weights.layers[l].mla = std::move(mla);
   };
 
@@ -243,24 +261,37 @@ model::Model convert(const model::Model& original, const ConvertOptions& o, cons
     gsize = o.cross_layer_group_size.value_or(4);
   }
   for (int l = 0; l < L; ++l) rep.layers[l].layer = l;
+  Progress bar("initialisation", L, "layers", progress);
+  int done = 0;
+  auto tick = [&](int n) { bar.update(done += n); };
 
   if (method == CompressionMethod::Separate || (method == CompressionMethod::Xkv && skip > 0)) {
     const int last = method == CompressionMethod::Separate ? L : skip;
-    for (int l = 0; l < last; ++l) {
-      auto& lr = rep.layers[l];
+    for (int l0 = 0; l0 < last; l0 += chunk) {
+      const int l1 = std::min(last, l0 + chunk);
       if (method == CompressionMethod::Xkv && o.keep_early_layers_original) {
-        lr.kind = "original";
+        for (int l = l0; l < l1; ++l) rep.layers[l].kind = "original";
+        tick(l1 - l0);
         continue;
       }
-      const MatD sk = wk(l) * grams[l] * wk(l).transpose();
-      const MatD sv = wv(l) * grams[l] * wv(l).transpose();
-      auto bk = detail::top_basis(sk, dl), bv = detail::top_basis(sv, dl);
-      set_separate(l, bk, bv, -1, CompressionMethod::Separate);
-      lr.kind = "mla";
-      lr.energy_k = bk.energy;
-      lr.energy_v = bv.energy;
-      lr.spectrum_k = bk.spectrum;
-      lr.spectrum_v = bv.spectrum;
+      std::vector<MatD> stats;  // K, V per layer
+      for (int l = l0; l < l1; ++l) {
+        stats.push_back(init.statistic(l, wk(l)));
+        stats.push_back(init.statistic(l, wv(l)));
+      }
+      const auto bases = init.top_bases(stats, dl, /*all_vectors=*/false);
+      for (int l = l0; l < l1; ++l) {
+        const auto& bk = bases[2 * (l - l0)];
+        const auto& bv = bases[2 * (l - l0) + 1];
+        set_separate(l, wk(l), wv(l), bk, bv, -1, CompressionMethod::Separate);
+        auto& lr = rep.layers[l];
+        lr.kind = "mla";
+        lr.energy_k = bk.energy;
+        lr.energy_v = bv.energy;
+        lr.spectrum_k = bk.spectrum;
+        lr.spectrum_v = bv.spectrum;
+      }
+      tick(l1 - l0);
     }
   }
   if (method == CompressionMethod::Xkv) {
@@ -272,14 +303,16 @@ model::Model convert(const model::Model& original, const ConvertOptions& o, cons
       MatD sk = MatD::Zero(c.d_kv(), c.d_kv()), sv = sk;
       std::vector<MatD> lk, lv;
       for (int l = start; l < end; ++l) {
-        lk.push_back(wk(l) * grams[l] * wk(l).transpose());
-        lv.push_back(wv(l) * grams[l] * wv(l).transpose());
+        lk.push_back(init.statistic(l, wk(l)));
+        lv.push_back(init.statistic(l, wv(l)));
         sk += lk.back() / std::max(lk.back().trace(), 1e-300);
         sv += lv.back() / std::max(lv.back().trace(), 1e-300);
       }
-      auto bk = detail::top_basis(sk, dl), bv = detail::top_basis(sv, dl);
-      auto uk = std::make_shared<MatrixRf>(detail::to_f(bk.u));
-      auto uv = std::make_shared<MatrixRf>(detail::to_f(bv.u));
+      auto kv = init.top_bases({sk, sv}, dl, /*all_vectors=*/true);  // spectra along every vector
+      const Basis& bk = kv[0];
+      const Basis& bv = kv[1];
+      auto uk = std::make_shared<MatrixRf>(to_f(bk.u));
+      auto uv = std::make_shared<MatrixRf>(to_f(bv.u));
       for (int l = start; l < end; ++l) {
         model::MlaLayer mla;
         mla.method = CompressionMethod::Xkv;
@@ -287,64 +320,85 @@ model::Model convert(const model::Model& original, const ConvertOptions& o, cons
         mla.group = g;
         mla.w_up_k = uk;
         mla.w_up_v = uv;
-        mla.w_down_k = detail::to_f(bk.u.transpose() * wk(l));
-        mla.w_down_v = detail::to_f(bv.u.transpose() * wv(l));
+        mla.w_down_k = init.down(bk.u, wk(l));
+        mla.w_down_v = init.down(bv.u, wv(l));
         out.weights.layers[l].mla = std::move(mla);
         auto& lr = rep.layers[l];
         lr.kind = "mla";
         lr.group = g;
-        lr.energy_k = detail::energy_of(lk[l - start], bk.u);
-        lr.energy_v = detail::energy_of(lv[l - start], bv.u);
-        lr.spectrum_k = detail::spectrum_along(lk[l - start], bk.u_all);
-        lr.spectrum_v = detail::spectrum_along(lv[l - start], bv.u_all);
+        lr.energy_k = init.energy_of(lk[l - start], bk.u);
+        lr.energy_v = init.energy_of(lv[l - start], bv.u);
+        lr.spectrum_k = init.spectrum_along(lk[l - start], bk.u_all);
+        lr.spectrum_v = init.spectrum_along(lv[l - start], bv.u_all);
       }
+      tick(end - start);
     }
   }
   if (method == CompressionMethod::DecoupledRope) {
     const int dc = c.d_kv() - d_rope;
-    for (int l = 0; l < L; ++l) {
-      const MatD wr = wk(l).topRows(d_rope), wc = wk(l).bottomRows(dc);
-      const MatD sk = wc * grams[l] * wc.transpose();
-      const MatD sv = wv(l) * grams[l] * wv(l).transpose();
-      auto bk = detail::top_basis(sk, dl), bv = detail::top_basis(sv, dl);
-      model::MlaLayer mla;
-      mla.method = CompressionMethod::DecoupledRope;
-      mla.d_latent = dl;
-      mla.d_rope = d_rope;
-      mla.w_rope_k = detail::to_f(wr);
-      mla.w_up_k = std::make_shared<MatrixRf>(detail::to_f(bk.u));
-      mla.w_up_v = std::make_shared<MatrixRf>(detail::to_f(bv.u));
-      mla.w_down_k = detail::to_f(bk.u.transpose() * wc);
-      mla.w_down_v = detail::to_f(bv.u.transpose() * wv(l));
-      out.weights.layers[l].mla = std::move(mla);
-      // Energy of the whole K: the exact slice keeps all of its energy.
-      const MatD full = wk(l) * grams[l] * wk(l).transpose();
-      const double tr = full.trace();
-      auto& lr = rep.layers[l];
-      lr.kind = "mla";
-      lr.energy_k = tr > 0 ? std::clamp((full.topLeftCorner(d_rope, d_rope).trace() + bk.energy * sk.trace()) / tr, 0.0, 1.0) : 1.0;
-      lr.energy_v = bv.energy;
-      lr.spectrum_k = bk.spectrum;  // of the compressed content part
-      lr.spectrum_v = bv.spectrum;
+    for (int l0 = 0; l0 < L; l0 += chunk) {
+      const int l1 = std::min(L, l0 + chunk);
+      std::vector<MatD> stats;  // content part of K, V per layer
+      for (int l = l0; l < l1; ++l) {
+        stats.push_back(init.statistic(l, MatrixRf(wk(l).bottomRows(dc))));
+        stats.push_back(init.statistic(l, wv(l)));
+      }
+      const auto bases = init.top_bases(stats, dl, /*all_vectors=*/false);
+      for (int l = l0; l < l1; ++l) {
+        const MatrixRf& wkl = wk(l);
+        const MatrixRf wc = wkl.bottomRows(dc);
+        const MatD& sk = stats[2 * (l - l0)];
+        const auto& bk = bases[2 * (l - l0)];
+        const auto& bv = bases[2 * (l - l0) + 1];
+        model::MlaLayer mla;
+        mla.method = CompressionMethod::DecoupledRope;
+        mla.d_latent = dl;
+        mla.d_rope = d_rope;
+        mla.w_rope_k = wkl.topRows(d_rope);
+        mla.w_up_k = std::make_shared<MatrixRf>(to_f(bk.u));
+        mla.w_up_v = std::make_shared<MatrixRf>(to_f(bv.u));
+        mla.w_down_k = init.down(bk.u, wc);
+        mla.w_down_v = init.down(bv.u, wv(l));
+        out.weights.layers[l].mla = std::move(mla);
+        // Energy of the whole K: the exact slice keeps all of its energy.
+        const MatD full = init.statistic(l, wkl);
+        const double tr = full.trace();
+        auto& lr = rep.layers[l];
+        lr.kind = "mla";
+        lr.energy_k = tr > 0 ? std::clamp((full.topLeftCorner(d_rope, d_rope).trace() + bk.energy * sk.trace()) / tr, 0.0, 1.0) : 1.0;
+        lr.energy_v = bv.energy;
+        lr.spectrum_k = bk.spectrum;  // of the compressed content part
+        lr.spectrum_v = bv.spectrum;
+      }
+      tick(l1 - l0);
     }
   }
   if (method == CompressionMethod::Joint) {
-    for (int l = 0; l < L; ++l) {
-      MatD wkv(2 * c.d_kv(), H);
+    auto stacked = [&](int l) {
+      MatrixRf wkv(2 * c.d_kv(), c.hidden_size);
       wkv << wk(l), wv(l);
-      const MatD s = wkv * grams[l] * wkv.transpose();
-      auto b = detail::top_basis(s, dl);
-      model::MlaLayer mla;
-      mla.method = CompressionMethod::Joint;
-      mla.d_latent = dl;
-      mla.w_up_k = std::make_shared<MatrixRf>(detail::to_f(b.u.topRows(c.d_kv())));
-      mla.w_up_v = std::make_shared<MatrixRf>(detail::to_f(b.u.bottomRows(c.d_kv())));
-      mla.w_down_k = detail::to_f(b.u.transpose() * wkv);
-      out.weights.layers[l].mla = std::move(mla);
-      auto& lr = rep.layers[l];
-      lr.kind = "mla";
-      lr.energy_k = lr.energy_v = b.energy;
-      lr.spectrum_k = lr.spectrum_v = b.spectrum;
+      return wkv;
+    };
+    for (int l0 = 0; l0 < L; l0 += chunk) {
+      const int l1 = std::min(L, l0 + chunk);
+      std::vector<MatD> stats;
+      for (int l = l0; l < l1; ++l) stats.push_back(init.statistic(l, stacked(l)));
+      const auto bases = init.top_bases(stats, dl, /*all_vectors=*/false);
+      for (int l = l0; l < l1; ++l) {
+        const auto& b = bases[l - l0];
+        model::MlaLayer mla;
+        mla.method = CompressionMethod::Joint;
+        mla.d_latent = dl;
+        mla.w_up_k = std::make_shared<MatrixRf>(to_f(b.u.topRows(c.d_kv())));
+        mla.w_up_v = std::make_shared<MatrixRf>(to_f(b.u.bottomRows(c.d_kv())));
+        mla.w_down_k = init.down(b.u, stacked(l));
+        out.weights.layers[l].mla = std::move(mla);
+        auto& lr = rep.layers[l];
+        lr.kind = "mla";
+        lr.energy_k = lr.energy_v = b.energy;
+        lr.spectrum_k = lr.spectrum_v = b.spectrum;
+      }
+      tick(l1 - l0);
     }
   }
   for (auto& lr : rep.layers) {
@@ -358,8 +412,39 @@ model::Model convert(const model::Model& original, const ConvertOptions& o, cons
     }
   }
   rep.cache_floats_per_token_original = static_cast<std::size_t>(2) * c.d_kv() * L;
+  rep.cache_floats_per_token_mla = 0;
   for (const auto& lw : out.weights.layers)
     rep.cache_floats_per_token_mla += lw.mla ? static_cast<std::size_t>(lw.mla->cache_width()) : static_cast<std::size_t>(2 * c.d_kv());
+  return out;
+}
+
+}  // namespace detail
+
+/// Converts `original` to MLA. `calibration`: token sequences (ignored when
+/// use_calibration is false). Returns the converted model; fills `report` when given.
+/// With a communicator (dist::Mpi), every rank passes the same model, options and calibration
+/// list; calibration is sharded and reduced (attention_input_grams), then every rank computes
+/// the same initialisation from the same Grams (redundantly: the eigen-decompositions are
+/// d_kv x d_kv, small next to calibration for the models we target) and returns the same model.
+/// The CUDA backend's cuda::convert (backend/cuda/convert.cuh) runs the same steps on the GPU.
+template <dist::Communicator Comm = dist::Single>
+model::Model convert(const model::Model& original, const ConvertOptions& o, const std::vector<std::vector<int>>& calibration,
+                     ConversionReport* report = nullptr, const Comm& comm = {}) {
+  using detail::MatD;
+  const auto t0 = std::chrono::steady_clock::now();
+  ConversionReport rep;
+  detail::plan(original.config, o, rep);
+
+  std::vector<MatD> grams;
+  if (o.use_calibration) {
+    if (calibration.empty()) throw InvalidArgument("convert: use_calibration is on but no calibration sequences were given");
+    const auto tc = std::chrono::steady_clock::now();
+    grams = attention_input_grams(original, calibration, o.calibration_batch, o.verbose, &rep.calibration_tokens, comm);
+    rep.calibration_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
+    rep.calibrated = true;
+  }
+  model::Model out = detail::initialise(original, o, rep, detail::HostInit{o.use_calibration ? &grams : nullptr},
+                                          o.verbose && comm.rank() == 0);
   rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (o.verbose && comm.rank() == 0)
     for (const auto& w : rep.warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());

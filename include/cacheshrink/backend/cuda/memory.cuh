@@ -117,6 +117,43 @@ class Event {
   cudaEvent_t e_ = nullptr;
 };
 
+/// Page-locked host memory (cudaHostAlloc): staging for host -> device copies at the link's
+/// rate (pageable copies run at a fraction of it). Move-only.
+template <class T>
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  explicit PinnedBuffer(std::size_t n) {
+    void* p = nullptr;
+    const cudaError_t e = cudaHostAlloc(&p, n * sizeof(T), cudaHostAllocDefault);
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      throw CudaError("cudaHostAlloc of " + std::to_string(n * sizeof(T)) + " bytes failed: " + cudaGetErrorString(e));
+    }
+    p_ = static_cast<T*>(p);
+    n_ = n;
+  }
+  PinnedBuffer(PinnedBuffer&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
+  PinnedBuffer& operator=(PinnedBuffer&& o) noexcept {
+    if (this != &o) {
+      if (p_) (void)cudaFreeHost(p_);
+      p_ = std::exchange(o.p_, nullptr);
+      n_ = std::exchange(o.n_, 0);
+    }
+    return *this;
+  }
+  ~PinnedBuffer() {
+    if (p_) (void)cudaFreeHost(p_);
+  }
+  T* data() { return p_; }
+  std::size_t size() const { return n_; }
+  bool empty() const { return n_ == 0; }
+
+ private:
+  T* p_ = nullptr;
+  std::size_t n_ = 0;
+};
+
 /// cuBLAS handle bound to a stream. Pointer mode host (alpha/beta are host scalars).
 class CublasHandle {
  public:

@@ -18,10 +18,12 @@
 // step (LatentDecode::Rebuild, the original package's way) or attend on the latents with W_uk
 // absorbed into the query and W_uv into the output (LatentDecode::Absorbed; layers where no
 // RoPE or k-norm sits between latent and key). decode.cuh has the kernels.
-// Not yet on the GPU: the packed forward with a cache (use decode), hooks.
+// Not yet on the GPU: the packed forward with a cache (use decode), the CPU ForwardHooks (the
+// calibration hook is attention_inputs).
 #include <cuda_bf16.h>
 
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -56,6 +58,7 @@ inline const char* precision_name(Precision p) { return p == Precision::Float32 
 struct Options {
   Precision precision = Precision::Float32;
   int device = 0;
+  std::size_t upload_chunk = std::size_t(16) << 20;  // floats per pinned staging buffer (x2) for the weight upload
 };
 
 /// Random weights generated on the device (benchmarks with real 7B shapes, no files):
@@ -169,6 +172,31 @@ class Transformer<Kind, Cuda> {
   }
   MatrixRf forward(const std::vector<int>& ids, KvCache* cache = nullptr, const ForwardOptions& opt = {}) {
     return forward(std::span<const std::vector<int>>(&ids, 1), cache, opt);
+  }
+
+  /// Calibration: runs the packed forward over `seqs` and calls fn(layer, h, rows) with each
+  /// layer's attention input (the output of its input norm) on the device: (rows x hidden),
+  /// row-major, element type float in Float32 mode and __nv_bfloat16 in BFloat16 mode, valid
+  /// during the call and ordered on stream(). Stops after layer `last_layer` (-1: all layers);
+  /// computes no logits.
+  using AttnInputFn = std::function<void(int layer, const void* h, int rows)>;
+  void attention_inputs(std::span<const std::vector<int>> seqs, const AttnInputFn& fn, int last_layer = -1) {
+    if (last_layer >= c_.n_layers)
+      throw InvalidArgument("Transformer<Cuda>::attention_inputs: last_layer " + std::to_string(last_layer) + " >= n_layers " +
+                            std::to_string(c_.n_layers));
+    prepare(seqs, nullptr);
+    attn_hook_ = &fn;
+    stop_after_ = last_layer;
+    try {
+      if (opt_.precision == Precision::BFloat16) run_layers<__nv_bfloat16>();
+      else run_layers<float>();
+    } catch (...) {
+      attn_hook_ = nullptr;
+      stop_after_ = -1;
+      throw;
+    }
+    attn_hook_ = nullptr;
+    stop_after_ = -1;
   }
 
   /// Negative log-likelihood on the device: position t of sequence s predicts token t + 1
@@ -323,13 +351,31 @@ class Transformer<Kind, Cuda> {
   cudaStream_t st() const { return stream_->get(); }
 
   void put(cuda::DevTensor& d, const float* host, std::size_t n) {
-    if (bf16()) {
-      staging_.upload(host, n, st());
-      d.b.resize(n);
-      cuda::convert(staging_.data(), d.b.data(), static_cast<long long>(n), st());
-      stream_->synchronize();
-    } else {
-      d.f.upload(host, n, st());
+    alloc(d, n);
+    put_at(d, 0, host, n);
+  }
+  void alloc(cuda::DevTensor& d, std::size_t n) {
+    if (bf16()) d.b.resize(n);
+    else d.f.resize(n);
+  }
+  /// Writes n host floats at element `offset` of d (allocated): chunks (default 64 MiB) through two pinned
+  /// buffers (the memcpy into one overlaps the transfer from the other), converted to bf16 on
+  /// the device in bf16 mode.
+  void put_at(cuda::DevTensor& d, std::size_t offset, const float* host, std::size_t n) {
+    const std::size_t chunk = std::max<std::size_t>(1, opt_.upload_chunk);
+    if (pinned_[0].empty()) {
+      pinned_[0] = cuda::PinnedBuffer<float>(chunk);
+      pinned_[1] = cuda::PinnedBuffer<float>(chunk);
+    }
+    if (bf16()) staging_.reserve(2 * chunk);
+    for (std::size_t i = 0, k = 0; i < n; i += chunk, ++k) {
+      const std::size_t m = std::min(chunk, n - i), slot = k % 2;
+      pinned_done_[slot].synchronize();  // the transfer that last read this buffer has finished
+      std::memcpy(pinned_[slot].data(), host + i, m * sizeof(float));
+      float* dst = bf16() ? staging_.data() + slot * chunk : d.f.data() + offset + i;
+      CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(dst, pinned_[slot].data(), m * sizeof(float), cudaMemcpyHostToDevice, st()));
+      pinned_done_[slot].record(st());
+      if (bf16()) cuda::convert(staging_.data() + slot * chunk, d.b.data() + offset + i, static_cast<long long>(m), st());
     }
   }
   void put(cuda::DevTensor& d, const MatrixRf& m) { put(d, m.data(), static_cast<std::size_t>(m.size())); }
@@ -371,10 +417,11 @@ class Transformer<Kind, Cuda> {
           for (int h = 0; h < c_.n_heads; ++h) bq.segment(h * hd, hd) = lw.bv.segment((h / g) * hd, hd);
           put(L.bv_q, bq);
         }
-      } else {
-        MatrixRf qkv(Dq + 2 * Dkv, H);
-        qkv << lw.wq, lw.wk, lw.wv;
-        put(L.w_qkv, qkv);
+      } else {  // [Wq; Wk; Wv] written in place, no host concatenation
+        alloc(L.w_qkv, static_cast<std::size_t>(Dq + 2 * Dkv) * H);
+        put_at(L.w_qkv, 0, lw.wq.data(), static_cast<std::size_t>(lw.wq.size()));
+        put_at(L.w_qkv, static_cast<std::size_t>(Dq) * H, lw.wk.data(), static_cast<std::size_t>(lw.wk.size()));
+        put_at(L.w_qkv, static_cast<std::size_t>(Dq + Dkv) * H, lw.wv.data(), static_cast<std::size_t>(lw.wv.size()));
       }
       if (lw.bq.size() || lw.bk.size() || lw.bv.size()) {
         VectorXf b = VectorXf::Zero(Dq + 2 * Dkv);
@@ -390,16 +437,19 @@ class Transformer<Kind, Cuda> {
       if (c_.family == Family::Gpt2) {
         put(L.w_gu, lw.w_up);
       } else {
-        MatrixRf gu(2 * c_.intermediate_size, H);
-        gu << lw.w_gate, lw.w_up;
-        put(L.w_gu, gu);
+        alloc(L.w_gu, static_cast<std::size_t>(2 * c_.intermediate_size) * H);
+        put_at(L.w_gu, 0, lw.w_gate.data(), static_cast<std::size_t>(lw.w_gate.size()));
+        put_at(L.w_gu, static_cast<std::size_t>(c_.intermediate_size) * H, lw.w_up.data(), static_cast<std::size_t>(lw.w_up.size()));
       }
       put(L.b_gate, lw.b_gate);
       put(L.b_up, lw.b_up);
       put(L.w_down, lw.w_down);
       put(L.b_down, lw.b_down);
     }
+    stream_->synchronize();
     staging_.resize(0);
+    pinned_[0] = {};
+    pinned_[1] = {};
   }
 
   void alloc_zero(cuda::DevTensor& d, std::size_t n) {
@@ -571,8 +621,13 @@ class Transformer<Kind, Cuda> {
     if (!gpt2) a2.reserve(static_cast<std::size_t>(N) * I);
 
     cuda::embedding<T>(d_ids_, d_pos_, embed_.template ptr<T>(), gpt2 ? pos_embed_.template ptr<T>() : nullptr, x_.data(), N, H, s);
-    for (const DevLayer& L : layers_) {
+    for (std::size_t li = 0; li < layers_.size(); ++li) {
+      const DevLayer& L = layers_[li];
       cuda::norm_rows<T>(x_.data(), H, L.n1w.data(), gpt2 ? L.n1b.data() : nullptr, gpt2, eps, h.data(), H, N, H, s);
+      if (attn_hook_ != nullptr) {
+        (*attn_hook_)(static_cast<int>(li), h.data(), N);
+        if (static_cast<int>(li) == stop_after_) return;
+      }
       if (!L.mla) {
         cuda::gemm_xwt<T, T>(hb, N, Wqkv, H, h.data(), H, L.w_qkv.template ptr<T>(), H, qkv.data(), Wqkv);
       } else {
@@ -822,6 +877,8 @@ class Transformer<Kind, Cuda> {
   cuda::DeviceBuffer<float> final_w_, final_b_;
   std::vector<DevLayer> layers_;
   cuda::DeviceBuffer<float> staging_;
+  cuda::PinnedBuffer<float> pinned_[2];
+  cuda::Event pinned_done_[2];
   // per-batch state
   int n_ = 0, n_tiles_ = 0;
   long long scored_ = 0;
@@ -840,6 +897,8 @@ class Transformer<Kind, Cuda> {
   cuda::DeviceBuffer<float> kbuf_f_, vbuf_f_, qlat_f_, olat_f_;
   cuda::DeviceBuffer<__nv_bfloat16> kbuf_b_, vbuf_b_, qlat_b_, olat_b_;
   bool force_latent_rows_ = false;
+  const AttnInputFn* attn_hook_ = nullptr;  // set during attention_inputs
+  int stop_after_ = -1;
 };
 
 }  // namespace cacheshrink::model

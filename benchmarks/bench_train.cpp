@@ -14,6 +14,8 @@
 //   CACHESHRINK_BENCH_EPOCHS=N      epochs (unset: 3)
 // and pick TrainOptions::recon_norm (the same on every row):
 //   CACHESHRINK_RECON_NORM=padded   tokens | padded (unset: the TrainOptions default)
+// and the data-order seed TrainOptions::seed:
+//   CACHESHRINK_TRAIN_SEED=N        (unset: the TrainOptions default, 42)
 //
 //   ./build/benchmarks/bench_train --benchmark_filter=BM_TrainStep
 //   CACHESHRINK_BENCH_ROWS=2 ./build/benchmarks/bench_train --benchmark_filter=BM_TrainAnchor
@@ -25,6 +27,7 @@
 #include <cacheshrink/train/train.hpp>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -90,6 +93,7 @@ void BM_TrainAnchor(benchmark::State& state, nlohmann::json row) {
     o.batch_size = 4;
     o.max_length = 256;
     if (const char* rn = std::getenv("CACHESHRINK_RECON_NORM"); rn && *rn) o.recon_norm = rn;
+    if (const char* sd = std::getenv("CACHESHRINK_TRAIN_SEED"); sd && *sd) o.seed = std::strtoull(sd, nullptr, 10);
     train::MLATrainer<float> tr(mm, o);
     const auto st = tr.train(training_data());
     secs = st.seconds;
@@ -178,9 +182,11 @@ int main(int argc, char** argv) {
   if (!g_rows.empty()) {
     const long w = env_long("CACHESHRINK_BENCH_WINDOWS", 0);
     const char* rn = std::getenv("CACHESHRINK_RECON_NORM");
-    std::printf("\nperplexity windows: %s; training paragraphs %ld, epochs %ld; recon_norm %s\n", w ? std::to_string(w).c_str() : "all (1682)",
+    const char* sd = std::getenv("CACHESHRINK_TRAIN_SEED");
+    std::printf("\nperplexity windows: %s; training paragraphs %ld, epochs %ld; recon_norm %s; seed %llu\n", w ? std::to_string(w).c_str() : "all (1682)",
                 env_long("CACHESHRINK_BENCH_PARAGRAPHS", 1000), env_long("CACHESHRINK_BENCH_EPOCHS", 3),
-                rn && *rn ? rn : train::TrainOptions{}.recon_norm.c_str());
+                rn && *rn ? rn : train::TrainOptions{}.recon_norm.c_str(),
+                static_cast<unsigned long long>(sd && *sd ? std::strtoull(sd, nullptr, 10) : train::TrainOptions{}.seed));
     std::printf("| model | ratio | method | used | d_latent | ppl original (Py) | Py after conversion | ours after conversion | Py after training | "
                 "ours after training | target met | Py train s | our train s | final loss | ortho err |\n");
     std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");

@@ -7,12 +7,12 @@
 // Two kernels:
 //  - attention_rows<T>: one warp per (query row, head), online softmax; any head_dim <= 256,
 //    float or bf16. Used in float32 mode (parity) and as the fallback.
-//  - flash_attn_bf16<HD>: tensor-core (WMMA bf16 -> float) tiled online-softmax kernel for
-//    HD in {32, 64, 128}: a block takes 64 queries of one head, four warps of 16 rows each,
-//    and walks key tiles of 64 (only those the mask leaves visible).
+//  - flash_attn_bf16<HD>: tensor-core (mma.sync m16n8k16, bf16 -> float) tiled online-softmax
+//    kernel for HD in {32, 64, 128} in the FlashAttention-2 layout: a block takes 64 queries of
+//    one head, four warps of 16 rows each, and walks key tiles of 64 (only those the mask leaves
+//    visible); scores, probabilities and the output accumulator stay in registers.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #include <string>
 #include <vector>
@@ -86,19 +86,14 @@ __global__ void attention_rows(AttentionArgs<T> a, const int* row_begin) {
 }
 
 constexpr int kFlashBq = 64, kFlashBk = 64, kFlashWarps = 4;
-// Padded shared-memory row strides (elements): rows start in different banks, so the
-// ldmatrix-style fragment loads and the softmax's row accesses do not conflict.
+// Padded shared-memory row stride (elements): the eight rows an ldmatrix reads start in
+// different banks.
 template <int HD>
 constexpr int flash_ld() { return HD + 8; }
-constexpr int kFlashLdS = kFlashBk + 4;  // float scores
-constexpr int kFlashLdP = kFlashBk + 8;  // bf16 probabilities
 
 template <int HD>
 constexpr int flash_smem_bytes() {
-  return 2 * 2 * kFlashBk * flash_ld<HD>() * 2  // K, V tiles, double-buffered (bf16)
-         + kFlashWarps * 16 * kFlashLdS * 4     // per-warp scores (float)
-         + kFlashWarps * 16 * kFlashLdP * 2     // per-warp probabilities (bf16)
-         + kFlashWarps * 16 * 4;                // per-row rescale factors
+  return (kFlashBq + 2 * 2 * kFlashBk) * flash_ld<HD>() * 2;  // Q tile + double-buffered K, V tiles (bf16)
 }
 
 // cp.async (sm_80+) through inline PTX: 16 bytes global -> shared, zero-filling what lies past
@@ -127,27 +122,54 @@ __device__ __forceinline__ void load_tile_async(__nv_bfloat16* dst, const __nv_b
   }
 }
 
+// mma.sync m16n8k16 (bf16 in, float accumulate) and ldmatrix, through inline PTX. Fragment
+// layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"): with g = lane / 4, t = lane % 4,
+//   A (16 x 16, row): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
+//   B (16 x 8, col):  b0 = (2t..2t+1, g), b1 = (2t+8..2t+9, g)
+//   C (16 x 8):       c0, c1 = (g, 2t..2t+1), c2, c3 = (g+8, 2t..2t+1)
+// so the C fragments of two adjacent 8-column tiles are, rounded to bf16, the A fragment of the
+// 16 x 16 block they form: P never leaves the registers.
+__device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo (lower 16 bits)
+  return *reinterpret_cast<const unsigned*>(&v);
+}
+
 // tiles[b] = {first packed row of the sequence, sequence length, first query position, 0}.
+// Block: 64 queries of one head, four warps of 16 query rows; walks 64-key tiles (only those the
+// mask leaves visible), K/V double-buffered by cp.async. Per warp and key tile: S (16 x 64) =
+// Q K^T by mma.sync into registers, the online softmax in registers (a row's 64 scores live in
+// the four lanes of a quad), then O (16 x HD) += P V with P taken straight from S's registers.
 template <int HD>
 __global__ void __launch_bounds__(128) flash_attn_bf16(AttentionArgs<__nv_bfloat16> a, const int4* tiles) {
-  using namespace nvcuda;
   using bf16 = __nv_bfloat16;
-  constexpr int BK = kFlashBk, ND = HD / 16, LD = flash_ld<HD>(), LS = kFlashLdS, LP = kFlashLdP;
+  constexpr int BK = kFlashBk, LD = flash_ld<HD>(), KD = HD / 16, NO = HD / 8, NS = BK / 8;
+  constexpr float kLog2e = 1.4426950408889634f;
   extern __shared__ __align__(128) unsigned char smem[];
-  bf16* sKV = reinterpret_cast<bf16*>(smem);  // [buffer][K | V] tiles of (BK, LD)
-  float* sS = reinterpret_cast<float*>(sKV + 4 * BK * LD);
-  bf16* sP = reinterpret_cast<bf16*>(sS + kFlashWarps * 16 * LS);
-  float* sRow = reinterpret_cast<float*>(sP + kFlashWarps * 16 * LP);
+  bf16* sQ = reinterpret_cast<bf16*>(smem);
+  bf16* sKV = sQ + kFlashBq * LD;  // [buffer][K | V] tiles of (BK, LD)
   auto sK = [&](int buf) { return sKV + (2 * buf) * BK * LD; };
   auto sV = [&](int buf) { return sKV + (2 * buf + 1) * BK * LD; };
 
   const int4 t = tiles[blockIdx.x];
   const int begin = t.x, len = t.y, q0 = t.z;
   const int h = blockIdx.y, group = a.n_heads / a.n_kv_heads, kvh = h / group;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* sSw = sS + warp * 16 * LS;
-  bf16* sPw = sP + warp * 16 * LP;
-  float* sRw = sRow + warp * 16;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, tq = lane & 3;
 
   const int qlast = min(q0 + kFlashBq, len) - 1;
   int kstart = a.window > 0 ? max(0, q0 - a.window + 1) : 0;
@@ -155,40 +177,29 @@ __global__ void __launch_bounds__(128) flash_attn_bf16(AttentionArgs<__nv_bfloat
   const bf16* kbase = a.k + static_cast<long long>(begin) * a.ldkv + kvh * HD;
   const bf16* vbase = a.v + static_cast<long long>(begin) * a.ldkv + kvh * HD;
 
-  // Q tile through buffer 1's K slot; first K/V tile into buffer 0 meanwhile.
-  load_tile_async<HD>(sK(1), a.q + static_cast<long long>(begin) * a.ldq + h * HD, a.ldq, q0, len);
+  load_tile_async<HD>(sQ, a.q + static_cast<long long>(begin) * a.ldq + h * HD, a.ldq, q0, len);
   cp_async_commit();
   load_tile_async<HD>(sK(0), kbase, a.ldkv, kstart, len);
   load_tile_async<HD>(sV(0), vbase, a.ldkv, kstart, len);
   cp_async_commit();
   cp_async_wait<1>();  // Q landed
   __syncthreads();
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> qf[ND];
+  unsigned qa[KD][4];
 #pragma unroll
-  for (int d = 0; d < ND; ++d) wmma::load_matrix_sync(qf[d], sK(1) + warp * 16 * LD + d * 16, LD);
+  for (int d = 0; d < KD; ++d) ldmatrix_x4(qa[d], sQ + (warp * 16 + (lane & 15)) * LD + d * 16 + (lane >> 4) * 8);
 
-  // Which row of a 16x16 accumulator each of this lane's elements holds: load a matrix whose
-  // entries are their row index (the mapping is fixed for the fragment type).
-  for (int e = lane; e < 256; e += 32) sSw[(e / 16) * LS + e % 16] = static_cast<float>(e / 16);
-  __syncwarp();
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> rowf;
-  wmma::load_matrix_sync(rowf, sSw, LS, wmma::mem_row_major);
-  __syncwarp();
-
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> of[ND];
+  float o[NO][4];
 #pragma unroll
-  for (int d = 0; d < ND; ++d) wmma::fill_fragment(of[d], 0.0f);
-
-  // Softmax work split: lane owns row r and one 32-column half; it walks its columns
-  // starting at a lane-dependent rotation so the 32 lanes hit 32 different banks.
-  const int r = lane >> 1, cb = (lane & 1) * 32;
-  const int qi = q0 + warp * 16 + r;
-  float m_i = -INFINITY, l_i = 0.0f;
-  __syncthreads();  // every warp has its Q fragments before buffer 1 is reused
+  for (int j = 0; j < NO; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  // This lane's two query rows (g and g + 8 of the warp's 16) and their running max / sum
+  // (the sum is this lane's share; the quad adds the four at the end).
+  const int qr[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.0f, 0.0f};
+  const float sl = a.scale * kLog2e;  // scores in log2 units: exp2f below
+  const int warp_last = min(q0 + warp * 16 + 15, len - 1);
 
   int buf = 0;
   for (int k0 = kstart; k0 <= qlast; k0 += BK, buf ^= 1) {
-    // Prefetch the next tile into the other buffer while this one is used.
     const bool more = k0 + BK <= qlast;
     if (more) {
       load_tile_async<HD>(sK(buf ^ 1), kbase, a.ldkv, k0 + BK, len);
@@ -199,82 +210,101 @@ __global__ void __launch_bounds__(128) flash_attn_bf16(AttentionArgs<__nv_bfloat
     __syncthreads();
     const bf16* tK = sK(buf);
     const bf16* tV = sV(buf);
-    // S (16 x 64) = Q_w K^T
+    // Warps whose rows all precede the tile (causal) or end before the window skip the math.
+    const bool active = k0 <= warp_last && (a.window <= 0 || k0 + BK - 1 > q0 + warp * 16 - a.window);
+    if (active) {
+      float sc[NS][4];
 #pragma unroll
-    for (int kb = 0; kb < BK / 16; ++kb) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-      wmma::fill_fragment(c, 0.0f);
+      for (int n = 0; n < NS; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
 #pragma unroll
-      for (int d = 0; d < ND; ++d) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> kf;
-        wmma::load_matrix_sync(kf, tK + kb * 16 * LD + d * 16, LD);
-        wmma::mma_sync(c, qf[d], kf, c);
+      for (int d = 0; d < KD; ++d)
+#pragma unroll
+        for (int n = 0; n < NS; n += 2) {
+          unsigned kb[4];  // b0, b1 of key tiles n and n + 1
+          ldmatrix_x4(kb, tK + (n * 8 + (lane & 7) + ((lane >> 4) << 3)) * LD + d * 16 + ((lane >> 3) & 1) * 8);
+          mma_bf16(sc[n], qa[d], kb[0], kb[1]);
+          mma_bf16(sc[n + 1], qa[d], kb[2], kb[3]);
+        }
+      // Mask (only tiles that reach the diagonal, the window's edge or the sequence end) and scale.
+      const bool edge = k0 + BK - 1 > q0 + warp * 16 || k0 + BK > len || q0 + warp * 16 + 15 >= len || a.window > 0;
+#pragma unroll
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float v = sc[n][e] * sl;
+          if (edge) {
+            const int i = qr[e >> 1], j = k0 + n * 8 + 2 * tq + (e & 1);
+            if (!(i < len && j <= i && (a.window <= 0 || j > i - a.window))) v = -INFINITY;
+          }
+          sc[n][e] = v;
+        }
+      float alpha[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_i[r], mx);
+        alpha[r] = m_new == -INFINITY ? 1.0f : exp2f(m_i[r] - m_new);
+        m_i[r] = m_new;
       }
-      wmma::store_matrix_sync(sSw + kb * 16, c, LS, wmma::mem_row_major);
-    }
-    __syncwarp();
-    // Online softmax, two lanes per row.
-    float mx = -INFINITY;
-    float* srow = sSw + r * LS + cb;
-#pragma unroll 8
-    for (int c0 = 0; c0 < 32; ++c0) {
-      const int c = (c0 + lane) & 31;
-      const int j = k0 + cb + c;
-      const bool vis = qi < len && j <= qi && (a.window <= 0 || j > qi - a.window);
-      const float s = vis ? srow[c] * a.scale : -INFINITY;
-      srow[c] = s;
-      mx = fmaxf(mx, s);
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    const float m_new = fmaxf(m_i, mx);
-    const float alpha = m_new == -INFINITY ? 1.0f : __expf(m_i - m_new);
-    float sum = 0.0f;
-    bf16* prow = sPw + r * LP + cb;
-#pragma unroll 8
-    for (int c0 = 0; c0 < 32; ++c0) {
-      const int c = (c0 + lane) & 31;
-      const float s = srow[c];
-      const float p = s == -INFINITY ? 0.0f : __expf(s - m_new);
-      const bf16 pb = __float2bfloat16(p);
-      prow[c] = pb;
-      sum += __bfloat162float(pb);  // the normaliser sums exactly what P V multiplies
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    l_i = l_i * alpha + sum;
-    m_i = m_new;
-    if ((lane & 1) == 0) sRw[r] = alpha;
-    __syncwarp();
+      // P = exp2(S - m), rounded to bf16 once: the sum and P V use the same values.
+      unsigned pa[BK / 16][4];
+      float sum[2] = {0.0f, 0.0f};
 #pragma unroll
-    for (int d = 0; d < ND; ++d)
+      for (int n = 0; n < NS; ++n) {
+        float p[4];
 #pragma unroll
-      for (int e = 0; e < of[d].num_elements; ++e) of[d].x[e] *= sRw[static_cast<int>(rowf.x[e])];
-    // O (16 x HD) += P (16 x 64) V (64 x HD)
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> pf;
-      wmma::load_matrix_sync(pf, sPw + kk * 16, LP);
-#pragma unroll
-      for (int d = 0; d < ND; ++d) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> vf;
-        wmma::load_matrix_sync(vf, tV + kk * 16 * LD + d * 16, LD);
-        wmma::mma_sync(of[d], pf, vf, of[d]);
+        for (int e = 0; e < 4; ++e) {
+          const float mm = m_i[e >> 1];
+          p[e] = mm == -INFINITY ? 0.0f : exp2f(sc[n][e] - mm);
+        }
+        const unsigned lo = pack_bf16(p[0], p[1]), hi = pack_bf16(p[2], p[3]);
+        const __nv_bfloat162 blo = *reinterpret_cast<const __nv_bfloat162*>(&lo), bhi = *reinterpret_cast<const __nv_bfloat162*>(&hi);
+        sum[0] += __low2float(blo) + __high2float(blo);
+        sum[1] += __low2float(bhi) + __high2float(bhi);
+        pa[n / 2][(n & 1) * 2 + 0] = lo;  // rows g: a0 (n even) / a2 (n odd)
+        pa[n / 2][(n & 1) * 2 + 1] = hi;  // rows g + 8: a1 / a3
       }
+      l_i[0] = l_i[0] * alpha[0] + sum[0];
+      l_i[1] = l_i[1] * alpha[1] + sum[1];
+#pragma unroll
+      for (int j = 0; j < NO; ++j) {
+        o[j][0] *= alpha[0];
+        o[j][1] *= alpha[0];
+        o[j][2] *= alpha[1];
+        o[j][3] *= alpha[1];
+      }
+      // O += P V over the tile's four 16-key blocks.
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk)
+#pragma unroll
+        for (int j = 0; j < NO; j += 2) {
+          unsigned vb[4];  // b0, b1 of dim tiles j and j + 1
+          ldmatrix_x4_trans(vb, tV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + j * 8 + (lane >> 4) * 8);
+          mma_bf16(o[j], pa[kk], vb[0], vb[1]);
+          mma_bf16(o[j + 1], pa[kk], vb[2], vb[3]);
+        }
     }
     __syncthreads();  // everyone done with this buffer before it is refilled
   }
   cp_async_wait<0>();
-  if ((lane & 1) == 0) sRw[r] = l_i > 0.0f ? 1.0f / l_i : 0.0f;
-  __syncwarp();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 1);
+    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 2);
+  }
   bf16* obase = a.out + static_cast<long long>(begin) * a.ldo + h * HD;
 #pragma unroll
-  for (int d = 0; d < ND; ++d) {
-    wmma::store_matrix_sync(sSw, of[d], LS, wmma::mem_row_major);
-    __syncwarp();
-    for (int e = lane; e < 256; e += 32) {
-      const int rr = e / 16, cc = e % 16, q = q0 + warp * 16 + rr;
-      if (q < len) obase[static_cast<long long>(q) * a.ldo + d * 16 + cc] = __float2bfloat16(sSw[rr * LS + cc] * sRw[rr]);
-    }
-    __syncwarp();
+  for (int r = 0; r < 2; ++r) {
+    if (qr[r] >= len) continue;
+    const float inv = l_i[r] > 0.0f ? 1.0f / l_i[r] : 0.0f;
+    bf16* orow = obase + static_cast<long long>(qr[r]) * a.ldo + 2 * tq;
+#pragma unroll
+    for (int j = 0; j < NO; ++j)
+      *reinterpret_cast<__nv_bfloat162*>(orow + j * 8) = __floats2bfloat162_rn(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
   }
 }
 
@@ -313,11 +343,12 @@ void attention_rows(const AttentionArgs<T>& a, const int* row_begin, cudaStream_
 }
 
 /// True when the flash kernel handles this geometry (bf16, head_dim 32/64/128, 16-byte
-/// aligned rows).
+/// aligned input rows, 4-byte aligned output pairs).
 inline bool flash_supported(const AttentionArgs<__nv_bfloat16>& a) {
   const bool hd_ok = a.head_dim == 32 || a.head_dim == 64 || a.head_dim == 128;
-  const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
-  return hd_ok && a.ldq % 8 == 0 && a.ldkv % 8 == 0 && aligned(a.q) && aligned(a.k) && aligned(a.v);
+  const auto aligned = [](const void* p, unsigned n) { return reinterpret_cast<std::uintptr_t>(p) % n == 0; };
+  return hd_ok && a.ldq % 8 == 0 && a.ldkv % 8 == 0 && a.ldo % 2 == 0 && aligned(a.q, 16) && aligned(a.k, 16) && aligned(a.v, 16) &&
+         aligned(a.out, 4);
 }
 
 template <int HD>

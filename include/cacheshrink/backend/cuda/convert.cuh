@@ -75,6 +75,7 @@ class DeviceGrams {
  public:
   DeviceGrams(int layers, int dim) : dim_(dim), blas_(std::make_unique<CublasHandle>(nullptr)) {
     if (layers < 1 || dim < 1) throw InvalidArgument("DeviceGrams: layers and dim must be >= 1");
+    rows_.assign(static_cast<std::size_t>(layers), 0);
     for (int l = 0; l < layers; ++l) {
       g_.emplace_back(static_cast<std::size_t>(dim) * dim);
       CACHESHRINK_CUDA_CHECK(cudaMemset(g_.back().data(), 0, sizeof(double) * g_.back().size()));
@@ -82,14 +83,13 @@ class DeviceGrams {
   }
   int layers() const { return static_cast<int>(g_.size()); }
   int dim() const { return dim_; }
-  long long rows(int l) const { return rows_.empty() ? 0 : rows_[static_cast<std::size_t>(l)]; }
+  long long rows(int l) const { return rows_[static_cast<std::size_t>(l)]; }
 
   /// G_l += X^T X for X (rows x dim, row-major, on the device; float or __nv_bfloat16 per
   /// `p`), ordered on stream `s`.
   void add(int l, const void* x, int rows, Precision p, cudaStream_t s) {
     if (l < 0 || l >= layers()) throw InvalidArgument("DeviceGrams::add: layer " + std::to_string(l) + " out of range");
     if (rows <= 0) return;
-    if (rows_.empty()) rows_.assign(g_.size(), 0);
     rows_[static_cast<std::size_t>(l)] += rows;
     const long long n = static_cast<long long>(rows) * dim_;
     xd_.reserve(static_cast<std::size_t>(n));
@@ -160,12 +160,7 @@ class DeviceInit {
   /// W G_l W^T for a stored weight W (d x H, float, row-major): W goes up as float (its bytes
   /// read as the column-major W^T), is widened to float64 on the device, and S is mirrored there.
   MatD statistic(int l, const MatrixRf& w) const {
-    const Clock c;
-    struct Done {
-      const DeviceInit* self;
-      const Clock& c;
-      ~Done() { self->add(&Timings::statistic, c); }
-    } done{this, c};
+    const Timed timed(this, &Timings::statistic);
     const int d = static_cast<int>(w.rows()), H = static_cast<int>(w.cols());
     if (grams_ && H != grams_->dim())
       throw InvalidArgument("DeviceInit::statistic: matrix has " + std::to_string(H) + " columns, the Grams are " + std::to_string(grams_->dim()));
@@ -249,12 +244,7 @@ class DeviceInit {
 
   /// U^T W as the stored float (k x H, row-major) = the column-major (H x k) W^T U.
   MatrixRf down(const MatD& u, const MatrixRf& w) const {
-    const Clock c;
-    struct Done {
-      const DeviceInit* self;
-      const Clock& c;
-      ~Done() { self->add(&Timings::down, c); }
-    } done{this, c};
+    const Timed timed(this, &Timings::down);
     const int d = static_cast<int>(u.rows()), k = static_cast<int>(u.cols()), H = static_cast<int>(w.cols());
     if (w.rows() != d) throw InvalidArgument("DeviceInit::down: basis has " + std::to_string(d) + " rows, the weight " + std::to_string(w.rows()));
     cudaStream_t s = stream_.get();
@@ -309,6 +299,14 @@ class DeviceInit {
     std::lock_guard<std::mutex> g(mu_);
     t_acc_.*field += c.seconds();
   }
+  /// Adds the scope's wall time to one Timings field when it ends (also on an exception).
+  struct Timed {
+    const DeviceInit* self;
+    double Timings::*field;
+    Clock c;
+    Timed(const DeviceInit* s, double Timings::*f) : self(s), field(f) {}
+    ~Timed() { self->add(field, c); }
+  };
   mutable std::mutex mu_;
   mutable Timings t_acc_;
 

@@ -185,7 +185,7 @@ void kernel_bandwidth(const Shape& sh, const Args& args) {
         e1.synchronize();
         return e1.elapsed_since(e0) / 10.0;
       };
-      double ms_std = 0, ms_lat = 0;
+      double ms_std = 0, ms_lat = 0, ms_wmma = 0;
       {
         cuda::DeviceBuffer<__nv_bfloat16> kv(static_cast<std::size_t>(B) * cap * 2 * Dkv), q(static_cast<std::size_t>(B) * nh * hd),
             out(static_cast<std::size_t>(B) * nh * hd);
@@ -222,15 +222,20 @@ void kernel_bandwidth(const Shape& sh, const Args& args) {
         a.n_heads = nh;
         a.d_latent = dl;
         ms_lat = time([&] { cuda::decode_latent_attention(a, ctx, out.data(), nh * dl, scratch, s); });
+        // same-run baseline: the previous WMMA kernel (128-token splits, S through shared memory)
+        ms_wmma = time([&] { cuda::decode_latent_attention(a, ctx, out.data(), nh * dl, scratch, s, false, true); });
       }
       const double gbs_std = std_bytes / (ms_std * 1e-3) / 1e9, gbs_lat = lat_bytes / (ms_lat * 1e-3) / 1e9;
       // FLOPs: standard 4 * nh * hd per token; latent 4 * nh * dl per token
       const double tf_lat = 4.0 * B * ctx * nh * dl / (ms_lat * 1e-3) / 1e12;
-      std::printf("kernel %-8s B=%-3d ctx=%-6d  standard %.3f ms %.0f GB/s (%.0f%% of copy) | latent %.3f ms %.0f GB/s (%.0f%%) %.1f TFLOP/s\n", sh.name.c_str(), B,
-                  ctx, ms_std, gbs_std, 100 * gbs_std / copy_gbs, ms_lat, gbs_lat, 100 * gbs_lat / copy_gbs, tf_lat);
+      const double gbs_wmma = lat_bytes / (ms_wmma * 1e-3) / 1e9;
+      std::printf("kernel %-8s B=%-3d ctx=%-6d  standard %.3f ms %.0f GB/s (%.0f%% of copy) | latent %.3f ms %.0f GB/s (%.0f%%) %.1f TFLOP/s | "
+                  "latent WMMA %.3f ms (%.0f%%), new/WMMA %.2fx\n",
+                  sh.name.c_str(), B, ctx, ms_std, gbs_std, 100 * gbs_std / copy_gbs, ms_lat, gbs_lat, 100 * gbs_lat / copy_gbs, tf_lat, ms_wmma,
+                  100 * gbs_wmma / copy_gbs, ms_wmma / ms_lat);
       std::fflush(stdout);
       rows.push_back({{"shape", sh.name}, {"path", "kernel"}, {"batch", B}, {"context", ctx}, {"std_ms", ms_std}, {"std_gbs", gbs_std},
-                      {"latent_ms", ms_lat}, {"latent_gbs", gbs_lat}, {"latent_tflops", tf_lat}, {"copy_gbs", copy_gbs}});
+                      {"latent_ms", ms_lat}, {"latent_gbs", gbs_lat}, {"latent_tflops", tf_lat}, {"latent_wmma_ms", ms_wmma}, {"copy_gbs", copy_gbs}});
     }
 }
 

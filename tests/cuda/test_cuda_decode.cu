@@ -99,7 +99,8 @@ void check_standard(int nh, int nkv, int hd, int window, const std::vector<int>&
 }
 
 template <class T>
-void check_latent(int nh, int dl, int ldc_extra, int window, const std::vector<int>& lens, bool joint, bool force_rows, std::mt19937& gen) {
+void check_latent(int nh, int dl, int ldc_extra, int window, const std::vector<int>& lens, bool joint, bool force_rows, std::mt19937& gen,
+                  bool force_wmma = false) {
   const int B = static_cast<int>(lens.size());
   const int maxl = *std::max_element(lens.begin(), lens.end());
   const int cap = (maxl + 15) / 16 * 16;
@@ -130,7 +131,7 @@ void check_latent(int nh, int dl, int ldc_extra, int window, const std::vector<i
   a.d_latent = dl;
   a.window = window;
   cuda::DecodeScratch scratch;
-  cuda::decode_latent_attention<T>(a, maxl, dout.data(), nh * dl, scratch, nullptr, force_rows);
+  cuda::decode_latent_attention<T>(a, maxl, dout.data(), nh * dl, scratch, nullptr, force_rows, force_wmma);
   const auto got = test::to_host(dout);
   std::vector<double> want(got.size());
   for (int b = 0; b < B; ++b)
@@ -145,7 +146,8 @@ void check_latent(int nh, int dl, int ldc_extra, int window, const std::vector<i
       ref_attend(q.data() + (static_cast<std::size_t>(b) * nh + h) * dl, dl, ks, vs, dl, 1.0, want.data() + (static_cast<std::size_t>(b) * nh + h) * dl);
     }
   const double e = test::max_rel(got, want), lim = std::is_same_v<T, float> ? 1e-5 : 1.5e-2;
-  INFO("nh ", nh, " dl ", dl, " ldc ", ldc, " window ", window, " joint ", joint, " rows kernel ", force_rows, " max len ", maxl);
+  INFO("nh ", nh, " dl ", dl, " ldc ", ldc, " window ", window, " joint ", joint, " rows kernel ", force_rows, " WMMA forced ", force_wmma,
+       " max len ", maxl);
   CHECK(e <= lim);
 }
 
@@ -156,7 +158,7 @@ TEST_CASE("decode_attention (standard cache) matches a float64 recomputation") {
   std::mt19937 gen(11);
   const std::vector<std::vector<int>> len_sets = {{1}, {64, 1, 65}, {300, 129, 7}, {1000}};
   for (auto [nh, nkv, hd] :
-       std::vector<std::tuple<int, int, int>>{{4, 4, 32}, {8, 2, 64}, {8, 1, 128}, {6, 3, 80}, {3, 1, 3}, {32, 1, 128}, {2, 2, 256}, {28, 4, 128}, {40, 2, 48}})
+       std::vector<std::tuple<int, int, int>>{{4, 4, 32}, {8, 2, 64}, {8, 1, 128}, {6, 3, 80}, {3, 1, 3}, {32, 1, 128}, {2, 2, 256}, {28, 4, 128}, {40, 2, 48}, {64, 2, 64}, {16, 1, 256}})
     for (int window : {0, 16, 70})
       for (const auto& lens : len_sets) {
         check_standard<float>(nh, nkv, hd, window, lens, gen);
@@ -168,13 +170,17 @@ TEST_CASE("decode_attention (standard cache) matches a float64 recomputation") {
 TEST_CASE("decode_latent_attention (absorbed latents) matches a float64 recomputation") {
   CACHESHRINK_REQUIRE_GPU();
   std::mt19937 gen(12);
-  const std::vector<std::vector<int>> len_sets = {{1}, {17, 128, 129}, {700, 5}, {2100}};
-  for (auto [nh, dl, extra] : std::vector<std::tuple<int, int, int>>{{1, 16, 0}, {5, 64, 16}, {16, 48, 0}, {20, 256, 0}, {32, 1024, 0}, {3, 37, 3}})
+  const std::vector<std::vector<int>> len_sets = {{1}, {17, 128, 129}, {700, 5}, {2100}, {5000, 3, 64}};
+  // mma kernel: d_latent 64/128/256/512 with 16 (RT 1) or 32 (RT 2) rows per block, a second
+  // head block (40 heads); WMMA: 16, 48, 1024; warp kernel only: 37.
+  for (auto [nh, dl, extra] : std::vector<std::tuple<int, int, int>>{
+           {1, 16, 0}, {5, 64, 16}, {16, 48, 0}, {20, 256, 0}, {32, 1024, 0}, {3, 37, 3}, {12, 128, 8}, {28, 512, 0}, {40, 64, 0}, {7, 256, 0}})
     for (int window : {0, 40})
       for (bool joint : {false, true})
         for (const auto& lens : len_sets) {
           if (dl <= 1024) check_latent<float>(nh, dl, extra, window, lens, joint, true, gen);
           check_latent<__nv_bfloat16>(nh, dl, extra, window, lens, joint, false, gen);  // tensor cores where supported
+          check_latent<__nv_bfloat16>(nh, dl, extra, window, lens, joint, false, gen, true);  // the WMMA kernel forced
           if (dl <= 1024) check_latent<__nv_bfloat16>(nh, dl, extra, window, lens, joint, true, gen);
         }
 }

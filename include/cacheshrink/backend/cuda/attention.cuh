@@ -19,6 +19,7 @@
 
 #include "cacheshrink/backend/cuda/check.cuh"
 #include "cacheshrink/backend/cuda/kernels.cuh"
+#include "cacheshrink/backend/cuda/mma.cuh"
 
 namespace cacheshrink::cuda {
 
@@ -96,18 +97,6 @@ constexpr int flash_smem_bytes() {
   return (kFlashBq + 2 * 2 * kFlashBk) * flash_ld<HD>() * 2;  // Q tile + double-buffered K, V tiles (bf16)
 }
 
-// cp.async (sm_80+) through inline PTX: 16 bytes global -> shared, zero-filling what lies past
-// src_bytes. (cuda_pipeline.h would drag libcu++'s ::cuda namespace into users' code.)
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 /// Starts an asynchronous copy (cp.async, 16 bytes per thread-chunk) of rows [row0, row0 + 64)
 /// of a sequence's (len rows) head slice into a (64, HD) smem tile with row stride LD,
 /// zero-filling rows past the sequence end. The caller commits and waits.
@@ -120,34 +109,6 @@ __device__ __forceinline__ void load_tile_async(__nv_bfloat16* dst, const __nv_b
     const __nv_bfloat16* g = src + static_cast<long long>(in ? row0 + r : 0) * ld + c * 8;
     cp_async16(dst + r * LD + c * 8, g, in ? 16 : 0);
   }
-}
-
-// mma.sync m16n8k16 (bf16 in, float accumulate) and ldmatrix, through inline PTX. Fragment
-// layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"): with g = lane / 4, t = lane % 4,
-//   A (16 x 16, row): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
-//   B (16 x 8, col):  b0 = (2t..2t+1, g), b1 = (2t+8..2t+9, g)
-//   C (16 x 8):       c0, c1 = (g, 2t..2t+1), c2, c3 = (g+8, 2t..2t+1)
-// so the C fragments of two adjacent 8-column tiles are, rounded to bf16, the A fragment of the
-// 16 x 16 block they form: P never leaves the registers.
-__device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* smem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* smem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-}
-__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo (lower 16 bits)
-  return *reinterpret_cast<const unsigned*>(&v);
 }
 
 // tiles[b] = {first packed row of the sequence, sequence length, first query position, 0}.

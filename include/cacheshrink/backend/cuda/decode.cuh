@@ -27,6 +27,11 @@
 //    the tensor-core kernel below with one group per KV head.
 //  - decode_latent_rows<T>: one warp per (sequence, head, split); any d_latent <= 1024; float32
 //    parity mode and the fallback.
+//  - decode_latent_mma<D, RT>: bf16 tensor cores through mma.sync m16n8k16 for d_latent in
+//    {64, 128, 256, 512}: a block walks a whole split in token tiles with an online softmax
+//    (one partial per split), the latent tiles arrive through a 2-4 stage cp.async ring, the
+//    output accumulator stays in registers (details above the kernel). The default for bf16
+//    wherever it applies, including the GQA standard cache (d_latent = head_dim).
 //  - decode_latent_wmma<HT>: bf16 tensor cores (WMMA 16x16x16, float accumulate); a block serves
 //    HT x 16 heads (HT = 2 above 16 heads when the grid stays large, so a 32-head model reads
 //    each latent once) and one
@@ -43,6 +48,8 @@
 
 #include "cacheshrink/backend/cuda/check.cuh"
 #include "cacheshrink/backend/cuda/kernels.cuh"
+#include "cacheshrink/backend/cuda/memory.cuh"
+#include "cacheshrink/backend/cuda/mma.cuh"
 #include "cacheshrink/core/error.hpp"
 
 namespace cacheshrink::cuda {
@@ -453,6 +460,230 @@ __global__ void __launch_bounds__(kLatWarps * 32) decode_latent_wmma(LatentDecod
   if (tid < R) pml[(static_cast<long long>(b) * nh_pad + prow + tid) * splits + split] = make_float2(mrow[tid], lrow[tid]);
 }
 
+// ---- decode_latent_mma<D, RT>: the register-resident tensor-core latent kernel ----
+//
+// One block = RT x 16 query rows (heads of one group; rows past the group's heads are zero) x
+// one split, which it walks in tiles of NT tokens (64; 32 for D = 512) with an online softmax,
+// so one partial per (row, split) however long the split. Both latent tiles of a token tile
+// (C_k and C_v rows, NT x D bf16 each) arrive by cp.async in a ST-stage ring (ST = 2..4, as
+// many as fit next to Q in 227 KB). 4 x RT warps: warp (rt, tw) owns row tile rt and
+//   S:  tokens [tw NT/4, (tw+1) NT/4) of the tile: S = Q C_k^T by mma.sync m16n8k16, Q's
+//       fragments held in registers for D <= 256;
+//   PV: columns [tw D/4, (tw+1) D/4) of O, accumulated in registers across all tiles.
+// The softmax of a row needs all four token groups: per tile two barriers exchange the four
+// partial row maxima and, after P = exp2(S - m) is rounded to bf16 into shared memory, the four
+// partial row sums. Every warp of a row tile then holds the same running (m, l).
+template <int D>
+constexpr int lat_mma_nt() {
+  return D <= 256 ? 64 : 32;
+}
+template <int D, int RT, int ST>
+constexpr std::size_t lat_mma_smem_for() {
+  constexpr int R = 16 * RT, NT = lat_mma_nt<D>();
+  return 2 * (static_cast<std::size_t>(R) * (D + 8) + static_cast<std::size_t>(ST) * 2 * NT * (D + 8) + static_cast<std::size_t>(R) * (NT + 8)) +
+         sizeof(float) * 2 * R * 4;
+}
+constexpr std::size_t kMaxBlockSmem = 227 * 1024;
+template <int D, int RT>
+constexpr int lat_mma_stages() {
+  return lat_mma_smem_for<D, RT, 4>() <= kMaxBlockSmem / 2 ? 4 : lat_mma_smem_for<D, RT, 3>() <= kMaxBlockSmem ? 3 : 2;
+}
+template <int D, int RT>
+constexpr std::size_t lat_mma_smem() {
+  return lat_mma_smem_for<D, RT, lat_mma_stages<D, RT>()>();
+}
+
+template <int D, int RT>
+__global__ void __launch_bounds__(128 * RT) decode_latent_mma(LatentDecodeArgs<__nv_bfloat16> a, int chunk, int splits, int nh_pad, float* po,
+                                                               float2* pml) {
+  using bf16 = __nv_bfloat16;
+  constexpr int R = 16 * RT, NT = lat_mma_nt<D>(), LD = D + 8, LDP = NT + 8, ST = lat_mma_stages<D, RT>();
+  constexpr int TS = NT / 4, NS = TS / 8, CW = D / 4, NO = CW / 8, KD = D / 16;
+  constexpr bool kQReg = D <= 256;
+  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  static_assert(NS >= 1 && NO % 2 == 0 && D % 64 == 0, "decode_latent_mma: unsupported width");
+  const int split = blockIdx.x, b = blockIdx.z;
+  const int hpg = a.n_heads / a.groups, hbg = (hpg + R - 1) / R;
+  const int grp = blockIdx.y / hbg, h0g = (blockIdx.y % hbg) * R;
+  const int h0 = grp * hpg + h0g;
+  const long long prow = static_cast<long long>(grp) * hbg * R + h0g;
+  const int nh = min(R, hpg - h0g);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, tq = lane & 3;
+  const int rt = warp / 4, tw = warp % 4;
+  extern __shared__ __align__(128) unsigned char lat_smem[];
+  bf16* Qs = reinterpret_cast<bf16*>(lat_smem);
+  bf16* ring = Qs + R * LD;  // [stage][C_k | C_v] tiles of (NT, LD)
+  bf16* Ps = ring + ST * 2 * NT * LD;
+  float* red_max = reinterpret_cast<float*>(Ps + R * LDP);  // [row][tw]
+  float* red_sum = red_max + R * 4;
+
+  const int L = a.len[b];
+  int j0, j1;
+  visible_range(L, a.window, split, chunk, j0, j1);
+  const int tb = (j0 / NT) * NT;
+  const int ntiles = j1 > j0 ? (j1 - tb + NT - 1) / NT : 0;
+  const bf16* kb = a.ck + static_cast<long long>(b) * a.seq_stride + static_cast<long long>(grp) * D;
+  const bf16* vb = a.cv + static_cast<long long>(b) * a.seq_stride + static_cast<long long>(grp) * D;
+  const auto load_tile = [&](int it) {
+    bf16* dk = ring + (it % ST) * 2 * NT * LD;
+    bf16* dv = dk + NT * LD;
+    const int t0 = tb + it * NT;
+    for (int i = tid; i < NT * (D / 8); i += 128 * RT) {
+      const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+      const bool in = t0 + r < j1;
+      const long long off = static_cast<long long>(in ? t0 + r : 0) * a.ldc + c;
+      cp_async16(dk + r * LD + c, kb + off, in ? 16 : 0);
+      cp_async16(dv + r * LD + c, vb + off, in ? 16 : 0);
+    }
+  };
+  // Q (rows past the group's heads zero-filled) joins the first tile's commit group.
+  const bf16* qb = a.q_lat + static_cast<long long>(b) * (a.ldq > 0 ? a.ldq : a.n_heads * D) + static_cast<long long>(h0) * D;
+  for (int i = tid; i < R * (D / 8); i += 128 * RT) {
+    const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+    cp_async16(Qs + r * LD + c, qb + (r < nh ? static_cast<long long>(r) * D + c : 0), r < nh ? 16 : 0);
+  }
+#pragma unroll
+  for (int s = 0; s < ST - 1; ++s) {
+    if (s < ntiles) load_tile(s);
+    cp_async_commit();
+  }
+  unsigned qa[kQReg ? KD : 1][4];
+  float o[NO][4];
+#pragma unroll
+  for (int j = 0; j < NO; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.0f, 0.0f};
+  const float sl = a.scale * kLog2e;
+  const bf16* qrow = Qs + (rt * 16 + (lane & 15)) * LD + (lane >> 4) * 8;
+  for (int it = 0; it < ntiles; ++it) {
+    cp_async_wait<ST - 2>();  // tile `it` (and Q) landed for this thread
+    __syncthreads();          // ... for every thread; everyone is done with tile it - 1's stage
+    if (it + ST - 1 < ntiles) load_tile(it + ST - 1);
+    cp_async_commit();
+    if constexpr (kQReg) {
+      if (it == 0) {
+#pragma unroll
+        for (int d = 0; d < KD; ++d) ldmatrix_x4(qa[d], qrow + d * 16);
+      }
+    }
+    const bf16* tK = ring + (it % ST) * 2 * NT * LD;
+    const bf16* tV = tK + NT * LD;
+    const int t0 = tb + it * NT;
+    // S (16 x TS) of this warp's row tile and token group.
+    float sc[NS][4];
+#pragma unroll
+    for (int n = 0; n < NS; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
+#pragma unroll
+    for (int d = 0; d < KD; ++d) {
+      unsigned qtmp[4];
+      const unsigned* qf = qtmp;
+      if constexpr (kQReg) qf = qa[d];
+      else ldmatrix_x4(qtmp, qrow + d * 16);
+      if constexpr (NS % 2 == 0) {
+#pragma unroll
+        for (int n = 0; n < NS; n += 2) {
+          unsigned kf[4];
+          ldmatrix_x4(kf, tK + (tw * TS + n * 8 + (lane & 7) + ((lane >> 4) << 3)) * LD + d * 16 + ((lane >> 3) & 1) * 8);
+          mma_bf16(sc[n], qf, kf[0], kf[1]);
+          mma_bf16(sc[n + 1], qf, kf[2], kf[3]);
+        }
+      } else {
+        unsigned kf[2];
+        ldmatrix_x2(kf, tK + (tw * TS + (lane & 7)) * LD + d * 16 + ((lane >> 3) & 1) * 8);
+        mma_bf16(sc[0], qf, kf[0], kf[1]);
+      }
+    }
+    // Scale to log2 units; mask tokens outside [j0, j1) (tiles at the split's edges only).
+    const bool edge = t0 < j0 || t0 + NT > j1;
+#pragma unroll
+    for (int n = 0; n < NS; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float v = sc[n][e] * sl;
+        if (edge) {
+          const int j = t0 + tw * TS + n * 8 + 2 * tq + (e & 1);
+          if (j < j0 || j >= j1) v = -INFINITY;
+        }
+        sc[n][e] = v;
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      if (tq == 0) red_max[(rt * 16 + g + 8 * r) * 4 + tw] = mx;
+    }
+    __syncthreads();
+    float alpha[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float* rm = red_max + (rt * 16 + g + 8 * r) * 4;
+      const float m_new = fmaxf(m_i[r], fmaxf(fmaxf(rm[0], rm[1]), fmaxf(rm[2], rm[3])));
+      alpha[r] = m_new == -INFINITY ? 1.0f : exp2f(m_i[r] - m_new);
+      m_i[r] = m_new;
+    }
+    // P = exp2(S - m), rounded to bf16 once (the sums and P V use the same values), to shared memory.
+#pragma unroll
+    for (int n = 0; n < NS; ++n) {
+      float p[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p[e] = m_i[e >> 1] == -INFINITY ? 0.0f : exp2f(sc[n][e] - m_i[e >> 1]);
+      const unsigned lo = pack_bf16(p[0], p[1]), hi = pack_bf16(p[2], p[3]);
+      const __nv_bfloat162 blo = *reinterpret_cast<const __nv_bfloat162*>(&lo), bhi = *reinterpret_cast<const __nv_bfloat162*>(&hi);
+      sum[0] += __low2float(blo) + __high2float(blo);
+      sum[1] += __low2float(bhi) + __high2float(bhi);
+      const int c = tw * TS + n * 8 + 2 * tq;
+      *reinterpret_cast<unsigned*>(Ps + (rt * 16 + g) * LDP + c) = lo;
+      *reinterpret_cast<unsigned*>(Ps + (rt * 16 + g + 8) * LDP + c) = hi;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
+      sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
+      if (tq == 0) red_sum[(rt * 16 + g + 8 * r) * 4 + tw] = sum[r];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float* rs = red_sum + (rt * 16 + g + 8 * r) * 4;
+      l_i[r] = l_i[r] * alpha[r] + ((rs[0] + rs[1]) + (rs[2] + rs[3]));
+    }
+#pragma unroll
+    for (int j = 0; j < NO; ++j) {
+      o[j][0] *= alpha[0];
+      o[j][1] *= alpha[0];
+      o[j][2] *= alpha[1];
+      o[j][3] *= alpha[1];
+    }
+    // O (16 x CW) += P (16 x NT) C_v[:, this warp's columns].
+#pragma unroll
+    for (int kk = 0; kk < NT / 16; ++kk) {
+      unsigned pa[4];
+      ldmatrix_x4(pa, Ps + (rt * 16 + (lane & 15)) * LDP + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int j = 0; j < NO; j += 2) {
+        unsigned vf[4];
+        ldmatrix_x4_trans(vf, tV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + tw * CW + j * 8 + (lane >> 4) * 8);
+        mma_bf16(o[j], pa, vf[0], vf[1]);
+        mma_bf16(o[j + 1], pa, vf[2], vf[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  // Partials: unnormalised O and (m, l), m back in natural-log units for decode_combine.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const long long row = static_cast<long long>(b) * nh_pad + prow + rt * 16 + g + 8 * r;
+    if (ntiles > 0) {
+      float* pr = po + (row * splits + split) * D + tw * CW + 2 * tq;
+#pragma unroll
+      for (int j = 0; j < NO; ++j) *reinterpret_cast<float2*>(pr + j * 8) = make_float2(o[j][2 * r], o[j][2 * r + 1]);
+    }
+    if (tw == 0 && tq == 0) pml[row * splits + split] = make_float2(m_i[r] == -INFINITY ? -INFINITY : m_i[r] * kLn2, l_i[r]);
+  }
+}
+
 /// out[b, h*D + d] (leading dim ldo) = merged partials. Grid (batch * n_heads, ceil(D / 128)).
 /// Partials are indexed with nh_pad heads per sequence (>= n_heads).
 /// Head h's partials sit at padded row (h / hpg) * hpg_pad + h % hpg of nh_pad rows per sequence
@@ -516,7 +747,7 @@ inline int decode_chunk(int max_len, int splits, int multiple) {
 /// len[b] (host value; it sizes the split).
 template <class T>
 void decode_latent_attention(const LatentDecodeArgs<T>& a, int max_len, T* out, int ldo, DecodeScratch& scratch, cudaStream_t s,
-                             bool force_rows = false);
+                             bool force_rows = false, bool force_wmma = false);
 inline bool latent_wmma_supported(const LatentDecodeArgs<__nv_bfloat16>& a);
 
 /// force_cuda_cores: bf16 GQA/MQA also on the CUDA-core kernel (tests, benchmarks).
@@ -582,16 +813,77 @@ inline bool latent_wmma_supported(const LatentDecodeArgs<__nv_bfloat16>& a) {
          al16(a.cv) && al16(a.q_lat) && a.groups >= 1 && a.n_heads % a.groups == 0;
 }
 
+/// Splits for `blocks` independent (sequence, head block) units of `tiles` token tiles each, on
+/// a card holding `resident` blocks at once: the count minimising (waves) x (tiles per block + 2,
+/// for the pipeline fill and the partial's write), with at least `min_tiles` tiles per split.
+inline int balanced_splits(long long blocks, int tiles, long long resident, int min_tiles) {
+  const int max_s = std::max(1, tiles / std::max(1, min_tiles));
+  int best = 1;
+  long long best_cost = -1;
+  for (int sp = 1; sp <= max_s; ++sp) {
+    const int per = (tiles + sp - 1) / sp, eff = (tiles + per - 1) / per;
+    if (eff != sp) continue;  // same chunk as a smaller count
+    const long long waves = (blocks * sp + resident - 1) / std::max<long long>(1, resident);
+    const long long cost = waves * (per + 2);
+    if (best_cost < 0 || cost < best_cost) {
+      best_cost = cost;
+      best = sp;
+    }
+  }
+  return best;
+}
+
+template <int D, int RT>
+void run_latent_mma(const LatentDecodeArgs<__nv_bfloat16>& a, int max_len, __nv_bfloat16* out, int ldo, DecodeScratch& scratch, cudaStream_t s) {
+  constexpr int R = 16 * RT, NT = kernels::lat_mma_nt<D>();
+  constexpr std::size_t smem = kernels::lat_mma_smem<D, RT>();
+  static const long long resident = [] {
+    CACHESHRINK_CUDA_CHECK(cudaFuncSetAttribute(kernels::decode_latent_mma<D, RT>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    int per_sm = 1;
+    CACHESHRINK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernels::decode_latent_mma<D, RT>, 128 * RT, smem));
+    return static_cast<long long>(std::max(1, per_sm)) * sm_count();
+  }();
+  const int hpg = a.n_heads / a.groups, hbg = (hpg + R - 1) / R, hpg_pad = hbg * R, nh_pad = a.groups * hpg_pad;
+  const int tiles = (max_len + NT - 1) / NT;
+  const long long blocks = static_cast<long long>(a.batch) * a.groups * hbg;
+  const int splits = balanced_splits(blocks, tiles, resident, 2);
+  const int chunk = (tiles + splits - 1) / splits * NT;
+  scratch.reserve(static_cast<long long>(a.batch) * nh_pad, splits, D);
+  kernels::decode_latent_mma<D, RT><<<dim3(splits, a.groups * hbg, a.batch), 128 * RT, smem, s>>>(a, chunk, splits, nh_pad, scratch.po.data(), scratch.pml.data());
+  CACHESHRINK_CUDA_LAUNCH_CHECK("decode_latent_mma");
+  kernels::decode_combine<__nv_bfloat16><<<dim3(a.batch * a.n_heads, (D + 127) / 128), 128, 0, s>>>(scratch.po.data(), scratch.pml.data(), a.n_heads, nh_pad, hpg, hpg_pad, splits, D, out, ldo);
+  CACHESHRINK_CUDA_LAUNCH_CHECK("decode_combine");
+}
+
+/// The register-resident tensor-core kernel for d_latent in {64, 128, 256, 512} (rows of 32 heads
+/// of a group per block when the group has more than 16, else 16); false: geometry not covered.
+inline bool launch_latent_mma(const LatentDecodeArgs<__nv_bfloat16>& a, int max_len, __nv_bfloat16* out, int ldo, DecodeScratch& scratch,
+                              cudaStream_t s) {
+  const bool two = a.n_heads / a.groups > 16;
+  switch (a.d_latent) {
+    case 64: two ? run_latent_mma<64, 2>(a, max_len, out, ldo, scratch, s) : run_latent_mma<64, 1>(a, max_len, out, ldo, scratch, s); return true;
+    case 128: two ? run_latent_mma<128, 2>(a, max_len, out, ldo, scratch, s) : run_latent_mma<128, 1>(a, max_len, out, ldo, scratch, s); return true;
+    case 256: two ? run_latent_mma<256, 2>(a, max_len, out, ldo, scratch, s) : run_latent_mma<256, 1>(a, max_len, out, ldo, scratch, s); return true;
+    case 512: two ? run_latent_mma<512, 2>(a, max_len, out, ldo, scratch, s) : run_latent_mma<512, 1>(a, max_len, out, ldo, scratch, s); return true;
+    default: return false;
+  }
+}
+
 /// Latent-cache decode: o_lat (batch, n_heads * d_latent; leading dim ldo). With bf16 and a
-/// supported geometry the tensor-core kernel runs; otherwise the
-/// warp kernel (d_latent <= 1024). force_rows: always the warp kernel (tests).
+/// supported geometry a tensor-core kernel runs (decode_latent_mma for d_latent in {64, 128,
+/// 256, 512}, else decode_latent_wmma); otherwise the warp kernel (d_latent <= 1024).
+/// force_rows: always the warp kernel; force_wmma: the WMMA kernel even where the mma kernel
+/// applies (tests, and the benchmark's same-run baseline).
 template <class T>
 void decode_latent_attention(const LatentDecodeArgs<T>& a, int max_len, T* out, int ldo, DecodeScratch& scratch, cudaStream_t s,
-                             bool force_rows) {
+                             bool force_rows, bool force_wmma) {
   if (a.batch == 0 || max_len <= 0) return;
   if (a.d_latent <= 0) throw InvalidArgument("decode_latent_attention: d_latent must be positive");
   bool wmma = false;
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) wmma = !force_rows && latent_wmma_supported(a);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    wmma = !force_rows && latent_wmma_supported(a);
+    if (wmma && !force_wmma && launch_latent_mma(a, max_len, out, ldo, scratch, s)) return;
+  }
   if (wmma) {
     if constexpr (std::is_same_v<T, __nv_bfloat16>) {
       // 32 heads per block (each latent read once) when that still leaves >= 2 blocks per SM;

@@ -235,7 +235,7 @@ class Transformer<Kind, Cuda> {
     kc.len.assign(static_cast<std::size_t>(batch), 0);
     kc.layers.resize(layers_.size());
     for (std::size_t l = 0; l < layers_.size(); ++l) {
-      const DevLayer& L = layers_[l];
+      DevLayer& L = layers_[l];
       auto& C = kc.layers[l];
       C.latent = L.mla;
       if (L.mla) {
@@ -243,6 +243,10 @@ class Transformer<Kind, Cuda> {
           throw InvalidArgument("make_cache: layer " + std::to_string(l) + " cannot decode on absorbed latents: " +
                                 (c_.uses_rope() ? "RoPE rotates the reconstructed keys" : "a k-norm follows the reconstruction") +
                                 "; use cuda::LatentDecode::Rebuild");
+        if (mode == cuda::LatentDecode::Absorbed && c_.n_heads != c_.n_kv_heads && L.w_uk_q.size() == 0) {
+          repeat_per_query_head(L.w_uk, L.w_uk_q, L.d_latent);
+          repeat_per_query_head(L.w_uv, L.w_uv_q, L.d_latent);
+        }
         C.width_a = L.joint ? L.d_latent : 2 * L.d_latent;
       } else {
         C.width_a = C.width_b = c_.d_kv();
@@ -334,7 +338,25 @@ class Transformer<Kind, Cuda> {
     int d_latent = 0;
     cuda::DevTensor w_dk, w_dv, w_uk, w_uv;
     cuda::DeviceBuffer<float> bv_q;  // MLA: the V bias repeated per query head (absorbed decode)
+    // Absorbed decode with several query heads per KV head: w_uk / w_uv repeated per query head
+    // ((n_heads * hd, d_latent); block h = KV head h / group's rows) so that one strided-batched
+    // GEMM over the query heads does the absorption. Made by make_cache(Absorbed); empty else.
+    cuda::DevTensor w_uk_q, w_uv_q;
   };
+
+  /// dst = src's (hd, cols) row blocks repeated per query head: block h = KV block h / group.
+  void repeat_per_query_head(const cuda::DevTensor& src, cuda::DevTensor& dst, int cols) {
+    const int nh = c_.n_heads, g = c_.n_heads / c_.n_kv_heads, hd = c_.head_dim;
+    const std::size_t block = static_cast<std::size_t>(hd) * cols;
+    alloc(dst, block * nh);
+    for (int h = 0; h < nh; ++h) {
+      const std::size_t from = static_cast<std::size_t>(h / g) * block, to = static_cast<std::size_t>(h) * block;
+      if (bf16())
+        CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(dst.b.data() + to, src.b.data() + from, block * 2, cudaMemcpyDeviceToDevice, st()));
+      else
+        CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(dst.f.data() + to, src.f.data() + from, block * 4, cudaMemcpyDeviceToDevice, st()));
+    }
+  }
 
   void init_device() {
     if (cuda::device_count() == 0) throw cuda::CudaError("Transformer<Cuda>: no CUDA device is available");
@@ -701,7 +723,7 @@ class Transformer<Kind, Cuda> {
   template <class T>
   void decode_layers(cuda::DeviceKvCache& kc, int max_len) {
     const int B = kc.batch, H = c_.hidden_size, Dq = c_.d_q(), Dkv = c_.d_kv(), hd = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads;
-    const int I = c_.intermediate_size, Wqkv = Dq + 2 * Dkv, V = c_.vocab_size, g = nh / nkv, cap = kc.capacity;
+    const int I = c_.intermediate_size, Wqkv = Dq + 2 * Dkv, V = c_.vocab_size, cap = kc.capacity;
     const bool gpt2 = c_.family == Family::Gpt2;
     const float eps = static_cast<float>(c_.norm_eps), scale = 1.0f / std::sqrt(static_cast<float>(hd));
     cublasHandle_t hb = blas_->get();
@@ -795,12 +817,14 @@ class Transformer<Kind, Cuda> {
           // of a row (softmax ignores it), the V bias is added after W_uv (probabilities sum to 1).
           qlat.reserve(static_cast<std::size_t>(B) * nh * dl);
           olat.reserve(static_cast<std::size_t>(B) * nh * dl);
-          const T* wuk = L.w_uk.template ptr<T>();
-          const T* wuv = L.w_uv.template ptr<T>();
-          for (int gi = 0; gi < g; ++gi)
-            cuda::gemm_cm_strided_batched<T>(hb, CUBLAS_OP_N, CUBLAS_OP_N, dl, B, hd, scale, wuk, dl, static_cast<long long>(hd) * dl,
-                                             qkv.data() + gi * hd, Wqkv, static_cast<long long>(g) * hd, 0.0f, qlat.data() + gi * dl, nh * dl,
-                                             static_cast<long long>(g) * dl, nkv);
+          // One strided-batched GEMM over the query heads (per-head copies of W_uk / W_uv when
+          // several query heads share a KV head, see DevLayer::w_uk_q).
+          const bool rep = nh != nkv;
+          const T* wuk = (rep ? L.w_uk_q : L.w_uk).template ptr<T>();
+          const T* wuv = (rep ? L.w_uv_q : L.w_uv).template ptr<T>();
+          const long long wstride = static_cast<long long>(hd) * dl;
+          cuda::gemm_cm_strided_batched<T>(hb, CUBLAS_OP_N, CUBLAS_OP_N, dl, B, hd, scale, wuk, dl, wstride, qkv.data(), Wqkv, hd, 0.0f, qlat.data(),
+                                           nh * dl, dl, nh);
           cuda::LatentDecodeArgs<T> la;
           la.q_lat = qlat.data();
           la.ck = ck;
@@ -813,10 +837,8 @@ class Transformer<Kind, Cuda> {
           la.d_latent = dl;
           la.window = c_.sliding_window;
           cuda::decode_latent_attention<T>(la, max_len, olat.data(), nh * dl, scratch_, s, force_latent_rows_);
-          for (int gi = 0; gi < g; ++gi)
-            cuda::gemm_cm_strided_batched<T>(hb, CUBLAS_OP_T, CUBLAS_OP_N, hd, B, dl, 1.0f, wuv, dl, static_cast<long long>(hd) * dl,
-                                             olat.data() + gi * dl, nh * dl, static_cast<long long>(g) * dl, 0.0f, attn.data() + gi * hd, Dq,
-                                             static_cast<long long>(g) * hd, nkv);
+          cuda::gemm_cm_strided_batched<T>(hb, CUBLAS_OP_T, CUBLAS_OP_N, hd, B, dl, 1.0f, wuv, dl, wstride, olat.data(), nh * dl, dl, 0.0f, attn.data(),
+                                           Dq, hd, nh);
           if (!L.bv_q.empty()) cuda::add_bias<T>(attn.data(), Dq, B, Dq, L.bv_q.data(), s);
         }
       }

@@ -477,27 +477,23 @@ template <int D>
 constexpr int lat_mma_nt() {
   return D <= 256 ? 64 : 32;
 }
-template <int D, int RT, int ST>
+template <int D, int RT, int ST, int NT = lat_mma_nt<D>()>
 constexpr std::size_t lat_mma_smem_for() {
-  constexpr int R = 16 * RT, NT = lat_mma_nt<D>();
+  constexpr int R = 16 * RT;
   return 2 * (static_cast<std::size_t>(R) * (D + 8) + static_cast<std::size_t>(ST) * 2 * NT * (D + 8) + static_cast<std::size_t>(R) * (NT + 8)) +
          sizeof(float) * 2 * R * 4;
 }
 constexpr std::size_t kMaxBlockSmem = 227 * 1024;
-template <int D, int RT>
+template <int D, int RT, int NT = lat_mma_nt<D>()>
 constexpr int lat_mma_stages() {
-  return lat_mma_smem_for<D, RT, 4>() <= kMaxBlockSmem / 2 ? 4 : lat_mma_smem_for<D, RT, 3>() <= kMaxBlockSmem ? 3 : 2;
-}
-template <int D, int RT>
-constexpr std::size_t lat_mma_smem() {
-  return lat_mma_smem_for<D, RT, lat_mma_stages<D, RT>()>();
+  return lat_mma_smem_for<D, RT, 4, NT>() <= kMaxBlockSmem / 2 ? 4 : lat_mma_smem_for<D, RT, 3, NT>() <= kMaxBlockSmem ? 3 : 2;
 }
 
-template <int D, int RT>
+template <int D, int RT, int NT, int ST>
 __global__ void __launch_bounds__(128 * RT) decode_latent_mma(LatentDecodeArgs<__nv_bfloat16> a, int chunk, int splits, int nh_pad, float* po,
                                                                float2* pml) {
   using bf16 = __nv_bfloat16;
-  constexpr int R = 16 * RT, NT = lat_mma_nt<D>(), LD = D + 8, LDP = NT + 8, ST = lat_mma_stages<D, RT>();
+  constexpr int R = 16 * RT, LD = D + 8, LDP = NT + 8;
   constexpr int TS = NT / 4, NS = TS / 8, CW = D / 4, NO = CW / 8, KD = D / 16;
   constexpr bool kQReg = D <= 256;
   constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
@@ -833,14 +829,17 @@ inline int balanced_splits(long long blocks, int tiles, long long resident, int 
   return best;
 }
 
-template <int D, int RT>
+/// One decode_latent_mma configuration (NT tokens per tile, ST stages; the defaults are what
+/// decode_latent_attention runs; benchmarks may time others).
+template <int D, int RT, int NT = kernels::lat_mma_nt<D>(), int ST = kernels::lat_mma_stages<D, RT, NT>()>
 void run_latent_mma(const LatentDecodeArgs<__nv_bfloat16>& a, int max_len, __nv_bfloat16* out, int ldo, DecodeScratch& scratch, cudaStream_t s) {
-  constexpr int R = 16 * RT, NT = kernels::lat_mma_nt<D>();
-  constexpr std::size_t smem = kernels::lat_mma_smem<D, RT>();
+  constexpr int R = 16 * RT;
+  constexpr std::size_t smem = kernels::lat_mma_smem_for<D, RT, ST, NT>();
+  static_assert(smem <= kernels::kMaxBlockSmem, "run_latent_mma: shared memory over the per-block limit");
   static const long long resident = [] {
-    CACHESHRINK_CUDA_CHECK(cudaFuncSetAttribute(kernels::decode_latent_mma<D, RT>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    CACHESHRINK_CUDA_CHECK(cudaFuncSetAttribute(kernels::decode_latent_mma<D, RT, NT, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     int per_sm = 1;
-    CACHESHRINK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernels::decode_latent_mma<D, RT>, 128 * RT, smem));
+    CACHESHRINK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernels::decode_latent_mma<D, RT, NT, ST>, 128 * RT, smem));
     return static_cast<long long>(std::max(1, per_sm)) * sm_count();
   }();
   const int hpg = a.n_heads / a.groups, hbg = (hpg + R - 1) / R, hpg_pad = hbg * R, nh_pad = a.groups * hpg_pad;
@@ -849,7 +848,7 @@ void run_latent_mma(const LatentDecodeArgs<__nv_bfloat16>& a, int max_len, __nv_
   const int splits = balanced_splits(blocks, tiles, resident, 2);
   const int chunk = (tiles + splits - 1) / splits * NT;
   scratch.reserve(static_cast<long long>(a.batch) * nh_pad, splits, D);
-  kernels::decode_latent_mma<D, RT><<<dim3(splits, a.groups * hbg, a.batch), 128 * RT, smem, s>>>(a, chunk, splits, nh_pad, scratch.po.data(), scratch.pml.data());
+  kernels::decode_latent_mma<D, RT, NT, ST><<<dim3(splits, a.groups * hbg, a.batch), 128 * RT, smem, s>>>(a, chunk, splits, nh_pad, scratch.po.data(), scratch.pml.data());
   CACHESHRINK_CUDA_LAUNCH_CHECK("decode_latent_mma");
   kernels::decode_combine<__nv_bfloat16><<<dim3(a.batch * a.n_heads, (D + 127) / 128), 128, 0, s>>>(scratch.po.data(), scratch.pml.data(), a.n_heads, nh_pad, hpg, hpg_pad, splits, D, out, ldo);
   CACHESHRINK_CUDA_LAUNCH_CHECK("decode_combine");

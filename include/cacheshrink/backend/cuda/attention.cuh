@@ -231,13 +231,7 @@ __global__ void __launch_bounds__(128) flash_attn_bf16(AttentionArgs<__nv_bfloat
       }
       l_i[0] = l_i[0] * alpha[0] + sum[0];
       l_i[1] = l_i[1] * alpha[1] + sum[1];
-#pragma unroll
-      for (int j = 0; j < NO; ++j) {
-        o[j][0] *= alpha[0];
-        o[j][1] *= alpha[0];
-        o[j][2] *= alpha[1];
-        o[j][3] *= alpha[1];
-      }
+      rescale_rows(o, alpha);
       // O += P V over the tile's four 16-key blocks.
 #pragma unroll
       for (int kk = 0; kk < BK / 16; ++kk)

@@ -645,13 +645,7 @@ __global__ void __launch_bounds__(128 * RT) decode_latent_mma(LatentDecodeArgs<_
       const float* rs = red_sum + (rt * 16 + g + 8 * r) * 4;
       l_i[r] = l_i[r] * alpha[r] + ((rs[0] + rs[1]) + (rs[2] + rs[3]));
     }
-#pragma unroll
-    for (int j = 0; j < NO; ++j) {
-      o[j][0] *= alpha[0];
-      o[j][1] *= alpha[0];
-      o[j][2] *= alpha[1];
-      o[j][3] *= alpha[1];
-    }
+    rescale_rows(o, alpha);
     // O (16 x CW) += P (16 x NT) C_v[:, this warp's columns].
 #pragma unroll
     for (int kk = 0; kk < NT / 16; ++kk) {

@@ -51,4 +51,17 @@ __device__ __forceinline__ void ldmatrix_x2(unsigned* r, const void* smem) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
 }
 
+/// Online softmax: rescales an m16n8 accumulator row block (rows g and g + 8 of each 16 x 8
+/// tile, see the fragment layout above) by the rows' alpha when their running max moves.
+template <int N>
+__device__ __forceinline__ void rescale_rows(float (&o)[N][4], const float (&alpha)[2]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    o[j][0] *= alpha[0];
+    o[j][1] *= alpha[0];
+    o[j][2] *= alpha[1];
+    o[j][3] *= alpha[1];
+  }
+}
+
 }  // namespace cacheshrink::cuda::kernels

@@ -15,6 +15,8 @@
 //
 //   bench_cuda_decode [--json PATH] [--steps N] [--batches 1,16,64] [--contexts 1024,4096,16384,32768]
 //                     [--shapes llama2,qwen25] [--kernels-only]
+//                     [--paths kernel,standard,rebuild,standard_learned_pos,absorbed]   (default: all)
+#include <algorithm>
 #include <cacheshrink/cuda.hpp>
 #include <cstdio>
 #include <cstring>
@@ -35,6 +37,8 @@ struct Args {
   std::vector<int> contexts = {1024, 4096, 16384, 32768};
   std::vector<std::string> shapes = {"llama2", "qwen25"};
   bool kernels_only = false;
+  std::vector<std::string> paths = {"kernel", "standard", "rebuild", "standard_learned_pos", "absorbed"};
+  bool wants(const std::string& p) const { return std::find(paths.begin(), paths.end(), p) != paths.end(); }
 };
 
 std::vector<int> parse_ints(const std::string& s) {
@@ -255,8 +259,16 @@ int main(int argc, char** argv) {
     else if (a == "--contexts") args.contexts = parse_ints(val());
     else if (a == "--shapes") args.shapes = parse_strs(val());
     else if (a == "--kernels-only") args.kernels_only = true;
-    else {
-      std::fprintf(stderr, "usage: bench_cuda_decode [--json PATH] [--steps N] [--batches 1,16,64] [--contexts 1024,...] [--shapes llama2,qwen25] [--kernels-only]\n");
+    else if (a == "--paths") {
+      args.paths = parse_strs(val());
+      for (const auto& p : args.paths)
+        if (p != "kernel" && p != "standard" && p != "rebuild" && p != "standard_learned_pos" && p != "absorbed")
+          {
+            std::fprintf(stderr, "bench_cuda_decode: --paths: unknown path '%s' (kernel, standard, rebuild, standard_learned_pos, absorbed)\n", p.c_str());
+            return 2;
+          }
+    } else {
+      std::fprintf(stderr, "usage: bench_cuda_decode [--json PATH] [--steps N] [--batches 1,16,64] [--contexts 1024,...] [--shapes llama2,qwen25] [--kernels-only] [--paths kernel,standard,...]\n");
       return a == "--help" ? 0 : 2;
     }
   }
@@ -272,10 +284,11 @@ int main(int argc, char** argv) {
     for (const auto& name : args.shapes) {
       const Shape sh = make_shape(name);
       std::printf("== %s: d_latent %d per K/V (%.0fx), %d layers\n", name.c_str(), sh.d_latent, sh.ratio, sh.rope.n_layers);
-      kernel_bandwidth(sh, args);
+      if (args.wants("kernel")) kernel_bandwidth(sh, args);
       if (args.kernels_only) continue;
       cuda::Options o{cuda::Precision::BFloat16};
       auto run = [&](const ModelConfig& c, int d_latent, const char* path, cuda::LatentDecode mode) {
+        if (!args.wants(path)) return;
         dispatch_attention_kind(c, [&](auto kind) {
           cuda::RandomWeights rw;
           rw.mla_d_latent = d_latent;

@@ -21,14 +21,23 @@ std::vector<float> as_input(std::vector<float> v) {
   return std::is_same_v<T, float> ? v : test::round_bf16(std::move(v));
 }
 
+/// norm_rows, or with a residual bias (bias_norm_rows: x += xb in place, then the norm).
 template <class T>
-void check_norms(int rows, int H, bool layer, std::mt19937& g) {
+void check_norms(int rows, int H, bool layer, bool residual_bias, std::mt19937& g) {
   auto x = test::random_floats(static_cast<std::size_t>(rows) * H, g, 2.0f);
-  auto w = test::random_floats(H, g), b = test::random_floats(H, g);
+  auto w = test::random_floats(H, g), b = test::random_floats(H, g), xb = test::random_floats(H, g);
   const float eps = 1e-5f;
-  cuda::DeviceBuffer<float> dx = test::to_device<float>(x), dw = test::to_device<float>(w), db = test::to_device<float>(b);
+  cuda::DeviceBuffer<float> dx = test::to_device<float>(x), dw = test::to_device<float>(w), db = test::to_device<float>(b), dxb = test::to_device<float>(xb);
   cuda::DeviceBuffer<T> dy(x.size());
-  cuda::norm_rows<T>(dx.data(), H, dw.data(), layer ? db.data() : nullptr, layer, eps, dy.data(), H, rows, H, nullptr);
+  if (residual_bias) {
+    cuda::bias_norm_rows<T>(dx.data(), H, dxb.data(), dw.data(), layer ? db.data() : nullptr, layer, eps, dy.data(), H, rows, H, nullptr);
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < H; ++c) x[r * H + c] += xb[c];  // the same float additions the kernel does
+    CHECK(test::to_host(dx) == x);                        // the residual is updated in place
+  } else {
+    cuda::norm_rows<T>(dx.data(), H, dw.data(), layer ? db.data() : nullptr, layer, eps, dy.data(), H, rows, H, nullptr);
+    CHECK(test::to_host(dx) == x);  // and left alone here
+  }
   std::vector<double> want(x.size());
   for (int r = 0; r < rows; ++r) {
     double mean = 0, ss = 0;
@@ -39,7 +48,7 @@ void check_norms(int rows, int H, bool layer, std::mt19937& g) {
     for (int c = 0; c < H; ++c) want[r * H + c] = (x[r * H + c] - mean) * inv * w[c] + (layer ? b[c] : 0.0);
   }
   const double e = max_rel(test::to_host(dy), want);
-  INFO("rows ", rows, " H ", H, " layer ", layer, " err ", e);
+  INFO("rows ", rows, " H ", H, " layer ", layer, " residual bias ", residual_bias, " err ", e);
   CHECK(e < tol<T>(2e-6, 8e-3));
 }
 
@@ -158,11 +167,13 @@ void check_attention(const AttnCase& c, bool flash, std::mt19937& g) {
 TEST_CASE("norm kernels match float64 (RMSNorm, LayerNorm; float and bf16 outputs)") {
   CACHESHRINK_REQUIRE_GPU();
   std::mt19937 g(1);
-  for (auto [rows, H] : {std::pair{1, 1}, {3, 7}, {17, 257}, {5, 4096}, {2, 1000}})
-    for (bool layer : {false, true}) {
-      check_norms<float>(rows, H, layer, g);
-      check_norms<bf16>(rows, H, layer, g);
-    }
+  // 20000 columns: wider than the 48 KB shared-memory row cache (the uncached kernel)
+  for (auto [rows, H] : {std::pair{1, 1}, {3, 7}, {17, 257}, {5, 4096}, {2, 1000}, {64, 3584}, {3, 20000}})
+    for (bool layer : {false, true})
+      for (bool rb : {false, true}) {
+        check_norms<float>(rows, H, layer, rb, g);
+        check_norms<bf16>(rows, H, layer, rb, g);
+      }
 }
 
 TEST_CASE("head RMSNorm and RoPE match float64 on strided column blocks") {
@@ -230,7 +241,7 @@ TEST_CASE("head RMSNorm and RoPE match float64 on strided column blocks") {
 TEST_CASE("elementwise kernels: bias, SwiGLU, GELU(tanh), embedding, NLL") {
   CACHESHRINK_REQUIRE_GPU();
   std::mt19937 g(3);
-  for (auto [rows, I] : {std::pair{1, 1}, {7, 33}, {65, 1025}}) {
+  for (auto [rows, I] : {std::pair{1, 1}, {7, 33}, {65, 1025}, {3, 5000}}) {
     auto gu = test::random_floats(static_cast<std::size_t>(rows) * 2 * I, g, 4.0f);
     auto bg = test::random_floats(I, g), bu = test::random_floats(I, g);
     auto dgu = test::to_device<float>(gu);
@@ -263,7 +274,7 @@ TEST_CASE("elementwise kernels: bias, SwiGLU, GELU(tanh), embedding, NLL") {
   }
   // embedding (+ positions)
   {
-    const int V = 37, H = 19, P = 11, rows = 23;
+    const int V = 37, H = 1100, P = 11, rows = 23;  // H over one 1024-column chunk
     auto tab = test::random_floats(V * H, g), ptab = test::random_floats(P * H, g);
     std::vector<int> ids(rows), pos(rows);
     for (int r = 0; r < rows; ++r) ids[r] = (r * 13) % V, pos[r] = r % P;

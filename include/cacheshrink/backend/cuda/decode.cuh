@@ -684,18 +684,28 @@ __global__ void decode_combine(const float* po, const float2* pml, int n_heads, 
   const int b = blockIdx.x / n_heads, h = blockIdx.x % n_heads;
   const long long row = static_cast<long long>(b) * nh_pad + static_cast<long long>(h / hpg) * hpg_pad + h % hpg;
   const float2* ml = pml + row * splits;
-  float M = -INFINITY;
-  for (int s = 0; s < splits; ++s) M = fmaxf(M, ml[s].x);
-  float den = 0.0f;
-  for (int s = 0; s < splits; ++s)
-    if (ml[s].x != -INFINITY) den += __expf(ml[s].x - M) * ml[s].y;
-  const float inv = den > 0.0f ? 1.0f / den : 0.0f;
   const int d = blockIdx.y * blockDim.x + threadIdx.x;
   if (d >= D) return;
-  float num = 0.0f;
-  for (int s = 0; s < splits; ++s)
-    if (ml[s].x != -INFINITY) num += __expf(ml[s].x - M) * po[(row * splits + s) * D + d];
-  out[static_cast<long long>(b) * ldo + static_cast<long long>(h) * D + d] = from_f<T>(num * inv);
+  // One pass with a running maximum (the split count is small; loads of different splits are
+  // independent, so they overlap instead of three dependent sweeps).
+  float M = -INFINITY, den = 0.0f, num = 0.0f;
+  const float* p = po + row * splits * D + d;
+#pragma unroll 4
+  for (int s = 0; s < splits; ++s) {
+    const float2 v = ml[s];
+    if (v.x == -INFINITY) continue;
+    const float x = p[static_cast<long long>(s) * D];
+    if (v.x > M) {
+      const float c = __expf(M - v.x);  // 0 on the first live split (M = -inf)
+      den *= c;
+      num *= c;
+      M = v.x;
+    }
+    const float w = __expf(v.x - M);
+    den += w * v.y;
+    num += w * x;
+  }
+  out[static_cast<long long>(b) * ldo + static_cast<long long>(h) * D + d] = from_f<T>(den > 0.0f ? num / den : 0.0f);
 }
 
 /// dst[b][pos[b]][0:width] = src[b, 0:width] (dst sequence stride seq_stride, row stride ld).

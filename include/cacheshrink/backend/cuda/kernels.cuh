@@ -71,37 +71,66 @@ inline unsigned grid_for(long long n, int block) {
 
 namespace kernels {
 
+// Row-wise elementwise kernels run on a 2-D grid: blockIdx.x = row, blockIdx.y = a chunk of
+// kRowChunk columns, each of the kRowThreads threads handling kRowChunk / kRowThreads
+// independent columns (a decode step has only batch-many rows: one block per row left most
+// SMs idle and each thread walking a whole 18K-wide row, 56 us for a GELU over 7 MB).
+constexpr int kRowChunk = 1024, kRowThreads = 256;
+template <class F>
+__device__ __forceinline__ void for_row_chunk(int width, F&& f) {
+#pragma unroll
+  for (int j = 0; j < kRowChunk / kRowThreads; ++j) {
+    const int c = static_cast<int>(blockIdx.y) * kRowChunk + j * kRowThreads + static_cast<int>(threadIdx.x);
+    if (c < width) f(c);
+  }
+}
+
 // x[r, :] = table[ids[r], :] (+ pos_table[pos[r], :]); x float (rows, H).
 template <class T>
 __global__ void embedding(const int* ids, const int* pos, const T* table, const T* pos_table, float* x, int rows, int H) {
-  const int r = blockIdx.x;  // one block per row
+  const int r = blockIdx.x;
   const T* tr = table + static_cast<long long>(ids[r]) * H;
   const T* pr = pos_table ? pos_table + static_cast<long long>(pos[r]) * H : nullptr;
   float* xr = x + static_cast<long long>(r) * H;
-  for (int c = threadIdx.x; c < H; c += blockDim.x) xr[c] = to_f(tr[c]) + (pr ? to_f(pr[c]) : 0.0f);
+  for_row_chunk(H, [&](int c) { xr[c] = to_f(tr[c]) + (pr ? to_f(pr[c]) : 0.0f); });
 }
 
 // One block per row. RMSNorm: y = x / sqrt(mean(x^2) + eps) * w; LayerNorm (b != nullptr or
-// layer = true): y = (x - mean) / sqrt(var + eps) * w + b (biased variance).
-template <class T>
-__global__ void norm_rows(const float* x, int ldx, const float* w, const float* b, bool layer, float eps, T* y, int ldy, int H) {
-  const float* xr = x + static_cast<long long>(blockIdx.x) * ldx;
+// layer = true): y = (x - mean) / sqrt(var + eps) * w + b (biased variance, two passes). Cached:
+// the row is read from global memory once into dynamic shared memory (H floats) and the later
+// passes read that; otherwise (rows too wide for 48 KB) every pass reads global memory.
+// xb != nullptr: first x[r, :] += xb (written back; a residual's pending bias), then the norm.
+template <class T, bool Cached>
+__global__ void norm_rows(float* x, int ldx, const float* xb, const float* w, const float* b, bool layer, float eps, T* y, int ldy, int H) {
+  extern __shared__ float row_cache[];
+  float* xr = x + static_cast<long long>(blockIdx.x) * ldx;
   T* yr = y + static_cast<long long>(blockIdx.x) * ldy;
+  auto at = [&](int c) { return Cached ? row_cache[c] : xr[c]; };
   const float inv_n = 1.0f / static_cast<float>(H);
-  float mean = 0.0f;
-  if (layer) {
-    float s = 0.0f;
-    for (int c = threadIdx.x; c < H; c += blockDim.x) s += xr[c];
-    mean = block_sum(s) * inv_n;
-  }
-  float ss = 0.0f;
+  float s = 0.0f;
+#pragma unroll 4
   for (int c = threadIdx.x; c < H; c += blockDim.x) {
-    const float d = xr[c] - mean;
+    float v = xr[c];
+    if (xb) {
+      v += xb[c];
+      xr[c] = v;  // each element is read and written by the same thread: no race with later passes
+    }
+    if constexpr (Cached) row_cache[c] = v;
+    s += v;
+  }
+  float mean = 0.0f;
+  if (layer) mean = block_sum(s) * inv_n;  // block_sum's barriers also publish row_cache
+  else __syncthreads();
+  float ss = 0.0f;
+#pragma unroll 4
+  for (int c = threadIdx.x; c < H; c += blockDim.x) {
+    const float d = at(c) - mean;
     ss += d * d;
   }
   const float r = rsqrtf(block_sum(ss) * inv_n + eps);
+#pragma unroll 4
   for (int c = threadIdx.x; c < H; c += blockDim.x) {
-    float v = (xr[c] - mean) * r * w[c];
+    float v = (at(c) - mean) * r * w[c];
     if (b) v += b[c];
     yr[c] = from_f<T>(v);
   }
@@ -144,11 +173,11 @@ __global__ void rope(T* y, int ld, int col0, int rows, int heads, int hd, const 
   }
 }
 
-// y[r, c] += b[c] for c < width (y: T, leading dim ld). One block per row.
+// y[r, c] += b[c] for c < width (y: T, leading dim ld).
 template <class T>
 __global__ void add_bias(T* y, int ld, int rows, int width, const float* b) {
   T* yr = y + static_cast<long long>(blockIdx.x) * ld;
-  for (int c = threadIdx.x; c < width; c += blockDim.x) yr[c] = from_f<T>(to_f(yr[c]) + b[c]);
+  for_row_chunk(width, [&](int c) { yr[c] = from_f<T>(to_f(yr[c]) + b[c]); });
 }
 
 __device__ __forceinline__ float silu_f(float x) { return x / (1.0f + expf(-x)); }
@@ -158,29 +187,28 @@ __device__ __forceinline__ float gelu_tanh_f(float x) {
 }
 
 // act[r, i] = silu(gu[r, i] + bg[i]) * (gu[r, I + i] + bu[i]); gu: (rows, 2I) = [gate | up].
-// One block per row (no 64-bit index division in the inner loop).
 template <class T>
 __global__ void swiglu(const T* gu, int rows, int I, const float* bg, const float* bu, T* act) {
   const T* g = gu + static_cast<long long>(blockIdx.x) * 2 * I;
   const T* u = g + I;
   T* o = act + static_cast<long long>(blockIdx.x) * I;
-  for (int c = threadIdx.x; c < I; c += blockDim.x) {
+  for_row_chunk(I, [&](int c) {
     float gv = to_f(g[c]), uv = to_f(u[c]);
     if (bg) gv += bg[c];
     if (bu) uv += bu[c];
     o[c] = from_f<T>(silu_f(gv) * uv);
-  }
+  });
 }
 
-// y = gelu_tanh(y + b), in place; y: (rows, I). One block per row.
+// y = gelu_tanh(y + b), in place; y: (rows, I).
 template <class T>
 __global__ void bias_gelu(T* y, int rows, int I, const float* b) {
   T* yr = y + static_cast<long long>(blockIdx.x) * I;
-  for (int c = threadIdx.x; c < I; c += blockDim.x) {
+  for_row_chunk(I, [&](int c) {
     float v = to_f(yr[c]);
     if (b) v += b[c];
     yr[c] = from_f<T>(gelu_tanh_f(v));
-  }
+  });
 }
 
 // nll[r] = logsumexp(logits[r, :]) - logits[r, target[r]] (0 where target < 0). One block per row.
@@ -228,20 +256,36 @@ __global__ void fill_value(T* out, long long n, float v) {
 
 // ---- host launchers (all asynchronous on `s`; launch status checked) ----
 
+/// Grid of the row-wise elementwise kernels: (rows, column chunks).
+inline dim3 row_grid(int rows, int width) {
+  return dim3(static_cast<unsigned>(rows), static_cast<unsigned>((width + kernels::kRowChunk - 1) / kernels::kRowChunk));
+}
+
 template <class T>
 void embedding(const int* ids, const int* pos, const T* table, const T* pos_table, float* x, int rows, int H, cudaStream_t s) {
   if (rows == 0) return;
-  kernels::embedding<T><<<rows, 256, 0, s>>>(ids, pos, table, pos_table, x, rows, H);
+  kernels::embedding<T><<<row_grid(rows, H), kernels::kRowThreads, 0, s>>>(ids, pos, table, pos_table, x, rows, H);
   CACHESHRINK_CUDA_LAUNCH_CHECK("embedding");
+}
+
+/// x[r, :] += xb (in place), then RMSNorm (b == nullptr and !layer) or LayerNorm (layer) of each
+/// row of x into y: a residual's pending bias (attention output / MLP down projection) folded into
+/// the next norm's read. xb == nullptr: x is only read.
+template <class T>
+void bias_norm_rows(float* x, int ldx, const float* xb, const float* w, const float* b, bool layer, float eps, T* y, int ldy, int rows, int H,
+                    cudaStream_t s) {
+  if (rows == 0) return;
+  const int block = H >= 2048 ? 512 : H >= 1024 ? 256 : 128;
+  const std::size_t smem = sizeof(float) * static_cast<std::size_t>(H);
+  if (smem <= 48 * 1024) kernels::norm_rows<T, true><<<rows, block, smem, s>>>(x, ldx, xb, w, b, layer, eps, y, ldy, H);
+  else kernels::norm_rows<T, false><<<rows, block, 0, s>>>(x, ldx, xb, w, b, layer, eps, y, ldy, H);
+  CACHESHRINK_CUDA_LAUNCH_CHECK("norm_rows");
 }
 
 /// RMSNorm (b == nullptr and !layer) or LayerNorm (layer) of each row of x into y.
 template <class T>
 void norm_rows(const float* x, int ldx, const float* w, const float* b, bool layer, float eps, T* y, int ldy, int rows, int H, cudaStream_t s) {
-  if (rows == 0) return;
-  const int block = H >= 1024 ? 256 : 128;
-  kernels::norm_rows<T><<<rows, block, 0, s>>>(x, ldx, w, b, layer, eps, y, ldy, H);
-  CACHESHRINK_CUDA_LAUNCH_CHECK("norm_rows");
+  bias_norm_rows<T>(const_cast<float*>(x), ldx, nullptr, w, b, layer, eps, y, ldy, rows, H, s);  // x is not written without xb
 }
 
 template <class T>
@@ -264,7 +308,7 @@ template <class T>
 void add_bias(T* y, int ld, int rows, int width, const float* b, cudaStream_t s) {
   const long long n = static_cast<long long>(rows) * width;
   if (n == 0 || b == nullptr) return;
-  kernels::add_bias<T><<<rows, 256, 0, s>>>(y, ld, rows, width, b);
+  kernels::add_bias<T><<<row_grid(rows, width), kernels::kRowThreads, 0, s>>>(y, ld, rows, width, b);
   CACHESHRINK_CUDA_LAUNCH_CHECK("add_bias");
 }
 
@@ -272,7 +316,7 @@ template <class T>
 void swiglu(const T* gu, int rows, int I, const float* bg, const float* bu, T* act, cudaStream_t s) {
   const long long n = static_cast<long long>(rows) * I;
   if (n == 0) return;
-  kernels::swiglu<T><<<rows, 256, 0, s>>>(gu, rows, I, bg, bu, act);
+  kernels::swiglu<T><<<row_grid(rows, I), kernels::kRowThreads, 0, s>>>(gu, rows, I, bg, bu, act);
   CACHESHRINK_CUDA_LAUNCH_CHECK("swiglu");
 }
 
@@ -280,7 +324,7 @@ template <class T>
 void bias_gelu(T* y, int rows, int I, const float* b, cudaStream_t s) {
   const long long n = static_cast<long long>(rows) * I;
   if (n == 0) return;
-  kernels::bias_gelu<T><<<rows, 256, 0, s>>>(y, rows, I, b);
+  kernels::bias_gelu<T><<<row_grid(rows, I), kernels::kRowThreads, 0, s>>>(y, rows, I, b);
   CACHESHRINK_CUDA_LAUNCH_CHECK("bias_gelu");
 }
 

@@ -322,21 +322,24 @@ class Transformer<Kind, Cuda> {
     const std::size_t es = opt_.precision == Precision::BFloat16 ? 2 : 4;
     std::size_t n = (embed_.size() + pos_embed_.size() + lm_head_.size()) * es;
     for (const auto& L : layers_)
-      n += (L.w_qkv.size() + L.wo.size() + L.w_gu.size() + L.w_down.size() + L.w_dk.size() + L.w_dv.size() + L.w_uk.size() + L.w_uv.size()) * es;
+      n += (L.w_qkv.size() + L.wo.size() + L.w_gu.size() + L.w_down.size() + L.w_uk.size() + L.w_uv.size()) * es;
     return n;
   }
 
  private:
   struct DevLayer {
     cuda::DeviceBuffer<float> n1w, n1b, n2w, n2b, b_qkv, q_norm, k_norm, bo, b_gate, b_up, b_down;
-    cuda::DevTensor w_qkv;  // (Dq + 2 Dkv, H); MLA layers: (Dq, H)
+    // (Dq + 2 Dkv, H) = [Wq; Wk; Wv]; MLA layers: (Dq + lw, H) = [Wq; W_dk; W_dv] (joint: [Wq; W_dk]),
+    // so a decode step projects the query and both latents with one GEMM.
+    cuda::DevTensor w_qkv;
     cuda::DevTensor wo;     // (H, Dq)
     cuda::DevTensor w_gu;   // (2I, H) = [gate; up]; GPT-2: (I, H) = c_fc
     cuda::DevTensor w_down; // (H, I)
-    // MLA: down (d_latent, H) and up (Dkv, d_latent) projections; joint uses w_dk only.
+    // MLA: up projections (Dkv, d_latent) (the down projections are rows of w_qkv).
     bool mla = false, joint = false;
     int d_latent = 0;
-    cuda::DevTensor w_dk, w_dv, w_uk, w_uv;
+    int latent_width() const { return joint ? d_latent : 2 * d_latent; }
+    cuda::DevTensor w_uk, w_uv;
     cuda::DeviceBuffer<float> bv_q;  // MLA: the V bias repeated per query head (absorbed decode)
     // Absorbed decode with several query heads per KV head: w_uk / w_uv repeated per query head
     // ((n_heads * hd, d_latent); block h = KV head h / group's rows) so that one strided-batched
@@ -428,9 +431,10 @@ class Transformer<Kind, Cuda> {
         L.mla = true;
         L.joint = m.method == CompressionMethod::Joint;
         L.d_latent = m.d_latent;
-        put(L.w_qkv, lw.wq);
-        put(L.w_dk, m.w_down_k);
-        if (!L.joint) put(L.w_dv, m.w_down_v);
+        alloc(L.w_qkv, static_cast<std::size_t>(Dq + L.latent_width()) * H);
+        put_at(L.w_qkv, 0, lw.wq.data(), static_cast<std::size_t>(lw.wq.size()));
+        put_at(L.w_qkv, static_cast<std::size_t>(Dq) * H, m.w_down_k.data(), static_cast<std::size_t>(m.w_down_k.size()));
+        if (!L.joint) put_at(L.w_qkv, static_cast<std::size_t>(Dq + L.d_latent) * H, m.w_down_v.data(), static_cast<std::size_t>(m.w_down_v.size()));
         put(L.w_uk, *m.w_up_k);
         put(L.w_uv, *m.w_up_v);
         if (lw.bv.size()) {
@@ -520,9 +524,7 @@ class Transformer<Kind, Cuda> {
         const std::size_t dl = static_cast<std::size_t>(rw.mla_d_latent);
         L.mla = true;
         L.d_latent = rw.mla_d_latent;
-        rand_t(L.w_qkv, Dq * H, a, seed++);
-        rand_t(L.w_dk, dl * H, a, seed++);
-        rand_t(L.w_dv, dl * H, a, seed++);
+        rand_t(L.w_qkv, (Dq + 2 * dl) * H, a, seed++);  // [Wq; W_dk; W_dv]
         const float au = 1.7320508f / std::sqrt(static_cast<float>(Dkv));  // columns of unit norm on average
         rand_t(L.w_uk, Dkv * dl, au, seed++);
         rand_t(L.w_uv, Dkv * dl, au, seed++);
@@ -643,9 +645,10 @@ class Transformer<Kind, Cuda> {
     if (!gpt2) a2.reserve(static_cast<std::size_t>(N) * I);
 
     cuda::embedding<T>(d_ids_, d_pos_, embed_.template ptr<T>(), gpt2 ? pos_embed_.template ptr<T>() : nullptr, x_.data(), N, H, s);
+    const float* pend = nullptr;  // bias still to be added to the residual x_ (folded into the next norm)
     for (std::size_t li = 0; li < layers_.size(); ++li) {
       const DevLayer& L = layers_[li];
-      cuda::norm_rows<T>(x_.data(), H, L.n1w.data(), gpt2 ? L.n1b.data() : nullptr, gpt2, eps, h.data(), H, N, H, s);
+      cuda::bias_norm_rows<T>(x_.data(), H, pend, L.n1w.data(), gpt2 ? L.n1b.data() : nullptr, gpt2, eps, h.data(), H, N, H, s);
       if (attn_hook_ != nullptr) {
         (*attn_hook_)(static_cast<int>(li), h.data(), N);
         if (static_cast<int>(li) == stop_after_) return;
@@ -653,11 +656,12 @@ class Transformer<Kind, Cuda> {
       if (!L.mla) {
         cuda::gemm_xwt<T, T>(hb, N, Wqkv, H, h.data(), H, L.w_qkv.template ptr<T>(), H, qkv.data(), Wqkv);
       } else {
-        const int dl = L.d_latent, lw = L.joint ? dl : 2 * dl;
+        const int dl = L.d_latent, lw = L.latent_width();
         lat.reserve(static_cast<std::size_t>(N) * lw);
+        // q into qkv, [c_k | c_v] into lat (K~ / V~ are written into qkv next, so the latents
+        // cannot share its columns here)
         cuda::gemm_xwt<T, T>(hb, N, Dq, H, h.data(), H, L.w_qkv.template ptr<T>(), H, qkv.data(), Wqkv);
-        cuda::gemm_xwt<T, T>(hb, N, dl, H, h.data(), H, L.w_dk.template ptr<T>(), H, lat.data(), lw);
-        if (!L.joint) cuda::gemm_xwt<T, T>(hb, N, dl, H, h.data(), H, L.w_dv.template ptr<T>(), H, lat.data() + dl, lw);
+        cuda::gemm_xwt<T, T>(hb, N, lw, H, h.data(), H, L.w_qkv.template ptr<T>() + static_cast<std::size_t>(Dq) * H, H, lat.data(), lw);
         // K~ = c_k Wuk^T, V~ = c_v Wuv^T (biases below with the fused bias)
         cuda::gemm_xwt<T, T>(hb, N, Dkv, dl, lat.data(), lw, L.w_uk.template ptr<T>(), dl, qkv.data() + Dq, Wqkv);
         cuda::gemm_xwt<T, T>(hb, N, Dkv, dl, lat.data() + (L.joint ? 0 : dl), lw, L.w_uv.template ptr<T>(), dl, qkv.data() + Dq + Dkv, Wqkv);
@@ -686,18 +690,18 @@ class Transformer<Kind, Cuda> {
         cuda::attention_rows<T>(aa, d_row_begin_, s);
       }
       cuda::gemm_xwt<T, float>(hb, N, H, Dq, attn.data(), Dq, L.wo.template ptr<T>(), Dq, x_.data(), H, 1.0f, 1.0f);
-      if (!L.bo.empty()) cuda::add_bias<float>(x_.data(), H, N, H, L.bo.data(), s);
-
-      mlp_block<T>(L, N);
+      pend = mlp_block<T>(L, N, L.bo.empty() ? nullptr : L.bo.data());
     }
     auto& hf = act<T>(h_f_, h_b_);
     const bool gpt2n = gpt2;
-    cuda::norm_rows<T>(x_.data(), H, final_w_.data(), gpt2n ? final_b_.data() : nullptr, gpt2n, eps, hf.data(), H, N, H, s);
+    cuda::bias_norm_rows<T>(x_.data(), H, pend, final_w_.data(), gpt2n ? final_b_.data() : nullptr, gpt2n, eps, hf.data(), H, N, H, s);
   }
 
-  /// x += MLP(norm2(x)) for N rows (activation buffers reserved by the caller's size).
+  /// x += MLP(norm2(x + pend)) for N rows (activation buffers reserved by the caller's size;
+  /// pend: the attention output's bias, added to x by the norm). Returns the bias the caller
+  /// still has to add to x (the down projection's, or nullptr), for the next norm to fold in.
   template <class T>
-  void mlp_block(const DevLayer& L, int N) {
+  const float* mlp_block(const DevLayer& L, int N, const float* pend) {
     const int H = c_.hidden_size, I = c_.intermediate_size;
     const bool gpt2 = c_.family == Family::Gpt2;
     const float eps = static_cast<float>(c_.norm_eps);
@@ -706,7 +710,7 @@ class Transformer<Kind, Cuda> {
     auto& h = act<T>(h_f_, h_b_);
     auto& gu = act<T>(gu_f_, gu_b_);
     auto& a2 = act<T>(act_f_, act_b_);
-    cuda::norm_rows<T>(x_.data(), H, L.n2w.data(), gpt2 ? L.n2b.data() : nullptr, gpt2, eps, h.data(), H, N, H, s);
+    cuda::bias_norm_rows<T>(x_.data(), H, pend, L.n2w.data(), gpt2 ? L.n2b.data() : nullptr, gpt2, eps, h.data(), H, N, H, s);
     if (gpt2) {
       cuda::gemm_xwt<T, T>(hb, N, I, H, h.data(), H, L.w_gu.template ptr<T>(), H, gu.data(), I);
       cuda::bias_gelu<T>(gu.data(), N, I, L.b_up.empty() ? nullptr : L.b_up.data(), s);
@@ -716,7 +720,7 @@ class Transformer<Kind, Cuda> {
       cuda::swiglu<T>(gu.data(), N, I, L.b_gate.empty() ? nullptr : L.b_gate.data(), L.b_up.empty() ? nullptr : L.b_up.data(), a2.data(), s);
       cuda::gemm_xwt<T, float>(hb, N, H, I, a2.data(), I, L.w_down.template ptr<T>(), I, x_.data(), H, 1.0f, 1.0f);
     }
-    if (!L.b_down.empty()) cuda::add_bias<float>(x_.data(), H, N, H, L.b_down.data(), s);
+    return L.b_down.empty() ? nullptr : L.b_down.data();
   }
 
   /// One decode step over every layer (metadata in dec_meta_: tokens | pos | len after).
@@ -734,7 +738,6 @@ class Transformer<Kind, Cuda> {
     auto& h = act<T>(h_f_, h_b_);
     auto& qkv = act<T>(qkv_f_, qkv_b_);
     auto& attn = act<T>(attn_f_, attn_b_);
-    auto& lat = act<T>(lat_f_, lat_b_);
     auto& kbuf = act<T>(kbuf_f_, kbuf_b_);
     auto& vbuf = act<T>(vbuf_f_, vbuf_b_);
     auto& qlat = act<T>(qlat_f_, qlat_b_);
@@ -764,11 +767,12 @@ class Transformer<Kind, Cuda> {
       da.scale = scale;
       return da;
     };
+    const float* pend = nullptr;  // bias still to be added to the residual x_ (folded into the next norm)
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       const DevLayer& L = layers_[l];
       auto& C = kc.layers[l];
       T* ca = const_cast<T*>(C.a.template ptr<T>());
-      cuda::norm_rows<T>(x_.data(), H, L.n1w.data(), gpt2 ? L.n1b.data() : nullptr, gpt2, eps, h.data(), H, B, H, s);
+      cuda::bias_norm_rows<T>(x_.data(), H, pend, L.n1w.data(), gpt2 ? L.n1b.data() : nullptr, gpt2, eps, h.data(), H, B, H, s);
       if (!L.mla) {
         T* cb = const_cast<T*>(C.b.template ptr<T>());
         cuda::gemm_xwt<T, T>(hb, B, Wqkv, H, h.data(), H, L.w_qkv.template ptr<T>(), H, qkv.data(), Wqkv);
@@ -784,11 +788,9 @@ class Transformer<Kind, Cuda> {
       } else {
         const int dl = L.d_latent, lw = C.width_a;
         const long long ss = static_cast<long long>(cap) * lw;
-        lat.reserve(static_cast<std::size_t>(B) * lw);
-        cuda::gemm_xwt<T, T>(hb, B, Dq, H, h.data(), H, L.w_qkv.template ptr<T>(), H, qkv.data(), Wqkv);
-        cuda::gemm_xwt<T, T>(hb, B, dl, H, h.data(), H, L.w_dk.template ptr<T>(), H, lat.data(), lw);
-        if (!L.joint) cuda::gemm_xwt<T, T>(hb, B, dl, H, h.data(), H, L.w_dv.template ptr<T>(), H, lat.data() + dl, lw);
-        cuda::append_rows<T>(lat.data(), lw, ca, lw, ss, d_pos, B, lw, s);
+        // [q | c_k | c_v] = h [Wq; W_dk; W_dv]^T in one GEMM (Dq + lw <= Wqkv columns of qkv)
+        cuda::gemm_xwt<T, T>(hb, B, Dq + lw, H, h.data(), H, L.w_qkv.template ptr<T>(), H, qkv.data(), Wqkv);
+        cuda::append_rows<T>(qkv.data() + Dq, Wqkv, ca, lw, ss, d_pos, B, lw, s);
         if (!L.b_qkv.empty()) cuda::add_bias<T>(qkv.data(), Wqkv, B, Dq, L.b_qkv.data(), s);
         if (!L.q_norm.empty()) cuda::head_rms_norm<T>(qkv.data(), Wqkv, 0, B, nh, hd, L.q_norm.data(), eps, s);
         const T* ck = ca;
@@ -843,10 +845,9 @@ class Transformer<Kind, Cuda> {
         }
       }
       cuda::gemm_xwt<T, float>(hb, B, H, Dq, attn.data(), Dq, L.wo.template ptr<T>(), Dq, x_.data(), H, 1.0f, 1.0f);
-      if (!L.bo.empty()) cuda::add_bias<float>(x_.data(), H, B, H, L.bo.data(), s);
-      mlp_block<T>(L, B);
+      pend = mlp_block<T>(L, B, L.bo.empty() ? nullptr : L.bo.data());
     }
-    cuda::norm_rows<T>(x_.data(), H, final_w_.data(), gpt2 ? final_b_.data() : nullptr, gpt2, eps, h.data(), H, B, H, s);
+    cuda::bias_norm_rows<T>(x_.data(), H, pend, final_w_.data(), gpt2 ? final_b_.data() : nullptr, gpt2, eps, h.data(), H, B, H, s);
     const cuda::DevTensor& W = lm_head_.size() ? lm_head_ : embed_;
     logits_.reserve(static_cast<std::size_t>(B) * V);
     cuda::gemm_xwt<T, float>(hb, B, V, H, h.data(), H, W.template ptr<T>(), H, logits_.data(), V);

@@ -116,7 +116,8 @@ inline CompressionMethod resolve_method(const ModelConfig& c, const ConvertOptio
 template <dist::Communicator Comm = dist::Single>
 std::vector<linalg::Matrix<double>> attention_input_grams(const model::Model& m, const std::vector<std::vector<int>>& seqs, int batch,
                                                           bool progress, long long* tokens = nullptr, const Comm& comm = {}) {
-  const auto [first, last] = dist::shard_range(seqs.size(), comm.rank(), comm.size());
+  const auto range = dist::shard_range(seqs.size(), comm.rank(), comm.size());
+  const std::size_t first = range.first, last = range.second;  // plain names: lambdas below capture them
   const int L = m.config.n_layers;
   std::vector<linalg::GramAccumulator> acc;
   for (int l = 0; l < L; ++l) acc.emplace_back(m.config.hidden_size, linalg::Centering::None);

@@ -98,7 +98,8 @@ __global__ void embedding(const int* ids, const int* pos, const T* table, const 
 // One block per row. RMSNorm: y = x / sqrt(mean(x^2) + eps) * w; LayerNorm (b != nullptr or
 // layer = true): y = (x - mean) / sqrt(var + eps) * w + b (biased variance, two passes). Cached:
 // the row is read from global memory once into dynamic shared memory (H floats) and the later
-// passes read that; otherwise (rows too wide for 48 KB) every pass reads global memory.
+// passes read that; otherwise (rows over 46 KB: the 48 KB default less block_sum's static
+// shared memory, with room to spare) every pass reads global memory.
 // xb != nullptr: first x[r, :] += xb (written back; a residual's pending bias), then the norm.
 template <class T, bool Cached>
 __global__ void norm_rows(float* x, int ldx, const float* xb, const float* w, const float* b, bool layer, float eps, T* y, int ldy, int H) {
@@ -277,7 +278,7 @@ void bias_norm_rows(float* x, int ldx, const float* xb, const float* w, const fl
   if (rows == 0) return;
   const int block = H >= 2048 ? 512 : H >= 1024 ? 256 : 128;
   const std::size_t smem = sizeof(float) * static_cast<std::size_t>(H);
-  if (smem <= 48 * 1024) kernels::norm_rows<T, true><<<rows, block, smem, s>>>(x, ldx, xb, w, b, layer, eps, y, ldy, H);
+  if (smem <= 46 * 1024) kernels::norm_rows<T, true><<<rows, block, smem, s>>>(x, ldx, xb, w, b, layer, eps, y, ldy, H);
   else kernels::norm_rows<T, false><<<rows, block, 0, s>>>(x, ldx, xb, w, b, layer, eps, y, ldy, H);
   CACHESHRINK_CUDA_LAUNCH_CHECK("norm_rows");
 }

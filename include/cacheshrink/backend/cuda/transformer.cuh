@@ -247,7 +247,7 @@ class Transformer<Kind, Cuda> {
           repeat_per_query_head(L.w_uk, L.w_uk_q, L.d_latent);
           repeat_per_query_head(L.w_uv, L.w_uv_q, L.d_latent);
         }
-        C.width_a = L.joint ? L.d_latent : 2 * L.d_latent;
+        C.width_a = L.latent_width();
       } else {
         C.width_a = C.width_b = c_.d_kv();
       }

@@ -1,0 +1,609 @@
+#pragma once
+// The trainer's optimizer step on the GPU, float32: the same updates as the CPU code
+// (optim/updates.hpp, optim/clip.hpp, MLATrainer::step) for parameters that live in device
+// memory as row-major (rows, cols) buffers, each with a gradient buffer of the same shape.
+//
+//   Euclidean params  torch AdamW (adamw_step): decoupled decay x *= 1 - lr wd, torch's lerp
+//                     form for exp_avg, bias corrections as adamw_step writes them.
+//   Stiefel params    geoopt RiemannianAdam on EuclideanStiefel<float> (riemannian_adam_step):
+//                     x <- projx(x); g = grad + wd x; rg = g - x sym(x^T g);
+//                     m = b1 m + (1 - b1) rg; v = b2 v + (1 - b2) <rg, rg>  (one scalar);
+//                     y = qf(x - lr (m / bc1) / (sqrt(v / bc2) + eps))  (diag(R) > 0);
+//                     m <- m - y sym(y^T m)  (transport by projection).
+//   Clipping          clip_grad_norm's semantics as MLATrainer::step uses it: the reported
+//                     norm covers every parameter, the clip coefficient
+//                     min(1, max_norm / (||clipped||_2 + 1e-6)) is computed over (and applied
+//                     to) the Euclidean gradients only, unless clip_stiefel.
+//
+// Orientation. A row-major (n, p) buffer is, to cuBLAS (column-major), the (p, n) matrix
+// A = X^T with leading dimension p. Every Stiefel product below is written for that view:
+//   X^T Y (p, p)          = A_x A_y^T           gemm(N, T, p, p, n)
+//   X S   (n, p), S (p,p)  -> memory S^T A_x     gemm(T, N, p, n, p) (N when S is symmetric)
+//   Y^T Y (p, p)          = A A^T               syrk(upper, N, p, n)
+//   Y R^{-1}              -> memory R^{-T} A    trsm(left, upper, T): solves R^T Z = A
+// so no transposition kernel is ever needed.
+//
+// projx is ONE Newton-Schulz polar step x <- x (1.5 I - 0.5 x^T x) instead of an SVD: every
+// step ends with a QR retraction, so x is orthonormal to float precision (||x^T x - I|| ~ 1e-7)
+// when it arrives here, the step matches polar(x) = x (x^T x)^{-1/2} = x (I - E/2 + O(E^2))
+// (E = x^T x - I) to second order, and it costs two GEMMs. add() refuses a Stiefel
+// parameter farther than 1e-4 from the manifold (the tolerance optim::Optimizer::add documents),
+// from where one step still lands within ~1e-8.
+//
+// The QR retraction is Cholesky QR2: G = Y^T Y = R^T R (potrf), Y <- Y R^{-1}, twice. The
+// first pass leaves Q orthonormal to ~cond(Y)^2 eps; the second brings it to eps. Both R have
+// a positive diagonal, so the product does too and Q is exactly qr_positive's Q (the thin QR
+// with diag(R) > 0 is unique). Y = x + u with ||u||_F ~ lr is very well conditioned; a
+// failed potrf (a step so large that Y lost rank) throws NumericalError naming the parameter.
+//
+// Accumulation: gradient norms and <rg, rg> are summed in double (block reduction + one
+// double atomicAdd per block). The moments are float, as the CPU AdamState<float>.
+//
+// Synchronisation: grad_norm_and_clip() syncs once (the host needs the norm); step() syncs
+// once when there are Stiefel parameters (to read potrf's devInfo values); everything else is
+// asynchronous on the stream. cuBLAS runs in the handle's stream, which must be `stream`, with
+// the default (full float32, no TF32) math mode forced for the duration of each call: TF32
+// GEMMs would leave Q orthonormal to only ~1e-3.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <cusolverDn.h>
+
+#include <Eigen/Dense>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "cacheshrink/backend/cuda/check.cuh"
+#include "cacheshrink/backend/cuda/memory.cuh"
+#include "cacheshrink/backend/cuda/solver.cuh"
+#include "cacheshrink/core/error.hpp"
+#include "cacheshrink/linalg/types.hpp"
+#include "cacheshrink/optim/options.hpp"
+#include "cacheshrink/optim/updates.hpp"
+
+namespace cacheshrink::cuda {
+
+namespace optim_detail {
+
+// Kernels are `static`: internal linkage keeps a header-only kernel from being defined twice
+// when several .cu units of one program include this header.
+constexpr int kBlock = 256;
+
+// Sum over the block (blockDim.x == kBlock); the result is valid in thread 0.
+__device__ __forceinline__ double block_sum_double(double v) {
+  __shared__ double part[kBlock / 32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) part[w] = v;
+  __syncthreads();
+  double s = 0.0;
+  if (w == 0) {
+    s = lane < kBlock / 32 ? part[lane] : 0.0;
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  }
+  return s;
+}
+
+#define CACHESHRINK_OPTIM_LOOP(i, n)                                                                          \
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < (n); \
+       i += static_cast<long long>(gridDim.x) * blockDim.x)
+
+// *out += sum a[i]^2 in double (out zeroed by the caller).
+static __global__ void __launch_bounds__(kBlock) sq_norm_kernel(const float* __restrict__ a, long long n, double* __restrict__ out) {
+  double s = 0.0;
+  CACHESHRINK_OPTIM_LOOP(i, n) {
+    const double v = a[i];
+    s += v * v;
+  }
+  s = block_sum_double(s);
+  if (threadIdx.x == 0) atomicAdd(out, s);
+}
+
+static __global__ void scale_kernel(float* __restrict__ a, long long n, float c) {
+  CACHESHRINK_OPTIM_LOOP(i, n) a[i] *= c;
+}
+
+// r = g + wd x (riemannian_adam_step's L2 term, added before the projection).
+static __global__ void add_decay_kernel(const float* __restrict__ g, const float* __restrict__ x, float wd, float* __restrict__ r, long long n) {
+  CACHESHRINK_OPTIM_LOOP(i, n) r[i] = g[i] + wd * x[i];
+}
+
+// s = 0.5 (m + m^T), (p, p) column-major.
+static __global__ void sym_kernel(const float* __restrict__ m, float* __restrict__ s, int p) {
+  const long long total = static_cast<long long>(p) * p;
+  CACHESHRINK_OPTIM_LOOP(t, total) {
+    const int i = static_cast<int>(t % p), j = static_cast<int>(t / p);
+    s[t] = 0.5f * (m[t] + m[j + static_cast<long long>(i) * p]);
+  }
+}
+
+// Scalars of one adamw_step, in the float values the CPU code forms.
+struct AdamWArgs {
+  float decay;      // 1 - lr wd, applied when `decayed`
+  bool decayed;
+  float w;          // 1 - beta1: lerp weight
+  bool lerp_low;    // w < 0.5: torch's lerp takes the start + w (end - start) branch
+  float beta2, one_minus_beta2;
+  float step_size;  // lr / bc1
+  float bc2_sqrt;
+  float eps;
+  bool amsgrad;
+};
+
+static __global__ void adamw_kernel(float* __restrict__ x, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
+                                    float* __restrict__ vmax, long long n, AdamWArgs a) {
+  CACHESHRINK_OPTIM_LOOP(i, n) {
+    float xi = x[i];
+    if (a.decayed) xi *= a.decay;
+    const float gi = g[i], mi0 = m[i];
+    const float mi = a.lerp_low ? mi0 + a.w * (gi - mi0) : gi - (gi - mi0) * (1.0f - a.w);
+    const float vi = v[i] * a.beta2 + a.one_minus_beta2 * (gi * gi);
+    m[i] = mi;
+    v[i] = vi;
+    float denom;
+    if (a.amsgrad) {
+      const float vm = fmaxf(vmax[i], vi);
+      vmax[i] = vm;
+      denom = sqrtf(vm) / a.bc2_sqrt + a.eps;
+    } else {
+      denom = sqrtf(vi) / a.bc2_sqrt + a.eps;
+    }
+    x[i] = xi + -a.step_size * (mi / denom);
+  }
+}
+
+// v = b2 v + (1 - b2) ci, vmax = max(vmax, v): the one-scalar second moment of a Stiefel
+// parameter. A separate one-thread kernel, so the update kernel's blocks all read the new v.
+static __global__ void second_moment_kernel(float* v, float* vmax, const double* ci, float beta2, float one_minus_beta2, bool amsgrad) {
+  const float nv = *v * beta2 + one_minus_beta2 * static_cast<float>(*ci);
+  *v = nv;
+  if (amsgrad) *vmax = fmaxf(*vmax, nv);
+}
+
+// m = b1 m + (1 - b1) rg;  x += -lr (m / bc1) / (sqrt(v / bc2) + eps)  (x then holds Y = x + u).
+struct RadamArgs {
+  float beta1, one_minus_beta1, bc1, bc2, eps, neg_lr;
+};
+
+static __global__ void radam_update_kernel(float* __restrict__ x, const float* __restrict__ rg, float* __restrict__ m,
+                                           const float* __restrict__ v, long long n, RadamArgs a) {
+  const float denom = sqrtf(*v / a.bc2) + a.eps;
+  CACHESHRINK_OPTIM_LOOP(i, n) {
+    const float mi = m[i] * a.beta1 + a.one_minus_beta1 * rg[i];
+    m[i] = mi;
+    x[i] = x[i] + a.neg_lr * ((mi / a.bc1) / denom);
+  }
+}
+
+#undef CACHESHRINK_OPTIM_LOOP
+
+/// Forces full-float32 GEMMs and host scalars on a caller's handle for one call, and checks
+/// that it runs in our stream; restores the caller's modes on exit.
+class CublasModeGuard {
+ public:
+  CublasModeGuard(cublasHandle_t h, cudaStream_t s, const char* op) : h_(h) {
+    cudaStream_t hs = nullptr;
+    CACHESHRINK_CUBLAS_CHECK(cublasGetStream(h, &hs));
+    CACHESHRINK_CHECK(hs == s, InvalidArgument,
+                      std::string(op) + ": the cuBLAS handle is bound to another stream than the optimizer's; the steps would race");
+    CACHESHRINK_CUBLAS_CHECK(cublasGetMathMode(h, &math_));
+    CACHESHRINK_CUBLAS_CHECK(cublasGetPointerMode(h, &pointer_));
+    CACHESHRINK_CUBLAS_CHECK(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));
+    CACHESHRINK_CUBLAS_CHECK(cublasSetPointerMode(h, CUBLAS_POINTER_MODE_HOST));
+  }
+  CublasModeGuard(const CublasModeGuard&) = delete;
+  CublasModeGuard& operator=(const CublasModeGuard&) = delete;
+  ~CublasModeGuard() {
+    (void)cublasSetMathMode(h_, math_);
+    (void)cublasSetPointerMode(h_, pointer_);
+  }
+
+ private:
+  cublasHandle_t h_;
+  cublasMath_t math_ = CUBLAS_DEFAULT_MATH;
+  cublasPointerMode_t pointer_ = CUBLAS_POINTER_MODE_HOST;
+};
+
+}  // namespace optim_detail
+
+/// A parameter in device memory: value and grad are row-major (rows, cols) float buffers the
+/// caller owns and keeps alive while the optimizer uses them.
+struct DeviceParam {
+  std::string name;
+  float* value = nullptr;
+  float* grad = nullptr;
+  int rows = 0, cols = 0;
+  bool stiefel = false;  // orthonormal columns (EuclideanStiefel), rows >= cols; else Euclidean
+};
+
+/// AdamW for the Euclidean parameters and RiemannianAdam for the Stiefel ones (MLATrainer's
+/// two optimizers) over device parameters, with the trainer's gradient clipping. Owns the
+/// moment buffers, a cuSOLVER handle and the scratch; all work is queued on `stream`.
+class DeviceOptimizer {
+ public:
+  /// `cublas` must be bound to `stream`; it is borrowed (math and pointer modes are set per
+  /// call and restored).
+  DeviceOptimizer(cudaStream_t stream, cublasHandle_t cublas, optim::AdamWOptions euclidean, optim::RiemannianAdamOptions riemannian)
+      : s_(stream), blas_(cublas), solver_(stream), eu_(euclidean), ri_(riemannian) {
+    eu_.validate();
+    ri_.validate();
+    int dev = 0;
+    CACHESHRINK_CUDA_CHECK(cudaGetDevice(&dev));
+    CACHESHRINK_CUDA_CHECK(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, dev));
+    ci_.resize(1);
+  }
+  DeviceOptimizer(const DeviceOptimizer&) = delete;
+  DeviceOptimizer& operator=(const DeviceOptimizer&) = delete;
+
+  /// Registers a parameter with zero moments; returns its index. A Stiefel parameter must be
+  /// within 1e-4 of the manifold (max |X^T X - I|; checked here, one synchronisation).
+  std::size_t add(const DeviceParam& p) {
+    const std::string who = "DeviceOptimizer::add(" + p.name + ")";
+    CACHESHRINK_CHECK(p.value != nullptr && p.grad != nullptr, InvalidArgument, who + ": value and grad must be device pointers, got null");
+    CACHESHRINK_CHECK(p.rows >= 1 && p.cols >= 1, InvalidArgument,
+                      who + ": shape (" + std::to_string(p.rows) + ", " + std::to_string(p.cols) + ") must be positive");
+    CACHESHRINK_CHECK(!p.stiefel || p.rows >= p.cols, InvalidArgument,
+                      who + ": Stiefel shape (" + std::to_string(p.rows) + ", " + std::to_string(p.cols) + ") needs rows >= cols");
+    Slot slot;
+    slot.p = p;
+    const std::size_t n = numel(p);
+    slot.exp_avg.resize(n);
+    slot.exp_avg_sq.resize(p.stiefel ? 1 : n);
+    if (amsgrad(p)) slot.max_exp_avg_sq.resize(slot.exp_avg_sq.size());
+    zero_moments(slot);
+    if (p.stiefel) {
+      const int pc = p.cols;
+      r_.reserve(n);
+      pp_.reserve(2 * static_cast<std::size_t>(pc) * pc);
+      int lwork = 0;
+      CACHESHRINK_CUSOLVER_CHECK(cusolverDnSpotrf_bufferSize(solver_.get(), CUBLAS_FILL_MODE_UPPER, pc, pp_.data(), pc, &lwork));
+      work_.reserve(static_cast<std::size_t>(std::max(lwork, 1)));
+      check_on_manifold(p, who);
+    }
+    slots_.push_back(std::move(slot));
+    if (p.stiefel) ++stiefel_count_;
+    info_.reserve(2 * slots_.size());
+    norms_.reserve(slots_.size());
+    return slots_.size() - 1;
+  }
+
+  std::size_t size() const { return slots_.size(); }
+  const DeviceParam& param(std::size_t i) const { return slots_.at(i).p; }
+
+  /// Largest per-parameter step count (they are all equal unless states were loaded unevenly).
+  long long steps() const {
+    long long t = 0;
+    for (const Slot& s : slots_) t = std::max(t, s.step);
+    return t;
+  }
+
+  /// ||grad_i||_F^2 of every parameter, in add() order, accumulated in double. Synchronises.
+  std::vector<double> grad_sq_norms() {
+    std::vector<double> out(slots_.size(), 0.0);
+    if (slots_.empty()) return out;
+    CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(norms_.data(), 0, slots_.size() * sizeof(double), s_));
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      const long long n = static_cast<long long>(numel(slots_[i].p));
+      optim_detail::sq_norm_kernel<<<grid(n), optim_detail::kBlock, 0, s_>>>(slots_[i].p.grad, n, norms_.data() + i);
+      CACHESHRINK_CUDA_LAUNCH_CHECK("optim sq_norm_kernel (grad_sq_norms)");
+    }
+    CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(out.data(), norms_.data(), out.size() * sizeof(double), cudaMemcpyDeviceToHost, s_));
+    CACHESHRINK_CUDA_CHECK(cudaStreamSynchronize(s_));
+    return out;
+  }
+
+  /// grad *= coef for the Euclidean parameters, and the Stiefel ones too when include_stiefel.
+  /// coef is rounded to float first, as clip_grad_norm<float> does; a factor 1 is skipped (x * 1
+  /// is x, NaN included).
+  void scale_grads(double coef, bool include_stiefel) {
+    const float c = static_cast<float>(coef);
+    if (c == 1.0f) return;
+    for (Slot& s : slots_) {
+      if (s.p.stiefel && !include_stiefel) continue;
+      const long long n = static_cast<long long>(numel(s.p));
+      optim_detail::scale_kernel<<<grid(n), optim_detail::kBlock, 0, s_>>>(s.p.grad, n, c);
+      CACHESHRINK_CUDA_LAUNCH_CHECK("optim scale_kernel (scale_grads)");
+    }
+  }
+
+  /// MLATrainer::step's clipping: returns sqrt(sum of every gradient's squared norm) before
+  /// clipping; when max_norm > 0 the clipped set (Euclidean, plus Stiefel if clip_stiefel) is
+  /// scaled by min(1, max_norm / (||clipped set|| + 1e-6)), clip_grad_norm's coefficient over
+  /// that set alone. A non-finite norm is returned, not thrown (the caller names the step).
+  double grad_norm_and_clip(double max_norm, bool clip_stiefel) {
+    const std::vector<double> sq = grad_sq_norms();
+    double all = 0.0, clipped = 0.0;
+    bool any = false;
+    for (std::size_t i = 0; i < sq.size(); ++i) {
+      all += sq[i];
+      if (!slots_[i].p.stiefel || clip_stiefel) {
+        clipped += sq[i];
+        any = true;
+      }
+    }
+    if (max_norm > 0.0 && any) scale_grads(std::min(1.0, max_norm / (std::sqrt(clipped) + 1e-6)), clip_stiefel);
+    return std::sqrt(all);
+  }
+
+  /// One step of every parameter: AdamW at euclidean_lr, RiemannianAdam at riemannian_lr,
+  /// then (options.stabilize = k > 0) geoopt's group stabilisation when some Stiefel
+  /// parameter reached a multiple of k. Throws NumericalError naming the parameter when a QR
+  /// retraction's Cholesky factorisation fails; the parameters are then in an unspecified
+  /// state (the trainer keeps its last good checkpoint).
+  void step(double euclidean_lr, double riemannian_lr) {
+    CACHESHRINK_CHECK(std::isfinite(euclidean_lr) && euclidean_lr >= 0.0, InvalidArgument,
+                      "DeviceOptimizer::step: euclidean_lr=" + std::to_string(euclidean_lr) + " must be finite and >= 0");
+    CACHESHRINK_CHECK(std::isfinite(riemannian_lr) && riemannian_lr >= 0.0, InvalidArgument,
+                      "DeviceOptimizer::step: riemannian_lr=" + std::to_string(riemannian_lr) + " must be finite and >= 0");
+    // One guard (math/pointer mode) and one devInfo reset for all Stiefel parameters.
+    std::optional<optim_detail::CublasModeGuard> guard;
+    if (stiefel_count_ > 0) {
+      guard.emplace(blas_, s_, "DeviceOptimizer::step");
+      CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(info_.data(), 0, info_.size() * sizeof(int), s_));
+    }
+    bool due = false;
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      Slot& s = slots_[i];
+      if (!s.p.stiefel) {
+        adamw(s, euclidean_lr);
+        continue;
+      }
+      riemannian_adam(s, i, riemannian_lr);
+      due = due || (ri_.stabilize > 0 && s.step > 0 && s.step % ri_.stabilize == 0);
+    }
+    if (due)
+      for (Slot& s : slots_)
+        if (s.p.stiefel && s.step > 0) stabilize_one(s);
+    guard.reset();
+    if (stiefel_count_ > 0) check_infos();
+  }
+
+  /// Geoopt's stabilize_group alone (x <- projx(x), m <- proju(x, m) on every Stiefel
+  /// parameter that has stepped).
+  void stabilize() {
+    if (stiefel_count_ == 0) return;
+    const optim_detail::CublasModeGuard guard(blas_, s_, "DeviceOptimizer::stabilize");
+    for (Slot& s : slots_)
+      if (s.p.stiefel && s.step > 0) stabilize_one(s);
+  }
+
+  /// Parameter i's state in the CPU layout (column-major matrices, as AdamState<float> holds
+  /// them: exp_avg (rows, cols); exp_avg_sq (rows, cols), or (1, 1) for Stiefel). Empty
+  /// matrices before the first step, like the CPU optimizers. Synchronises.
+  optim::AdamState<float> state(std::size_t i) const {
+    const Slot& s = slots_.at(i);
+    optim::AdamState<float> st;
+    st.step = s.step;
+    if (s.step == 0) return st;
+    st.exp_avg = to_host(s.exp_avg, s.p.rows, s.p.cols);
+    const int sr = s.p.stiefel ? 1 : s.p.rows, sc = s.p.stiefel ? 1 : s.p.cols;
+    st.exp_avg_sq = to_host(s.exp_avg_sq, sr, sc);
+    if (amsgrad(s.p)) st.max_exp_avg_sq = to_host(s.max_exp_avg_sq, sr, sc);
+    return st;
+  }
+
+  /// Restores parameter i's state (a checkpoint written from state() or the CPU optimizer).
+  void load_state(std::size_t i, const optim::AdamState<float>& st) {
+    Slot& s = slots_.at(i);
+    const std::string who = "DeviceOptimizer::load_state(" + s.p.name + ")";
+    CACHESHRINK_CHECK(st.step >= 0, InvalidArgument, who + ": step=" + std::to_string(st.step) + " must be >= 0");
+    if (st.step == 0 || st.exp_avg.size() == 0) {
+      zero_moments(s);
+      s.step = st.step;
+      return;
+    }
+    const int sr = s.p.stiefel ? 1 : s.p.rows, sc = s.p.stiefel ? 1 : s.p.cols;
+    from_host(st.exp_avg, s.p.rows, s.p.cols, s.exp_avg, who, "exp_avg");
+    from_host(st.exp_avg_sq, sr, sc, s.exp_avg_sq, who, "exp_avg_sq");
+    if (amsgrad(s.p)) from_host(st.max_exp_avg_sq, sr, sc, s.max_exp_avg_sq, who, "max_exp_avg_sq");
+    s.step = st.step;
+  }
+
+  /// Device moment buffers of parameter i (row-major, the parameter's shape; exp_avg_sq is one
+  /// float for Stiefel; max_exp_avg_sq is null without amsgrad).
+  const float* exp_avg(std::size_t i) const { return slots_.at(i).exp_avg.data(); }
+  const float* exp_avg_sq(std::size_t i) const { return slots_.at(i).exp_avg_sq.data(); }
+  const float* max_exp_avg_sq(std::size_t i) const { return slots_.at(i).max_exp_avg_sq.data(); }
+
+ private:
+  struct Slot {
+    DeviceParam p;
+    long long step = 0;
+    DeviceBuffer<float> exp_avg, exp_avg_sq, max_exp_avg_sq;
+  };
+
+  static std::size_t numel(const DeviceParam& p) { return static_cast<std::size_t>(p.rows) * static_cast<std::size_t>(p.cols); }
+  bool amsgrad(const DeviceParam& p) const { return p.stiefel ? ri_.amsgrad : eu_.amsgrad; }
+  unsigned grid(long long n) const {
+    return static_cast<unsigned>(std::clamp<long long>((n + optim_detail::kBlock - 1) / optim_detail::kBlock, 1, 8LL * sms_));
+  }
+
+  void zero_moments(Slot& s) {
+    for (DeviceBuffer<float>* b : {&s.exp_avg, &s.exp_avg_sq, &s.max_exp_avg_sq})
+      if (!b->empty()) CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(b->data(), 0, b->size() * sizeof(float), s_));
+  }
+
+  Eigen::MatrixXf to_host(const DeviceBuffer<float>& b, int rows, int cols) const {
+    const std::vector<float> h = b.download(s_);
+    return Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(h.data(), rows, cols);
+  }
+  void from_host(const linalg::Matrix<float>& m, int rows, int cols, DeviceBuffer<float>& b, const std::string& who, const char* field) {
+    CACHESHRINK_CHECK(m.rows() == rows && m.cols() == cols, InvalidArgument,
+                      who + ": " + field + " has shape (" + std::to_string(m.rows()) + ", " + std::to_string(m.cols()) + "), expected (" +
+                          std::to_string(rows) + ", " + std::to_string(cols) + ")");
+    const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> r = m;
+    b.upload(r.data(), static_cast<std::size_t>(r.size()), s_);
+  }
+
+  // ---- cuBLAS on the A = X^T view (see the header comment) ----
+  // C (m, n) = alpha op(A) op(B) + beta C, all column-major with the given leading dims.
+  void gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const float* A, int lda, const float* B,
+            int ldb, float beta, float* C, int ldc) {
+    CACHESHRINK_CUBLAS_CHECK(cublasSgemm(blas_, ta, tb, m, n, k, &alpha, A, lda, B, ldb, &beta, C, ldc));
+  }
+
+  // x <- x (1.5 I - 0.5 x^T x) on the (n, p) row-major x; uses r_ (copy of x) and pp_[0, p^2).
+  void newton_schulz(float* x, int n, int p) {
+    float* xtx = pp_.data();
+    gemm(CUBLAS_OP_N, CUBLAS_OP_T, p, p, n, 1.0f, x, p, x, p, 0.0f, xtx, p);  // X^T X
+    CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(r_.data(), x, sizeof(float) * numel_of(n, p), cudaMemcpyDeviceToDevice, s_));
+    // memory of X (1.5 I - 0.5 S) is 1.5 X^T - 0.5 S^T X^T: C = x (beta 1.5), B = the copy.
+    gemm(CUBLAS_OP_T, CUBLAS_OP_N, p, n, p, -0.5f, xtx, p, r_.data(), p, 1.5f, x, p);
+  }
+
+  // v <- v - x sym(x^T v) (proju; x orthonormal), v (n, p) row-major; uses pp_.
+  void project(const float* x, float* v, int n, int p) {
+    float* xtv = pp_.data();
+    float* sym = pp_.data() + static_cast<std::size_t>(p) * p;
+    gemm(CUBLAS_OP_N, CUBLAS_OP_T, p, p, n, 1.0f, x, p, v, p, 0.0f, xtv, p);  // X^T V
+    symmetrize(xtv, sym, p);
+    gemm(CUBLAS_OP_N, CUBLAS_OP_N, p, n, p, -1.0f, sym, p, x, p, 1.0f, v, p);  // memory: V^T - sym X^T
+  }
+
+  void symmetrize(const float* m, float* s, int p) {
+    const long long total = static_cast<long long>(p) * p;
+    optim_detail::sym_kernel<<<grid(total), optim_detail::kBlock, 0, s_>>>(m, s, p);
+    CACHESHRINK_CUDA_LAUNCH_CHECK("optim sym_kernel");
+  }
+
+  // Cholesky QR2 of y (n, p) row-major, in place: y <- Q with diag(R) > 0. potrf's two devInfo
+  // values go to info_[2 slot], info_[2 slot + 1] (checked after the step).
+  void qr_positive(float* y, int n, int p, std::size_t slot) {
+    float* g = pp_.data();
+    int lwork = static_cast<int>(work_.size());
+    for (int pass = 0; pass < 2; ++pass) {
+      const float one = 1.0f, zero = 0.0f;
+      // G = Y^T Y = A A^T (upper triangle), then G = R^T R with R upper.
+      CACHESHRINK_CUBLAS_CHECK(cublasSsyrk(blas_, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, p, n, &one, y, p, &zero, g, p));
+      CACHESHRINK_CUSOLVER_CHECK(
+          cusolverDnSpotrf(solver_.get(), CUBLAS_FILL_MODE_UPPER, p, g, p, work_.data(), lwork, info_.data() + 2 * slot + pass));
+      // Y R^{-1}: memory R^{-T} A, i.e. solve R^T Z = A in place.
+      CACHESHRINK_CUBLAS_CHECK(
+          cublasStrsm(blas_, CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_T, CUBLAS_DIAG_NON_UNIT, p, n, &one, g, p, y, p));
+    }
+  }
+
+  static std::size_t numel_of(int n, int p) { return static_cast<std::size_t>(n) * static_cast<std::size_t>(p); }
+
+  void adamw(Slot& s, double lr) {
+    const optim::AdamWOptions& o = eu_;
+    ++s.step;
+    optim_detail::AdamWArgs a{};
+    a.decayed = o.weight_decay != 0.0;
+    a.decay = static_cast<float>(1.0 - lr * o.weight_decay);
+    const float b1 = static_cast<float>(o.beta1);
+    a.w = 1.0f - b1;
+    a.lerp_low = a.w < 0.5f;
+    a.beta2 = static_cast<float>(o.beta2);
+    a.one_minus_beta2 = 1.0f - a.beta2;
+    const double t = static_cast<double>(s.step);
+    const double bc1 = 1.0 - std::pow(o.beta1, t), bc2 = 1.0 - std::pow(o.beta2, t);
+    a.step_size = static_cast<float>(lr / bc1);
+    a.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+    a.eps = static_cast<float>(o.eps);
+    a.amsgrad = o.amsgrad;
+    const long long n = static_cast<long long>(numel(s.p));
+    optim_detail::adamw_kernel<<<grid(n), optim_detail::kBlock, 0, s_>>>(s.p.value, s.p.grad, s.exp_avg.data(), s.exp_avg_sq.data(),
+                                                                         s.max_exp_avg_sq.data(), n, a);
+    CACHESHRINK_CUDA_LAUNCH_CHECK("optim adamw_kernel");
+  }
+
+  void riemannian_adam(Slot& s, std::size_t slot, double lr) {
+    const optim::RiemannianAdamOptions& o = ri_;
+    const int n = s.p.rows, p = s.p.cols;
+    const long long ne = static_cast<long long>(numel(s.p));
+    float* x = s.p.value;
+    float* rg = r_.data();
+    ++s.step;
+    newton_schulz(x, n, p);  // projx
+    if (o.weight_decay != 0.0) {
+      optim_detail::add_decay_kernel<<<grid(ne), optim_detail::kBlock, 0, s_>>>(s.p.grad, x, static_cast<float>(o.weight_decay), rg, ne);
+      CACHESHRINK_CUDA_LAUNCH_CHECK("optim add_decay_kernel");
+    } else {
+      CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(rg, s.p.grad, sizeof(float) * numel(s.p), cudaMemcpyDeviceToDevice, s_));
+    }
+    project(x, rg, n, p);  // egrad2rgrad
+    CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(ci_.data(), 0, sizeof(double), s_));
+    optim_detail::sq_norm_kernel<<<grid(ne), optim_detail::kBlock, 0, s_>>>(rg, ne, ci_.data());  // component_inner
+    CACHESHRINK_CUDA_LAUNCH_CHECK("optim sq_norm_kernel (component_inner)");
+    const float b2 = static_cast<float>(o.beta2);
+    optim_detail::second_moment_kernel<<<1, 1, 0, s_>>>(s.exp_avg_sq.data(), s.max_exp_avg_sq.data(), ci_.data(), b2, 1.0f - b2,
+                                                        o.amsgrad);
+    CACHESHRINK_CUDA_LAUNCH_CHECK("optim second_moment_kernel");
+    optim_detail::RadamArgs a{};
+    a.beta1 = static_cast<float>(o.beta1);
+    a.one_minus_beta1 = 1.0f - a.beta1;
+    const double t = static_cast<double>(s.step);
+    a.bc1 = static_cast<float>(1.0 - std::pow(o.beta1, t));
+    a.bc2 = static_cast<float>(1.0 - std::pow(o.beta2, t));
+    a.eps = static_cast<float>(o.eps);
+    a.neg_lr = static_cast<float>(-lr);
+    const float* v = o.amsgrad ? s.max_exp_avg_sq.data() : s.exp_avg_sq.data();
+    optim_detail::radam_update_kernel<<<grid(ne), optim_detail::kBlock, 0, s_>>>(x, rg, s.exp_avg.data(), v, ne, a);
+    CACHESHRINK_CUDA_LAUNCH_CHECK("optim radam_update_kernel");
+    qr_positive(x, n, p, slot);            // retraction
+    project(x, s.exp_avg.data(), n, p);  // transport
+  }
+
+  void stabilize_one(Slot& s) {
+    newton_schulz(s.p.value, s.p.rows, s.p.cols);
+    project(s.p.value, s.exp_avg.data(), s.p.rows, s.p.cols);
+  }
+
+  void check_infos() {
+    std::vector<int> info(2 * slots_.size());
+    CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(info.data(), info_.data(), info.size() * sizeof(int), cudaMemcpyDeviceToHost, s_));
+    CACHESHRINK_CUDA_CHECK(cudaStreamSynchronize(s_));
+    for (std::size_t i = 0; i < slots_.size(); ++i)
+      for (int pass = 0; pass < 2; ++pass) {
+        const int v = info[2 * i + static_cast<std::size_t>(pass)];
+        if (v == 0) continue;
+        const Slot& s = slots_[i];
+        throw NumericalError("DeviceOptimizer::step(" + s.p.name + "): QR retraction at step " + std::to_string(s.step) +
+                             " failed: cusolverDnSpotrf of the (" + std::to_string(s.p.cols) + " x " + std::to_string(s.p.cols) +
+                             ") Gram matrix, pass " + std::to_string(pass + 1) + ", info = " + std::to_string(v) +
+                             (v < 0 ? " (bad argument)" : " (not positive definite: the step made the parameter rank-deficient; lower the Riemannian lr)"));
+      }
+  }
+
+  // max |X^T X - I| <= 1e-4, or InvalidArgument (the tolerance optim::Optimizer::add documents).
+  void check_on_manifold(const DeviceParam& p, const std::string& who) {
+    const int pc = p.cols;
+    {
+      optim_detail::CublasModeGuard g(blas_, s_, "DeviceOptimizer::add");
+      gemm(CUBLAS_OP_N, CUBLAS_OP_T, pc, pc, p.rows, 1.0f, p.value, pc, p.value, pc, 0.0f, pp_.data(), pc);
+    }
+    std::vector<float> h(static_cast<std::size_t>(pc) * pc);
+    CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(h.data(), pp_.data(), h.size() * sizeof(float), cudaMemcpyDeviceToHost, s_));
+    CACHESHRINK_CUDA_CHECK(cudaStreamSynchronize(s_));
+    double e = 0.0;
+    for (int j = 0; j < pc; ++j)
+      for (int i = 0; i < pc; ++i) {
+        const double d = h[static_cast<std::size_t>(j) * pc + i] - (i == j ? 1.0 : 0.0);
+        e = std::isnan(d) ? INFINITY : std::max(e, std::abs(d));
+      }
+    CACHESHRINK_CHECK(e <= 1e-4, InvalidArgument,
+                      who + ": Stiefel parameter is not orthonormal: max|X^T X - I| = " + std::to_string(e) + " > 1e-4");
+  }
+
+  cudaStream_t s_;
+  cublasHandle_t blas_;
+  CusolverHandle solver_;
+  optim::AdamWOptions eu_;
+  optim::RiemannianAdamOptions ri_;
+  int sms_ = 1;
+  std::size_t stiefel_count_ = 0;
+  std::vector<Slot> slots_;
+  DeviceBuffer<float> r_;       // (n, p) scratch: x copy for Newton-Schulz, then rg
+  DeviceBuffer<float> pp_;      // two (p, p) scratch matrices
+  DeviceBuffer<float> work_;    // potrf workspace
+  DeviceBuffer<int> info_;      // potrf devInfo, two per parameter
+  DeviceBuffer<double> norms_;  // per-parameter squared gradient norms
+  DeviceBuffer<double> ci_;     // <rg, rg> of the Stiefel parameter being stepped
+};
+
+}  // namespace cacheshrink::cuda

@@ -1,0 +1,1065 @@
+#pragma once
+// cuda::TrainGraph: the training forward (keeping activations) and backward of a converted
+// model on the GPU, float32: the same math, parameters, losses and batch packing as the CPU
+// train::TrainGraph (include/cacheshrink/train/graph.hpp, whose header comment defines the
+// losses); tests/cuda/test_cuda_train.cu compares the two on the fixtures.
+//
+// Layout. Every matrix is row-major in HF orientation, tokens packed (each sequence's real
+// tokens, positions 0..n-1). Trainable parameters live on the device as row-major buffers of
+// the CPU parameters' logical shapes, in the CPU graph's order and names (download() maps them
+// to the CPU's column-major matrices):
+//   per MLA layer  w_down_k, w_down_v (d_latent, hidden); joint: w_down_k only
+//   per basis      w_up_k, w_up_v (d_kv, d_latent) (xkv groups share one), joint: the stacked
+//                  [Wuk; Wuv] (2 d_kv, d_latent)
+// Frozen weights are uploaded once in float32 ([W_gate; W_up] stacked for one GEMM).
+//
+// Attention is materialised per sequence: S = scale Q K^T for all heads as one strided-batched
+// SGEMM, a row softmax with the causal/sliding-window mask writes P (kept for the backward),
+// O = P V another batched SGEMM. Shared KV heads (GQA/MQA) are expanded to one copy per query
+// head first (a gather), and the backward's per-query-head dK, dV are summed back per group.
+// At the lengths training uses (<= a few thousand tokens) P costs heads * n^2 floats per
+// sequence and layer; the GEMMs are cuBLAS's.
+//
+// Math mode: cuBLAS's default (true float32, no TF32), like the CPU graph; set_tf32(true)
+// switches the graph's GEMMs to TF32 tensor cores (the benchmark runs both, against the PyTorch
+// baseline benchmarks/python/bench_torch_train.py in the same mode).
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "cacheshrink/backend/cuda/check.cuh"
+#include "cacheshrink/backend/cuda/gemm.cuh"
+#include "cacheshrink/backend/cuda/kernels.cuh"
+#include "cacheshrink/backend/cuda/memory.cuh"
+#include "cacheshrink/core/error.hpp"
+#include "cacheshrink/model/layers.hpp"
+#include "cacheshrink/model/weights.hpp"
+#include "cacheshrink/train/graph.hpp"
+
+namespace cacheshrink::cuda {
+
+namespace train_kernels {
+// The kernels are `static`: a plain __global__ function defined in a header gets one host stub per
+// translation unit that includes it, and two such units in one program fail to link.
+
+// Norm forward keeping its statistics: y = norm(x) (RMS or Layer), mean/rstd per row.
+static __global__ void norm_fwd(const float* x, const float* w, const float* b, bool layer, float eps, float* y, float* mean, float* rstd,
+                                int H) {
+  const float* xr = x + static_cast<long long>(blockIdx.x) * H;
+  float* yr = y + static_cast<long long>(blockIdx.x) * H;
+  const float inv_n = 1.0f / static_cast<float>(H);
+  float mu = 0.0f;
+  if (layer) {
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < H; c += blockDim.x) s += xr[c];
+    mu = block_sum(s) * inv_n;
+  }
+  float ss = 0.0f;
+  for (int c = threadIdx.x; c < H; c += blockDim.x) {
+    const float d = xr[c] - mu;
+    ss += d * d;
+  }
+  const float r = rsqrtf(block_sum(ss) * inv_n + eps);
+  for (int c = threadIdx.x; c < H; c += blockDim.x) {
+    float v = (xr[c] - mu) * r * w[c];
+    if (b) v += b[c];
+    yr[c] = v;
+  }
+  if (threadIdx.x == 0) {
+    if (mean) mean[blockIdx.x] = mu;
+    rstd[blockIdx.x] = r;
+  }
+}
+
+// dx += d norm(x) / dx applied to dy (one block per row).
+//   RMS:   dx = r g - x r^3 mean(g x),                g = w dy
+//   Layer: dx = r (g - mean(g) - xhat mean(g xhat)), xhat = (x - mean) r
+static __global__ void norm_bwd(const float* x, const float* w, const float* mean, const float* rstd, bool layer, const float* dy,
+                                float* dx, int H) {
+  const long long off = static_cast<long long>(blockIdx.x) * H;
+  const float* xr = x + off;
+  const float* dyr = dy + off;
+  float* dxr = dx + off;
+  const float r = rstd[blockIdx.x], mu = layer ? mean[blockIdx.x] : 0.0f;
+  const float inv_n = 1.0f / static_cast<float>(H);
+  float sg = 0.0f, sgx = 0.0f;
+  for (int c = threadIdx.x; c < H; c += blockDim.x) {
+    const float g = w[c] * dyr[c];
+    sg += g;
+    sgx += g * (xr[c] - mu) * r;
+  }
+  if (layer) sg = block_sum(sg) * inv_n;
+  sgx = block_sum(sgx) * inv_n;
+  for (int c = threadIdx.x; c < H; c += blockDim.x) {
+    const float g = w[c] * dyr[c], xh = (xr[c] - mu) * r;
+    dxr[c] += layer ? r * (g - sg - xh * sgx) : r * (g - xh * sgx);
+  }
+}
+
+// Per-head RMSNorm forward (q/k norm), in place on y (rows, heads*hd): pre <- y, rstd per
+// (row, head), y <- y rstd w. One warp per (row, head).
+static __global__ void head_norm_fwd(float* y, float* pre, float* rstd, int rows, int heads, int hd, const float* w, float eps) {
+  const long long warp = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (warp >= static_cast<long long>(rows) * heads) return;
+  float* p = y + warp * hd;
+  float* q = pre + warp * hd;
+  float ss = 0.0f;
+  for (int d = lane; d < hd; d += 32) {
+    const float v = p[d];
+    q[d] = v;
+    ss += v * v;
+  }
+  const float rs = rsqrtf(warp_sum(ss) / static_cast<float>(hd) + eps);
+  if (lane == 0) rstd[warp] = rs;
+  for (int d = lane; d < hd; d += 32) p[d] = q[d] * rs * w[d];
+}
+
+// Its backward, in place on dy: dx = r g - x r^3 mean(g x), g = w dy.
+static __global__ void head_norm_bwd(float* dy, const float* pre, const float* rstd, int rows, int heads, int hd, const float* w) {
+  const long long warp = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (warp >= static_cast<long long>(rows) * heads) return;
+  float* g = dy + warp * hd;
+  const float* x = pre + warp * hd;
+  const float r = rstd[warp];
+  float s = 0.0f;
+  for (int d = lane; d < hd; d += 32) s += w[d] * g[d] * x[d];
+  s = warp_sum(s) / static_cast<float>(hd);
+  for (int d = lane; d < hd; d += 32) g[d] = r * w[d] * g[d] - x[d] * r * r * r * s;
+}
+
+// Row softmax of scale-free scores S (rows = heads * n, each n wide, query index i = row % n),
+// in place, keys j with i - window < j <= i (window 0: causal only); masked entries become 0.
+// One warp per row.
+static __global__ void masked_softmax(float* S, long long rows, int n, int window) {
+  const long long row = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int i = static_cast<int>(row % n);
+  const int a = window > 0 ? max(0, i - window + 1) : 0;
+  float* s = S + row * n;
+  float m = -INFINITY;
+  for (int j = a + lane; j <= i; j += 32) m = fmaxf(m, s[j]);
+  m = warp_max(m);
+  float sum = 0.0f;
+  for (int j = a + lane; j <= i; j += 32) sum += expf(s[j] - m);
+  const float inv = 1.0f / warp_sum(sum);
+  for (int j = lane; j < n; j += 32) s[j] = (j >= a && j <= i) ? expf(s[j] - m) * inv : 0.0f;
+}
+
+// Softmax backward in place on dP: dS = P (dP - sum_j P dP). One warp per row.
+static __global__ void softmax_bwd(const float* P, float* dP, long long rows, int n) {
+  const long long row = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const float* p = P + row * n;
+  float* d = dP + row * n;
+  float s = 0.0f;
+  for (int j = lane; j < n; j += 32) s += p[j] * d[j];
+  s = warp_sum(s);
+  for (int j = lane; j < n; j += 32) d[j] = p[j] * (d[j] - s);
+}
+
+// dst (rows, nh*hd) <- src (rows, nkv*hd) with query head h reading KV head h / group.
+static __global__ void expand_heads(const float* src, float* dst, int rows, int nh, int group, int hd) {
+  const long long n = static_cast<long long>(rows) * nh * hd;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const int d = static_cast<int>(i % hd);
+    const long long rh = i / hd;
+    const int h = static_cast<int>(rh % nh);
+    const long long r = rh / nh;
+    dst[i] = src[(r * (nh / group) + h / group) * hd + d];
+  }
+}
+
+// dst (rows, nkv*hd) += sum over the group's query heads of src (rows, nh*hd).
+static __global__ void sum_head_groups(const float* src, float* dst, int rows, int nkv, int group, int hd) {
+  const long long n = static_cast<long long>(rows) * nkv * hd;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const int d = static_cast<int>(i % hd);
+    const long long rk = i / hd;
+    const int k = static_cast<int>(rk % nkv);
+    const long long r = rk / nkv;
+    const float* s = src + (r * nkv * group + static_cast<long long>(k) * group) * hd + d;
+    float acc = 0.0f;
+    for (int g = 0; g < group; ++g) acc += s[static_cast<long long>(g) * hd];
+    dst[i] += acc;
+  }
+}
+
+// act = silu(g) u from gu = [g | u] (rows, 2I) (biases already added).
+static __global__ void swiglu_fwd(const float* gu, float* act, int I) {
+  const float* g = gu + static_cast<long long>(blockIdx.x) * 2 * I;
+  float* o = act + static_cast<long long>(blockIdx.x) * I;
+  kernels::for_row_chunk(I, [&](int c) { o[c] = kernels::silu_f(g[c]) * g[I + c]; });
+}
+// dgu = [da u silu'(g) | da silu(g)].
+static __global__ void swiglu_bwd(const float* gu, const float* da, float* dgu, int I) {
+  const long long r = blockIdx.x;
+  const float* g = gu + r * 2 * I;
+  const float* d = da + r * I;
+  float* o = dgu + r * 2 * I;
+  kernels::for_row_chunk(I, [&](int c) {
+    const float x = g[c], s = 1.0f / (1.0f + expf(-x));
+    o[c] = d[c] * g[I + c] * s * (1.0f + x * (1.0f - s));
+    o[I + c] = d[c] * x * s;
+  });
+}
+static __global__ void gelu_fwd(const float* u, float* act, int I) {
+  const long long off = static_cast<long long>(blockIdx.x) * I;
+  kernels::for_row_chunk(I, [&](int c) { act[off + c] = kernels::gelu_tanh_f(u[off + c]); });
+}
+// da *= gelu'(u) (tanh approximation).
+static __global__ void gelu_bwd(const float* u, float* da, int I) {
+  const long long off = static_cast<long long>(blockIdx.x) * I;
+  kernels::for_row_chunk(I, [&](int c) {
+    constexpr float k0 = 0.7978845608028654f, k1 = 0.044715f;
+    const float x = u[off + c], t = tanhf(k0 * (x + k1 * x * x * x));
+    da[off + c] *= 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * k0 * (1.0f + 3.0f * k1 * x * x);
+  });
+}
+
+// Cross-entropy of each row against target (< 0: unscored): acc += nll (double); with dz,
+// dz = weight (softmax - onehot) (0 on unscored rows). One block per row.
+static __global__ void cross_entropy(const float* z, int V, const int* target, float weight, float* dz, double* acc) {
+  const long long off = static_cast<long long>(blockIdx.x) * V;
+  const int t = target[blockIdx.x];
+  if (t < 0) {
+    if (dz)
+      for (int c = threadIdx.x; c < V; c += blockDim.x) dz[off + c] = 0.0f;
+    return;
+  }
+  float m = -INFINITY;
+  for (int c = threadIdx.x; c < V; c += blockDim.x) m = fmaxf(m, z[off + c]);
+  m = block_max(m);
+  float s = 0.0f;
+  for (int c = threadIdx.x; c < V; c += blockDim.x) s += expf(z[off + c] - m);
+  s = block_sum(s);
+  if (threadIdx.x == 0) atomicAdd(acc, static_cast<double>(m) + log(static_cast<double>(s)) - static_cast<double>(z[off + t]));
+  if (dz) {
+    const float k = weight / s;
+    for (int c = threadIdx.x; c < V; c += blockDim.x) dz[off + c] = expf(z[off + c] - m) * k - (c == t ? weight : 0.0f);
+  }
+}
+
+// KL(softmax(zt/T) || softmax(z/T)) per row into acc; dz += weight/T (q - p). One block per row.
+static __global__ void kl_temperature(const float* z, const float* zt, int V, float T, float weight, float* dz, double* acc) {
+  const long long off = static_cast<long long>(blockIdx.x) * V;
+  const float inv = 1.0f / T;
+  float mp = -INFINITY, mq = -INFINITY;
+  for (int c = threadIdx.x; c < V; c += blockDim.x) {
+    mp = fmaxf(mp, zt[off + c] * inv);
+    mq = fmaxf(mq, z[off + c] * inv);
+  }
+  mp = block_max(mp);
+  mq = block_max(mq);
+  float sp = 0.0f, sq = 0.0f;
+  for (int c = threadIdx.x; c < V; c += blockDim.x) {
+    sp += expf(zt[off + c] * inv - mp);
+    sq += expf(z[off + c] * inv - mq);
+  }
+  sp = block_sum(sp);
+  sq = block_sum(sq);
+  const float lsp = mp + logf(sp), lsq = mq + logf(sq);
+  float kl = 0.0f;
+  for (int c = threadIdx.x; c < V; c += blockDim.x) {
+    const float lp = zt[off + c] * inv - lsp, lq = z[off + c] * inv - lsq, p = expf(lp);
+    kl += p * (lp - lq);
+    if (dz) dz[off + c] += weight * inv * (expf(lq) - p);
+  }
+  kl = block_sum(kl);
+  if (threadIdx.x == 0) atomicAdd(acc, static_cast<double>(kl));
+}
+
+// acc += sum x^2 (double).
+static __global__ void sq_sum(const float* x, long long n, double* acc) {
+  double s = 0.0;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x)
+    s += static_cast<double>(x[i]) * x[i];
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (threadIdx.x % 32 == 0) atomicAdd(acc, s);
+}
+
+// u (rows, cols) = the first cols columns of the identity.
+static __global__ void identity_columns(float* u, int rows, int cols) {
+  const long long n = static_cast<long long>(rows) * cols;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x)
+    u[i] = (i / cols == i % cols) ? 1.0f : 0.0f;
+}
+
+// y += a x.
+static __global__ void axpy(float a, const float* x, float* y, long long n) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x)
+    y[i] += a * x[i];
+}
+
+}  // namespace train_kernels
+
+/// Y (rows, out) = alpha X (rows, in) W (in, out) + beta Y, all row-major: the input gradient
+/// through a layer whose forward was X W^T. Column-major: Y^T = W^T X^T, W's memory being the
+/// column-major (out, in) matrix W^T (op N).
+inline void gemm_xw(cublasHandle_t h, int rows, int out, int in, const float* X, int ldx, const float* W, int ldw, float* Y, int ldy,
+                    float alpha = 1.0f, float beta = 0.0f) {
+  if (rows == 0 || out == 0) return;
+  CACHESHRINK_CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, out, rows, in, &alpha, W, ldw, X, ldx, &beta, Y, ldy));
+}
+/// G (m, n) row-major = alpha X^T Y + beta G with X (rows, m), Y (rows, n) row-major: a weight
+/// gradient. Column-major G^T (n, m) = Y^T X, i.e. Yc Xc^T with Yc, Xc the column-major views.
+inline void gemm_xty(cublasHandle_t h, int rows, int m, int n, const float* X, int ldx, const float* Y, int ldy, float* G,
+                     float alpha = 1.0f, float beta = 1.0f) {
+  if (m == 0 || n == 0) return;
+  CACHESHRINK_CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_T, n, m, rows, &alpha, Y, ldy, X, ldx, &beta, G, n));
+}
+
+class TrainGraph {
+ public:
+  using MatR = MatrixR<float>;
+
+  /// A trainable matrix: device value and gradient, row-major (rows, cols).
+  struct Param {
+    std::string name;
+    int rows = 0, cols = 0;
+    bool stiefel = false;
+    DeviceBuffer<float> value, grad;
+  };
+  using Slots = train::TrainGraph<float>::Slots;
+
+  explicit TrainGraph(const model::Model& m)
+      : c_(m.config), stream_(std::make_unique<Stream>()), blas_(std::make_unique<CublasHandle>(stream_->get())) {
+    const auto& W = m.weights;
+    const int L = c_.n_layers, dkv = c_.d_kv();
+    up(embed_, W.embed);
+    if (c_.family == Family::Gpt2) up(pos_embed_, W.pos_embed);
+    if (W.lm_head.size()) up(head_, W.lm_head);
+    upv(fnw_, W.final_norm_w);
+    upv(fnb_, W.final_norm_b);
+    if (c_.uses_rope()) rope_ = model::Rope(c_);
+    layers_.resize(static_cast<std::size_t>(L));
+    slots_.assign(static_cast<std::size_t>(L), Slots{});
+    std::map<const MatrixRf*, int> up_index;
+    for (int l = 0; l < L; ++l) {
+      const auto& lw = W.layers[static_cast<std::size_t>(l)];
+      auto& f = layers_[static_cast<std::size_t>(l)];
+      upv(f.n1w, lw.norm1_w);
+      upv(f.n1b, lw.norm1_b);
+      upv(f.n2w, lw.norm2_w);
+      upv(f.n2b, lw.norm2_b);
+      up(f.wq, lw.wq);
+      up(f.wk, lw.wk);
+      up(f.wv, lw.wv);
+      up(f.wo, lw.wo);
+      upv(f.bq, lw.bq);
+      upv(f.bk, lw.bk);
+      upv(f.bv, lw.bv);
+      upv(f.bo, lw.bo);
+      upv(f.qn, lw.q_norm);
+      upv(f.kn, lw.k_norm);
+      if (gpt2()) {
+        up(f.wgu, lw.w_up);
+        upv(f.bgu, lw.b_up);
+      } else {
+        MatrixRf gu(lw.w_gate.rows() + lw.w_up.rows(), lw.w_up.cols());
+        gu << lw.w_gate, lw.w_up;
+        up(f.wgu, gu);
+        if (lw.b_gate.size() || lw.b_up.size()) {
+          VectorXf b = VectorXf::Zero(gu.rows());
+          if (lw.b_gate.size()) b.head(lw.w_gate.rows()) = lw.b_gate;
+          if (lw.b_up.size()) b.tail(lw.w_up.rows()) = lw.b_up;
+          upv(f.bgu, b);
+        }
+      }
+      up(f.wd, lw.w_down);
+      upv(f.bd, lw.b_down);
+      f.has_original_kv = lw.wk.rows() == dkv && lw.wv.rows() == dkv;
+      if (!lw.mla) {
+        if (!f.has_original_kv)
+          throw InvalidArgument("cuda train: layer " + std::to_string(l) + " has neither MLA weights nor k_proj/v_proj");
+        continue;
+      }
+      const auto& a = *lw.mla;
+      if (a.method != CompressionMethod::Separate && a.method != CompressionMethod::Xkv && a.method != CompressionMethod::Joint)
+        throw InvalidArgument(std::string("cuda train: layer ") + std::to_string(l) + " uses compression method '" +
+                              compression_method_name(a.method) + "', which training does not support yet (separate, xkv, joint)");
+      f.mla = true;
+      f.d_latent = a.d_latent;
+      ++n_mla_;
+      auto& sl = slots_[static_cast<std::size_t>(l)];
+      const std::string p = "layers." + std::to_string(l) + ".";
+      if (lmin_ < 0) lmin_ = l;
+      sl.down_k = add(p + "w_down_k", a.w_down_k, false);
+      if (a.method == CompressionMethod::Joint) {
+        sl.joint = true;
+        MatrixRf u(2 * dkv, a.d_latent);
+        u << *a.w_up_k, *a.w_up_v;
+        sl.up_k = add(p + "w_up_kv", u, true);
+        continue;
+      }
+      sl.down_v = add(p + "w_down_v", a.w_down_v, false);
+      auto it = up_index.find(a.w_up_k.get());
+      if (it != up_index.end()) {
+        sl.up_k = it->second;
+        sl.up_v = it->second + 1;
+      } else {
+        const std::string u = a.group >= 0 ? "groups." + std::to_string(a.group) + "." : p;
+        sl.up_k = add(u + "w_up_k", *a.w_up_k, true);
+        sl.up_v = add(u + "w_up_v", *a.w_up_v, true);
+        up_index[a.w_up_k.get()] = sl.up_k;
+      }
+    }
+    if (n_mla_ == 0) throw InvalidArgument("cuda train: the model has no MLA layers (convert it first)");
+    acc_.resize(4);
+    stream_->synchronize();
+  }
+
+  /// A model of config `c` with random weights made on the device (benchmarks; no host copy):
+  /// every layer an MLA layer with separate K/V latents of width d_latent that keeps its
+  /// original K/V projections (for the reconstruction loss). Weights uniform with standard
+  /// deviation `stddev`, norms 1, biases 0; up projections the first d_latent columns of the
+  /// identity (orthonormal, as the optimizer requires; the cost of a step does not depend on it).
+  TrainGraph(const ModelConfig& c, int d_latent, unsigned long long seed = 1, float stddev = 0.02f)
+      : c_(c), stream_(std::make_unique<Stream>()), blas_(std::make_unique<CublasHandle>(stream_->get())) {
+    const int Dkv = c_.d_kv();
+    if (d_latent <= 0 || d_latent > Dkv) throw InvalidArgument("cuda train: d_latent must be in [1, d_kv = " + std::to_string(Dkv) + "]");
+    const std::size_t H = c_.hidden_size, Dq = static_cast<std::size_t>(c_.d_q()), I = c_.intermediate_size, V = c_.vocab_size;
+    const float a = 1.7320508f * stddev;
+    auto rnd = [&](DeviceBuffer<float>& d, std::size_t n, float amp) {
+      d.resize(n);
+      cuda::fill_uniform<float>(d.data(), static_cast<long long>(n), seed++, amp, st());
+    };
+    auto cst = [&](DeviceBuffer<float>& d, std::size_t n, float v) {
+      d.resize(n);
+      cuda::fill_value<float>(d.data(), static_cast<long long>(n), v, st());
+    };
+    const bool g2 = gpt2();
+    rnd(embed_, V * H, a);
+    if (g2) rnd(pos_embed_, static_cast<std::size_t>(c_.max_position) * H, a);
+    if (!c_.tie_word_embeddings) rnd(head_, V * H, a);
+    cst(fnw_, H, 1.0f);
+    if (g2) cst(fnb_, H, 0.0f);
+    if (c_.uses_rope()) rope_ = model::Rope(c_);
+    layers_.resize(static_cast<std::size_t>(c_.n_layers));
+    slots_.assign(layers_.size(), Slots{});
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      auto& f = layers_[l];
+      cst(f.n1w, H, 1.0f);
+      cst(f.n2w, H, 1.0f);
+      if (g2) {
+        cst(f.n1b, H, 0.0f);
+        cst(f.n2b, H, 0.0f);
+      }
+      rnd(f.wq, Dq * H, a);
+      rnd(f.wk, static_cast<std::size_t>(Dkv) * H, a);
+      rnd(f.wv, static_cast<std::size_t>(Dkv) * H, a);
+      rnd(f.wo, H * Dq, a);
+      if (c_.qkv_bias || g2) {
+        cst(f.bq, Dq, 0.0f);
+        cst(f.bk, static_cast<std::size_t>(Dkv), 0.0f);
+        cst(f.bv, static_cast<std::size_t>(Dkv), 0.0f);
+      }
+      if (c_.o_bias || g2) cst(f.bo, H, 0.0f);
+      if (c_.qk_norm) {
+        cst(f.qn, static_cast<std::size_t>(c_.head_dim), 1.0f);
+        cst(f.kn, static_cast<std::size_t>(c_.head_dim), 1.0f);
+      }
+      rnd(f.wgu, (g2 ? 1 : 2) * I * H, a);
+      if (g2) cst(f.bgu, I, 0.0f);
+      rnd(f.wd, H * I, a);
+      if (g2) cst(f.bd, H, 0.0f);
+      f.mla = true;
+      f.has_original_kv = true;
+      f.d_latent = d_latent;
+      ++n_mla_;
+      auto& sl = slots_[l];
+      const std::string p = "layers." + std::to_string(l) + ".";
+      auto param = [&](std::string name, int rows, int cols, bool stiefel) {
+        Param q;
+        q.name = std::move(name);
+        q.rows = rows;
+        q.cols = cols;
+        q.stiefel = stiefel;
+        if (stiefel) {
+          q.value.resize(static_cast<std::size_t>(rows) * cols);
+          const long long n = static_cast<long long>(rows) * cols;
+          train_kernels::identity_columns<<<grid_for(n, 256), 256, 0, st()>>>(q.value.data(), rows, cols);
+          CACHESHRINK_CUDA_LAUNCH_CHECK("identity_columns");
+        } else {
+          rnd(q.value, static_cast<std::size_t>(rows) * cols, a);
+        }
+        q.grad.resize(q.value.size());
+        params_.push_back(std::move(q));
+        return static_cast<int>(params_.size()) - 1;
+      };
+      sl.down_k = param(p + "w_down_k", d_latent, static_cast<int>(H), false);
+      sl.down_v = param(p + "w_down_v", d_latent, static_cast<int>(H), false);
+      sl.up_k = param(p + "w_up_k", Dkv, d_latent, true);
+      sl.up_v = param(p + "w_up_v", Dkv, d_latent, true);
+    }
+    lmin_ = 0;
+    acc_.resize(4);
+    zero_grad();
+    stream_->synchronize();
+  }
+
+  /// TF32 tensor-core math for the graph's GEMMs (cuBLAS CUBLAS_TF32_TENSOR_OP_MATH: inputs
+  /// rounded to 10 mantissa bits, float32 accumulation); off (the default) is true float32.
+  void set_tf32(bool on) {
+    CACHESHRINK_CUBLAS_CHECK(cublasSetMathMode(hb(), on ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+    tf32_ = on;
+  }
+  bool tf32() const { return tf32_; }
+
+  const ModelConfig& config() const { return c_; }
+  cudaStream_t stream() const { return stream_->get(); }
+  cublasHandle_t blas() const { return blas_->get(); }
+  std::vector<Param>& params() { return params_; }
+  const std::vector<Param>& params() const { return params_; }
+  int n_mla_layers() const { return n_mla_; }
+  bool has_original_kv() const {
+    for (const auto& f : layers_)
+      if (f.mla && !f.has_original_kv) return false;
+    return true;
+  }
+
+  void zero_grad() {
+    for (auto& p : params_) CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(p.grad.data(), 0, p.grad.size() * sizeof(float), stream()));
+  }
+
+  /// Parameter i's value / gradient as a host (rows, cols) matrix in the CPU graph's layout.
+  linalg::Matrix<float> value(std::size_t i) const { return fetch(params_.at(i).value, params_[i]); }
+  linalg::Matrix<float> grad(std::size_t i) const { return fetch(params_.at(i).grad, params_[i]); }
+  /// Sets parameter i's value from a host matrix of its shape.
+  void set_value(std::size_t i, const linalg::Matrix<float>& v) {
+    Param& p = params_.at(i);
+    if (v.rows() != p.rows || v.cols() != p.cols) throw InvalidArgument("cuda train: set_value of " + p.name + ": wrong shape");
+    const MatR r = v;
+    p.value.upload(r.data(), static_cast<std::size_t>(r.size()), stream());
+  }
+
+  /// Logits of the last forward (tokens, vocab), downloaded.
+  MatR logits() const {
+    MatR z(n_tokens_, c_.vocab_size);
+    CACHESHRINK_CUDA_CHECK(
+        cudaMemcpyAsync(z.data(), logits_.data(), static_cast<std::size_t>(z.size()) * sizeof(float), cudaMemcpyDeviceToHost, stream()));
+    stream_->synchronize();
+    return z;
+  }
+
+  /// Forward with loss; with backward_scale > 0 the loss gradient (times backward_scale) is then
+  /// propagated and ACCUMULATED into every parameter's grad. Distillation runs the teacher (the
+  /// same model with the original K/V projections) first, on the device.
+  train::LossParts forward_backward(std::span<const std::vector<int>> seqs, const train::LossOptions& lo, double backward_scale = 0.0) {
+    lo.validate();
+    if ((lo.recon_alpha > 0 || lo.distill) && !has_original_kv())
+      throw InvalidArgument(std::string(lo.distill ? "distillation" : "reconstruction") +
+                            " loss needs the original k_proj/v_proj weights of every MLA layer, but they are missing (a saved MLA "
+                            "model keeps them only when saved with store_original_weights / --store-original-weights)");
+    const bool grad = backward_scale > 0.0;
+    prepare(seqs, lo);
+    CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(acc_.data(), 0, acc_.size() * sizeof(double), stream()));
+    if (lo.distill) {
+      run_forward(/*teacher=*/true, lo);
+      std::swap(logits_, teacher_logits_);
+    }
+    recon_coef_ = grad ? static_cast<float>(backward_scale * lo.recon_alpha / n_mla_) : 0.0f;
+    run_forward(false, lo);
+    const int N = n_tokens_, V = c_.vocab_size;
+    const double w_lm = lo.distill ? 1.0 - lo.distill_alpha : 1.0 - lo.recon_alpha;
+    const bool need_dz = grad && (w_lm > 0 || lo.distill);
+    const float lm_w = pred_ > 0 ? static_cast<float>(backward_scale * w_lm / static_cast<double>(pred_)) : 0.0f;
+    if (need_dz) dz_.reserve(static_cast<std::size_t>(N) * V);
+    train_kernels::cross_entropy<<<N, 1024, 0, stream()>>>(logits_.data(), V, d_target_.data(), lm_w, need_dz ? dz_.data() : nullptr,
+                                                           acc_.data());
+    CACHESHRINK_CUDA_LAUNCH_CHECK("cross_entropy");
+    if (lo.distill) {
+      const float kw = static_cast<float>(backward_scale * lo.distill_alpha * lo.temperature * lo.temperature / N);
+      train_kernels::kl_temperature<<<N, 1024, 0, stream()>>>(logits_.data(), teacher_logits_.data(), V, static_cast<float>(lo.temperature),
+                                                              kw, need_dz ? dz_.data() : nullptr, acc_.data() + 1);
+      CACHESHRINK_CUDA_LAUNCH_CHECK("kl_temperature");
+    }
+    if (grad) run_backward(need_dz);
+    double acc[4];
+    CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(acc, acc_.data(), sizeof(acc), cudaMemcpyDeviceToHost, stream()));
+    stream_->synchronize();
+    train::LossParts lp;
+    lp.tokens = N;
+    lp.predicted = pred_;
+    lp.lm = pred_ > 0 ? acc[0] / static_cast<double>(pred_) : 0.0;
+    lp.recon = lo.recon_alpha > 0 ? 0.5 * acc[2] / (recon_slots_ * c_.d_kv()) / n_mla_ : 0.0;
+    if (lo.distill) {
+      lp.kl = acc[1] / N;
+      lp.total = lo.distill_alpha * lo.temperature * lo.temperature * lp.kl + w_lm * lp.lm;
+    } else {
+      lp.total = w_lm * lp.lm + lo.recon_alpha * lp.recon;
+    }
+    return lp;
+  }
+
+  /// Device bytes held by activations and scratch (after at least one forward).
+  std::size_t activation_bytes() const {
+    std::size_t b = 0;
+    for (const auto& a : acts_)
+      for (const auto* p : {&a.x_mid,  &a.h, &a.mean1, &a.rstd1, &a.q, &a.q_pre, &a.q_rstd, &a.ck,    &a.cv,    &a.k, &a.k_pre,
+                            &a.k_rstd, &a.v, &a.rk,    &a.rv,    &a.P, &a.attn,  &a.h2,     &a.mean2, &a.rstd2, &a.gu})
+        b += p->size() * sizeof(float);
+    for (const auto& x : xs_) b += x.size() * sizeof(float);
+    for (const auto* p : {&logits_, &teacher_logits_,
+                          &dz_,     &hf_,
+                          &fmean_,  &frstd_,
+                          &tmp_,    &kx_,
+                          &vx_,     &dx_,
+                          &dh_,     &dq_,
+                          &dk_,     &dv_,
+                          &dkh_,    &dvh_,
+                          &da_,     &dgu_,
+                          &dc_,     &dP_})
+      b += p->size() * sizeof(float);
+    return b;
+  }
+
+ private:
+  struct Frozen {
+    DeviceBuffer<float> n1w, n1b, n2w, n2b, wq, wk, wv, wo, bq, bk, bv, bo, qn, kn, wgu, bgu, wd, bd;
+    bool mla = false, has_original_kv = false;
+    int d_latent = 0;
+  };
+  struct Acts {
+    DeviceBuffer<float> x_mid, h, mean1, rstd1, q, q_pre, q_rstd, ck, cv, k, k_pre, k_rstd, v, rk, rv, P, attn, h2, mean2, rstd2, gu;
+  };
+
+  bool gpt2() const { return c_.family == Family::Gpt2; }
+  cudaStream_t st() const { return stream_->get(); }
+  cublasHandle_t hb() const { return blas_->get(); }
+
+  void up(DeviceBuffer<float>& d, const MatrixRf& m) {
+    if (m.size()) d.upload(m.data(), static_cast<std::size_t>(m.size()), st());
+  }
+  void upv(DeviceBuffer<float>& d, const VectorXf& v) {
+    if (v.size()) d.upload(v.data(), static_cast<std::size_t>(v.size()), st());
+  }
+  int add(std::string name, const MatrixRf& v, bool stiefel) {
+    Param p;
+    p.name = std::move(name);
+    p.rows = static_cast<int>(v.rows());
+    p.cols = static_cast<int>(v.cols());
+    p.stiefel = stiefel;
+    p.value.upload(v.data(), static_cast<std::size_t>(v.size()), st());
+    p.grad.resize(static_cast<std::size_t>(v.size()));
+    CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(p.grad.data(), 0, p.grad.size() * sizeof(float), st()));
+    params_.push_back(std::move(p));
+    return static_cast<int>(params_.size()) - 1;
+  }
+  linalg::Matrix<float> fetch(const DeviceBuffer<float>& d, const Param& p) const {
+    MatR r(p.rows, p.cols);
+    CACHESHRINK_CUDA_CHECK(
+        cudaMemcpyAsync(r.data(), d.data(), static_cast<std::size_t>(r.size()) * sizeof(float), cudaMemcpyDeviceToHost, st()));
+    stream_->synchronize();
+    return r;
+  }
+  const float* pv(int i) const { return params_[static_cast<std::size_t>(i)].value.data(); }
+  float* pg(int i) { return params_[static_cast<std::size_t>(i)].grad.data(); }
+  static const float* opt(const DeviceBuffer<float>& b) { return b.empty() ? nullptr : b.data(); }
+  const DeviceBuffer<float>& head() const { return head_.empty() ? embed_ : head_; }
+
+  // Validates the batch, uploads ids/positions/targets, sizes every buffer.
+  void prepare(std::span<const std::vector<int>> seqs, const train::LossOptions& lo) {
+    const int B = static_cast<int>(seqs.size());
+    if (B == 0) throw InvalidArgument("cuda train forward: empty batch");
+    off_.assign(static_cast<std::size_t>(B) + 1, 0);
+    int maxlen = 0;
+    std::vector<int> ids, pos, target;
+    pred_ = 0;
+    for (int s = 0; s < B; ++s) {
+      const auto& t = seqs[static_cast<std::size_t>(s)];
+      if (t.empty()) throw InvalidArgument("cuda train forward: sequence " + std::to_string(s) + " has no tokens");
+      if (gpt2() && static_cast<int>(t.size()) > c_.max_position)
+        throw InvalidArgument("cuda train forward: sequence " + std::to_string(s) + " is longer than max_position_embeddings " +
+                              std::to_string(c_.max_position));
+      for (std::size_t i = 0; i < t.size(); ++i) {
+        const int id = t[i];
+        if (id < 0 || id >= c_.vocab_size)
+          throw InvalidArgument("cuda train forward: token id " + std::to_string(id) + " is outside the vocabulary [0, " +
+                                std::to_string(c_.vocab_size) + ")");
+        ids.push_back(id);
+        pos.push_back(static_cast<int>(i));
+        target.push_back(i + 1 < t.size() ? t[i + 1] : -1);
+        pred_ += i + 1 < t.size();
+      }
+      off_[static_cast<std::size_t>(s) + 1] = off_[static_cast<std::size_t>(s)] + static_cast<int>(t.size());
+      maxlen = std::max(maxlen, static_cast<int>(t.size()));
+    }
+    n_tokens_ = off_.back();
+    d_ids_.upload(ids, st());
+    d_pos_.upload(pos, st());
+    d_target_.upload(target, st());
+    if (c_.uses_rope() && maxlen > rope_positions_) {
+      const int half = c_.head_dim / 2;
+      std::vector<float> cs(static_cast<std::size_t>(maxlen) * half), sn(cs.size());
+      for (int p = 0; p < maxlen; ++p)
+        rope_.angles(p, cs.data() + static_cast<std::size_t>(p) * half, sn.data() + static_cast<std::size_t>(p) * half);
+      rope_cos_.upload(cs, st());
+      rope_sin_.upload(sn, st());
+      for (auto& v : sn) v = -v;  // R(-theta) = R(theta)^T: the backward's rotation
+      rope_sin_neg_.upload(sn, st());
+      rope_positions_ = maxlen;
+    }
+    recon_slots_ = lo.recon_norm == train::ReconNorm::Padded ? static_cast<double>(B) * maxlen : static_cast<double>(n_tokens_);
+    // Buffers (grow only).
+    const std::size_t N = static_cast<std::size_t>(n_tokens_), H = c_.hidden_size, Dq = static_cast<std::size_t>(c_.d_q()),
+                      Dkv = static_cast<std::size_t>(c_.d_kv()), nh = c_.n_heads, nkv = c_.n_kv_heads, I = c_.intermediate_size;
+    std::size_t P = 0;
+    for (int s = 0; s < B; ++s) {
+      const std::size_t n = static_cast<std::size_t>(off_[static_cast<std::size_t>(s) + 1] - off_[static_cast<std::size_t>(s)]);
+      P += nh * n * n;
+    }
+    const std::size_t gu_w = (gpt2() ? 1 : 2) * I;
+    xs_.resize(layers_.size() + 1);
+    for (auto& x : xs_) x.reserve(N * H);
+    acts_.resize(layers_.size());
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      const Frozen& f = layers_[l];
+      Acts& a = acts_[l];
+      for (auto* b : {&a.x_mid, &a.h, &a.h2}) b->reserve(N * H);
+      for (auto* b : {&a.mean1, &a.rstd1, &a.mean2, &a.rstd2}) b->reserve(N);
+      a.q.reserve(N * Dq);
+      a.attn.reserve(N * Dq);
+      a.k.reserve(N * Dkv);
+      a.v.reserve(N * Dkv);
+      if (f.qn.size()) {
+        a.q_pre.reserve(N * Dq);
+        a.q_rstd.reserve(N * nh);
+      }
+      if (f.kn.size()) {
+        a.k_pre.reserve(N * Dkv);
+        a.k_rstd.reserve(N * nkv);
+      }
+      if (f.mla) {
+        a.ck.reserve(N * static_cast<std::size_t>(f.d_latent));
+        a.cv.reserve(N * static_cast<std::size_t>(f.d_latent));
+        if (lo.recon_alpha > 0) {
+          a.rk.reserve(N * Dkv);
+          a.rv.reserve(N * Dkv);
+        }
+      }
+      a.P.reserve(P);
+      a.gu.reserve(N * gu_w);
+    }
+    for (auto* b : {&hf_, &dx_, &dh_}) b->reserve(N * H);
+    for (auto* b : {&fmean_, &frstd_}) b->reserve(N);
+    logits_.reserve(N * static_cast<std::size_t>(c_.vocab_size));
+    if (lo.distill) teacher_logits_.reserve(N * static_cast<std::size_t>(c_.vocab_size));
+    tmp_.reserve(N * std::max({I, H, Dq}));  // MLP activation, then d attn
+    if (nkv != nh) {
+      kx_.reserve(N * Dq);
+      vx_.reserve(N * Dq);
+      dkh_.reserve(N * Dq);
+      dvh_.reserve(N * Dq);
+    }
+    dq_.reserve(N * Dq);
+    dk_.reserve(N * Dkv);
+    dv_.reserve(N * Dkv);
+    da_.reserve(N * I);
+    dgu_.reserve(N * gu_w);
+    int dl = 0;
+    for (const auto& f : layers_) dl = std::max(dl, f.d_latent);
+    dc_.reserve(N * static_cast<std::size_t>(std::max(dl, 1)));
+    std::size_t Pmax = 0;
+    for (int s = 0; s < B; ++s) {
+      const std::size_t n = static_cast<std::size_t>(off_[static_cast<std::size_t>(s) + 1] - off_[static_cast<std::size_t>(s)]);
+      Pmax = std::max(Pmax, nh * n * n);
+    }
+    dP_.reserve(Pmax);
+  }
+
+  void norm_forward(const float* x, const DeviceBuffer<float>& w, const DeviceBuffer<float>& b, float* y, float* mean, float* rstd) {
+    train_kernels::norm_fwd<<<n_tokens_, 256, 0, st()>>>(x, w.data(), opt(b), gpt2(), static_cast<float>(c_.norm_eps), y,
+                                                         gpt2() ? mean : nullptr, rstd, c_.hidden_size);
+    CACHESHRINK_CUDA_LAUNCH_CHECK("norm_fwd");
+  }
+  void norm_backward(const float* x, const DeviceBuffer<float>& w, const float* mean, const float* rstd, const float* dy, float* dx) {
+    train_kernels::norm_bwd<<<n_tokens_, 256, 0, st()>>>(x, w.data(), mean, rstd, gpt2(), dy, dx, c_.hidden_size);
+    CACHESHRINK_CUDA_LAUNCH_CHECK("norm_bwd");
+  }
+  void bias(float* y, int width, const DeviceBuffer<float>& b) {
+    if (!b.empty()) cuda::add_bias<float>(y, width, n_tokens_, width, b.data(), st());
+  }
+  void axpy(float a, const float* x, float* y, long long n) {
+    train_kernels::axpy<<<grid_for(n, 256), 256, 0, st()>>>(a, x, y, n);
+    CACHESHRINK_CUDA_LAUNCH_CHECK("axpy");
+  }
+  void sq_sum(const float* x, long long n, double* acc) {
+    train_kernels::sq_sum<<<std::min(grid_for(n, 256), 4096u), 256, 0, st()>>>(x, n, acc);
+    CACHESHRINK_CUDA_LAUNCH_CHECK("sq_sum");
+  }
+  void rope(float* y, int ld, int heads, bool inverse) {
+    if (c_.uses_rope())
+      cuda::rope<float>(y, ld, 0, n_tokens_, heads, c_.head_dim, d_pos_.data(), rope_cos_.data(),
+                        inverse ? rope_sin_neg_.data() : rope_sin_.data(), st());
+  }
+  void expand(const float* src, float* dst) {
+    const long long n = static_cast<long long>(n_tokens_) * c_.d_q();
+    train_kernels::expand_heads<<<grid_for(n, 256), 256, 0, st()>>>(src, dst, n_tokens_, c_.n_heads, c_.n_heads / c_.n_kv_heads,
+                                                                    c_.head_dim);
+    CACHESHRINK_CUDA_LAUNCH_CHECK("expand_heads");
+  }
+  // Strided-batched SGEMM over the heads of one sequence (column-major arguments).
+  void batched(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const float* A, int lda, long long sA,
+               const float* B, int ldb, long long sB, float beta, float* C, int ldc, long long sC) {
+    CACHESHRINK_CUBLAS_CHECK(
+        cublasSgemmStridedBatched(hb(), ta, tb, m, n, k, &alpha, A, lda, sA, B, ldb, sB, &beta, C, ldc, sC, c_.n_heads));
+  }
+
+  void run_forward(bool teacher, const train::LossOptions& lo) {
+    const int N = n_tokens_, H = c_.hidden_size, hd = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads, Dq = c_.d_q(), Dkv = c_.d_kv();
+    const int I = c_.intermediate_size, B = static_cast<int>(off_.size()) - 1;
+    const float eps = static_cast<float>(c_.norm_eps), scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    cuda::embedding<float>(d_ids_.data(), d_pos_.data(), embed_.data(), gpt2() ? pos_embed_.data() : nullptr, xs_[0].data(), N, H, st());
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      const Frozen& f = layers_[l];
+      Acts& a = acts_[l];
+      const Slots& sl = slots_[l];
+      const bool use_mla = f.mla && !teacher;
+      const float* x = xs_[l].data();
+      norm_forward(x, f.n1w, f.n1b, a.h.data(), a.mean1.data(), a.rstd1.data());
+      gemm_xwt<float, float>(hb(), N, Dq, H, a.h.data(), H, f.wq.data(), H, a.q.data(), Dq);
+      bias(a.q.data(), Dq, f.bq);
+      if (!f.qn.empty()) head_norm(a.q.data(), a.q_pre.data(), a.q_rstd.data(), nh, f.qn);
+      rope(a.q.data(), Dq, nh, false);
+      if (use_mla) {
+        const int dl = f.d_latent;
+        gemm_xwt<float, float>(hb(), N, dl, H, a.h.data(), H, pv(sl.down_k), H, a.ck.data(), dl);
+        if (sl.joint) {
+          gemm_xwt<float, float>(hb(), N, Dkv, dl, a.ck.data(), dl, pv(sl.up_k), dl, a.k.data(), Dkv);
+          gemm_xwt<float, float>(hb(), N, Dkv, dl, a.ck.data(), dl, pv(sl.up_k) + static_cast<std::size_t>(Dkv) * dl, dl, a.v.data(), Dkv);
+        } else {
+          gemm_xwt<float, float>(hb(), N, dl, H, a.h.data(), H, pv(sl.down_v), H, a.cv.data(), dl);
+          gemm_xwt<float, float>(hb(), N, Dkv, dl, a.ck.data(), dl, pv(sl.up_k), dl, a.k.data(), Dkv);
+          gemm_xwt<float, float>(hb(), N, Dkv, dl, a.cv.data(), dl, pv(sl.up_v), dl, a.v.data(), Dkv);
+        }
+        if (lo.recon_alpha > 0) {
+          // Residuals K~ - K, V~ - V (biases cancel); acc_[2] += their squared norms.
+          const std::size_t bytes = static_cast<std::size_t>(N) * Dkv * sizeof(float);
+          CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(a.rk.data(), a.k.data(), bytes, cudaMemcpyDeviceToDevice, st()));
+          CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(a.rv.data(), a.v.data(), bytes, cudaMemcpyDeviceToDevice, st()));
+          gemm_xwt<float, float>(hb(), N, Dkv, H, a.h.data(), H, f.wk.data(), H, a.rk.data(), Dkv, -1.0f, 1.0f);
+          gemm_xwt<float, float>(hb(), N, Dkv, H, a.h.data(), H, f.wv.data(), H, a.rv.data(), Dkv, -1.0f, 1.0f);
+          sq_sum(a.rk.data(), static_cast<long long>(N) * Dkv, acc_.data() + 2);
+          sq_sum(a.rv.data(), static_cast<long long>(N) * Dkv, acc_.data() + 2);
+        }
+      } else {
+        gemm_xwt<float, float>(hb(), N, Dkv, H, a.h.data(), H, f.wk.data(), H, a.k.data(), Dkv);
+        gemm_xwt<float, float>(hb(), N, Dkv, H, a.h.data(), H, f.wv.data(), H, a.v.data(), Dkv);
+      }
+      bias(a.k.data(), Dkv, f.bk);
+      bias(a.v.data(), Dkv, f.bv);
+      if (!f.kn.empty()) head_norm(a.k.data(), a.k_pre.data(), a.k_rstd.data(), nkv, f.kn);
+      rope(a.k.data(), Dkv, nkv, false);
+      // Attention, one sequence at a time, all heads per GEMM.
+      const float* K = a.k.data();
+      const float* Vv = a.v.data();
+      if (nkv != nh) {
+        expand(a.k.data(), kx_.data());
+        expand(a.v.data(), vx_.data());
+        K = kx_.data();
+        Vv = vx_.data();
+      }
+      std::size_t poff = 0;
+      for (int s = 0; s < B; ++s) {
+        const int r0 = off_[static_cast<std::size_t>(s)], n = off_[static_cast<std::size_t>(s) + 1] - r0;
+        const long long nn = static_cast<long long>(n) * n;
+        float* P = a.P.data() + poff;
+        const std::size_t ro = static_cast<std::size_t>(r0) * Dq;
+        // S^T (n_k, n_q) per head = Kc^T Qc (column-major views (hd, n) with ld Dq).
+        batched(CUBLAS_OP_T, CUBLAS_OP_N, n, n, hd, scale, K + ro, Dq, hd, a.q.data() + ro, Dq, hd, 0.0f, P, n, nn);
+        const long long rows = static_cast<long long>(nh) * n;
+        train_kernels::masked_softmax<<<grid_for(rows * 32, 256), 256, 0, st()>>>(P, rows, n, c_.sliding_window);
+        CACHESHRINK_CUDA_LAUNCH_CHECK("masked_softmax");
+        // O^T (hd, n_q) = Vc (hd, n_k) Pc (n_k, n_q).
+        batched(CUBLAS_OP_N, CUBLAS_OP_N, hd, n, n, 1.0f, Vv + ro, Dq, hd, P, n, nn, 0.0f, a.attn.data() + ro, Dq, hd);
+        poff += static_cast<std::size_t>(nh) * nn;
+      }
+      // x_mid = x + attn Wo^T + bo.
+      CACHESHRINK_CUDA_CHECK(
+          cudaMemcpyAsync(a.x_mid.data(), x, static_cast<std::size_t>(N) * H * sizeof(float), cudaMemcpyDeviceToDevice, st()));
+      gemm_xwt<float, float>(hb(), N, H, Dq, a.attn.data(), Dq, f.wo.data(), Dq, a.x_mid.data(), H, 1.0f, 1.0f);
+      bias(a.x_mid.data(), H, f.bo);
+      norm_forward(a.x_mid.data(), f.n2w, f.n2b, a.h2.data(), a.mean2.data(), a.rstd2.data());
+      const int guw = gpt2() ? I : 2 * I;
+      gemm_xwt<float, float>(hb(), N, guw, H, a.h2.data(), H, f.wgu.data(), H, a.gu.data(), guw);
+      bias(a.gu.data(), guw, f.bgu);
+      if (gpt2()) train_kernels::gelu_fwd<<<row_grid(N, I), kernels::kRowThreads, 0, st()>>>(a.gu.data(), tmp_.data(), I);
+      else train_kernels::swiglu_fwd<<<row_grid(N, I), kernels::kRowThreads, 0, st()>>>(a.gu.data(), tmp_.data(), I);
+      CACHESHRINK_CUDA_LAUNCH_CHECK("mlp activation");
+      float* xo = xs_[l + 1].data();
+      CACHESHRINK_CUDA_CHECK(
+          cudaMemcpyAsync(xo, a.x_mid.data(), static_cast<std::size_t>(N) * H * sizeof(float), cudaMemcpyDeviceToDevice, st()));
+      gemm_xwt<float, float>(hb(), N, H, I, tmp_.data(), I, f.wd.data(), I, xo, H, 1.0f, 1.0f);
+      bias(xo, H, f.bd);
+    }
+    norm_forward(xs_.back().data(), fnw_, fnb_, hf_.data(), fmean_.data(), frstd_.data());
+    gemm_xwt<float, float>(hb(), N, c_.vocab_size, H, hf_.data(), H, head().data(), H, logits_.data(), c_.vocab_size);
+  }
+
+  void head_norm(float* y, float* pre, float* rstd, int heads, const DeviceBuffer<float>& w) {
+    const long long warps = static_cast<long long>(n_tokens_) * heads;
+    train_kernels::head_norm_fwd<<<grid_for(warps * 32, 256), 256, 0, st()>>>(y, pre, rstd, n_tokens_, heads, c_.head_dim, w.data(),
+                                                                              static_cast<float>(c_.norm_eps));
+    CACHESHRINK_CUDA_LAUNCH_CHECK("head_norm_fwd");
+  }
+  void head_norm_backward(float* dy, const float* pre, const float* rstd, int heads, const DeviceBuffer<float>& w) {
+    const long long warps = static_cast<long long>(n_tokens_) * heads;
+    train_kernels::head_norm_bwd<<<grid_for(warps * 32, 256), 256, 0, st()>>>(dy, pre, rstd, n_tokens_, heads, c_.head_dim, w.data());
+    CACHESHRINK_CUDA_LAUNCH_CHECK("head_norm_bwd");
+  }
+
+  void run_backward(bool have_dz) {
+    const int N = n_tokens_, H = c_.hidden_size, hd = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads, Dq = c_.d_q(), Dkv = c_.d_kv();
+    const int I = c_.intermediate_size, B = static_cast<int>(off_.size()) - 1, V = c_.vocab_size;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    const std::size_t NH = static_cast<std::size_t>(N) * H;
+    float* dx = dx_.data();
+    float* dh = dh_.data();
+    CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(dx, 0, NH * sizeof(float), st()));
+    if (have_dz) {
+      gemm_xw(hb(), N, H, V, dz_.data(), V, head().data(), H, dh, H);
+      norm_backward(xs_.back().data(), fnw_, fmean_.data(), frstd_.data(), dh, dx);
+    }
+    for (int l = static_cast<int>(layers_.size()) - 1; l >= lmin_; --l) {
+      const Frozen& f = layers_[static_cast<std::size_t>(l)];
+      Acts& a = acts_[static_cast<std::size_t>(l)];
+      const Slots& sl = slots_[static_cast<std::size_t>(l)];
+      // MLP branch.
+      gemm_xw(hb(), N, I, H, dx, H, f.wd.data(), I, da_.data(), I);
+      if (gpt2()) {
+        train_kernels::gelu_bwd<<<row_grid(N, I), kernels::kRowThreads, 0, st()>>>(a.gu.data(), da_.data(), I);
+        CACHESHRINK_CUDA_LAUNCH_CHECK("gelu_bwd");
+        gemm_xw(hb(), N, H, I, da_.data(), I, f.wgu.data(), H, dh, H);
+      } else {
+        train_kernels::swiglu_bwd<<<row_grid(N, I), kernels::kRowThreads, 0, st()>>>(a.gu.data(), da_.data(), dgu_.data(), I);
+        CACHESHRINK_CUDA_LAUNCH_CHECK("swiglu_bwd");
+        gemm_xw(hb(), N, H, 2 * I, dgu_.data(), 2 * I, f.wgu.data(), H, dh, H);
+      }
+      norm_backward(a.x_mid.data(), f.n2w, a.mean2.data(), a.rstd2.data(), dh, dx);  // dx is now d x_mid
+      // Attention branch.
+      gemm_xw(hb(), N, Dq, H, dx, H, f.wo.data(), Dq, tmp_.data(), Dq);  // d attn
+      const float* K = a.k.data();
+      const float* Vv = a.v.data();
+      float* dK = dk_.data();
+      float* dV = dv_.data();
+      if (nkv != nh) {
+        expand(a.k.data(), kx_.data());
+        expand(a.v.data(), vx_.data());
+        K = kx_.data();
+        Vv = vx_.data();
+        dK = dkh_.data();
+        dV = dvh_.data();
+      }
+      std::size_t poff = 0;
+      for (int s = 0; s < B; ++s) {
+        const int r0 = off_[static_cast<std::size_t>(s)], n = off_[static_cast<std::size_t>(s) + 1] - r0;
+        const long long nn = static_cast<long long>(n) * n;
+        const float* P = a.P.data() + poff;
+        const std::size_t ro = static_cast<std::size_t>(r0) * Dq;
+        const float* dO = tmp_.data() + ro;
+        // dP^T (n_k, n_q) = Vc^T dOc.
+        batched(CUBLAS_OP_T, CUBLAS_OP_N, n, n, hd, 1.0f, Vv + ro, Dq, hd, dO, Dq, hd, 0.0f, dP_.data(), n, nn);
+        const long long rows = static_cast<long long>(nh) * n;
+        train_kernels::softmax_bwd<<<grid_for(rows * 32, 256), 256, 0, st()>>>(P, dP_.data(), rows, n);
+        CACHESHRINK_CUDA_LAUNCH_CHECK("softmax_bwd");
+        // dV^T (hd, n_k) = dOc Pc^T; dQ^T = scale Kc dSc; dK^T = scale Qc dSc^T.
+        batched(CUBLAS_OP_N, CUBLAS_OP_T, hd, n, n, 1.0f, dO, Dq, hd, P, n, nn, 0.0f, dV + ro, Dq, hd);
+        batched(CUBLAS_OP_N, CUBLAS_OP_N, hd, n, n, scale, K + ro, Dq, hd, dP_.data(), n, nn, 0.0f, dq_.data() + ro, Dq, hd);
+        batched(CUBLAS_OP_N, CUBLAS_OP_T, hd, n, n, scale, a.q.data() + ro, Dq, hd, dP_.data(), n, nn, 0.0f, dK + ro, Dq, hd);
+        poff += static_cast<std::size_t>(nh) * nn;
+      }
+      if (nkv != nh) {
+        const std::size_t bytes = static_cast<std::size_t>(N) * Dkv * sizeof(float);
+        CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(dk_.data(), 0, bytes, st()));
+        CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(dv_.data(), 0, bytes, st()));
+        const long long n = static_cast<long long>(N) * Dkv;
+        train_kernels::sum_head_groups<<<grid_for(n, 256), 256, 0, st()>>>(dkh_.data(), dk_.data(), N, nkv, nh / nkv, hd);
+        train_kernels::sum_head_groups<<<grid_for(n, 256), 256, 0, st()>>>(dvh_.data(), dv_.data(), N, nkv, nh / nkv, hd);
+        CACHESHRINK_CUDA_LAUNCH_CHECK("sum_head_groups");
+      }
+      rope(dq_.data(), Dq, nh, true);
+      rope(dk_.data(), Dkv, nkv, true);
+      if (!f.qn.empty()) head_norm_backward(dq_.data(), a.q_pre.data(), a.q_rstd.data(), nh, f.qn);
+      if (!f.kn.empty()) head_norm_backward(dk_.data(), a.k_pre.data(), a.k_rstd.data(), nkv, f.kn);
+      gemm_xw(hb(), N, H, Dq, dq_.data(), Dq, f.wq.data(), H, dh, H);
+      if (f.mla) {
+        const int dl = f.d_latent;
+        if (!a.rk.empty() && recon_coef_ != 0.0f) {
+          // d recon / dK~ = coef (K~ - K) / (slots d_kv); the target K = h Wk^T depends on h too.
+          const float w = static_cast<float>(recon_coef_ / (recon_slots_ * Dkv));
+          axpy(w, a.rk.data(), dk_.data(), static_cast<long long>(N) * Dkv);
+          axpy(w, a.rv.data(), dv_.data(), static_cast<long long>(N) * Dkv);
+          gemm_xw(hb(), N, H, Dkv, a.rk.data(), Dkv, f.wk.data(), H, dh, H, -w, 1.0f);
+          gemm_xw(hb(), N, H, Dkv, a.rv.data(), Dkv, f.wv.data(), H, dh, H, -w, 1.0f);
+        }
+        if (sl.joint) {
+          const float* Uk = pv(sl.up_k);
+          const float* Uv = Uk + static_cast<std::size_t>(Dkv) * dl;
+          gemm_xty(hb(), N, Dkv, dl, dk_.data(), Dkv, a.ck.data(), dl, pg(sl.up_k));
+          gemm_xty(hb(), N, Dkv, dl, dv_.data(), Dkv, a.ck.data(), dl, pg(sl.up_k) + static_cast<std::size_t>(Dkv) * dl);
+          gemm_xw(hb(), N, dl, Dkv, dk_.data(), Dkv, Uk, dl, dc_.data(), dl);
+          gemm_xw(hb(), N, dl, Dkv, dv_.data(), Dkv, Uv, dl, dc_.data(), dl, 1.0f, 1.0f);
+          gemm_xty(hb(), N, dl, H, dc_.data(), dl, a.h.data(), H, pg(sl.down_k));
+          gemm_xw(hb(), N, H, dl, dc_.data(), dl, pv(sl.down_k), H, dh, H, 1.0f, 1.0f);
+        } else {
+          gemm_xty(hb(), N, Dkv, dl, dk_.data(), Dkv, a.ck.data(), dl, pg(sl.up_k));
+          gemm_xty(hb(), N, Dkv, dl, dv_.data(), Dkv, a.cv.data(), dl, pg(sl.up_v));
+          gemm_xw(hb(), N, dl, Dkv, dk_.data(), Dkv, pv(sl.up_k), dl, dc_.data(), dl);
+          gemm_xty(hb(), N, dl, H, dc_.data(), dl, a.h.data(), H, pg(sl.down_k));
+          gemm_xw(hb(), N, H, dl, dc_.data(), dl, pv(sl.down_k), H, dh, H, 1.0f, 1.0f);
+          gemm_xw(hb(), N, dl, Dkv, dv_.data(), Dkv, pv(sl.up_v), dl, dc_.data(), dl);
+          gemm_xty(hb(), N, dl, H, dc_.data(), dl, a.h.data(), H, pg(sl.down_v));
+          gemm_xw(hb(), N, H, dl, dc_.data(), dl, pv(sl.down_v), H, dh, H, 1.0f, 1.0f);
+        }
+      } else {
+        gemm_xw(hb(), N, H, Dkv, dk_.data(), Dkv, f.wk.data(), H, dh, H, 1.0f, 1.0f);
+        gemm_xw(hb(), N, H, Dkv, dv_.data(), Dkv, f.wv.data(), H, dh, H, 1.0f, 1.0f);
+      }
+      if (l == lmin_) break;  // nothing below needs a gradient
+      norm_backward(xs_[static_cast<std::size_t>(l)].data(), f.n1w, a.mean1.data(), a.rstd1.data(), dh, dx);
+    }
+  }
+
+  ModelConfig c_;
+  std::unique_ptr<Stream> stream_;
+  std::unique_ptr<CublasHandle> blas_;
+  DeviceBuffer<float> embed_, pos_embed_, head_, fnw_, fnb_;
+  model::Rope rope_;
+  int rope_positions_ = 0;
+  DeviceBuffer<float> rope_cos_, rope_sin_, rope_sin_neg_;
+  std::vector<Frozen> layers_;
+  std::vector<Slots> slots_;
+  std::vector<Param> params_;
+  int n_mla_ = 0, lmin_ = -1;
+  bool tf32_ = false;
+  float recon_coef_ = 0;
+  double recon_slots_ = 1;
+  // Per-batch state.
+  std::vector<int> off_;
+  int n_tokens_ = 0;
+  long long pred_ = 0;
+  DeviceBuffer<int> d_ids_, d_pos_, d_target_;
+  DeviceBuffer<double> acc_;             // [0] sum nll, [1] sum KL, [2] sum of squared reconstruction residuals
+  std::vector<DeviceBuffer<float>> xs_;  // residual stream: xs_[l] enters layer l, xs_[L] the final norm
+  std::vector<Acts> acts_;
+  DeviceBuffer<float> logits_, teacher_logits_, dz_, hf_, fmean_, frstd_, tmp_, kx_, vx_, dx_, dh_, dq_, dk_, dv_, dkh_, dvh_, da_, dgu_,
+      dc_, dP_;
+};
+
+}  // namespace cacheshrink::cuda

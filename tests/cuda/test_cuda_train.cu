@@ -1,0 +1,187 @@
+// cuda::TrainGraph against the CPU training graph recomputed in float64 (train::TrainGraph<double>):
+// losses, logits and every parameter's gradient, for the LM + reconstruction loss, pure LM and
+// distillation, on all seven fixtures (separate, xkv with shared bases and early layers kept,
+// joint; a sliding window shorter than the sequences; GQA, MQA, q/k norms, biases, GPT-2), and
+// whole trainer steps (graph + cuda::DeviceOptimizer) against the float64 CPU MLATrainer.
+#include <doctest/doctest.h>
+
+#include <cacheshrink/backend/cuda/optim.cuh>
+#include <cacheshrink/backend/cuda/train.cuh>
+
+#include "cuda/cuda_test_support.cuh"
+#include "cuda/train_reference.hpp"
+
+using namespace cacheshrink;
+using test::TrainCase;
+
+namespace {
+
+const std::vector<TrainCase> kCases = {
+    {"tiny-gpt2", "separate"},        {"tiny-llama2", "joint"}, {"tiny-llama3", "xkv", 2}, {"tiny-qwen2", "xkv", 0, 1},
+    {"tiny-mistral", "xkv", 0, 0, 5}, {"tiny-mqa", "separate"}, {"tiny-qwen3", "joint"},
+};
+
+model::Model converted(const TrainCase& cs) { return test::converted_fixture((test::cuda_fixtures() / "models").string(), cs); }
+
+std::vector<std::vector<int>> random_seqs(int vocab, std::vector<int> lens, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<std::vector<int>> s;
+  for (int n : lens) {
+    std::vector<int> t(static_cast<std::size_t>(n));
+    for (auto& id : t) id = static_cast<int>(rng() % static_cast<std::uint64_t>(vocab));
+    s.push_back(std::move(t));
+  }
+  return s;
+}
+
+/// max |got - want| / max(max |want|, floor) over a matrix.
+template <class A, class B>
+double rel_err(const A& got, const B& want, double floor = 1e-30) {
+  const double scale = std::max(want.template cast<double>().cwiseAbs().maxCoeff(), floor);
+  return (got.template cast<double>() - want.template cast<double>()).cwiseAbs().maxCoeff() / scale;
+}
+
+void compare(const TrainCase& cs, const train::LossOptions& lo, const char* what, double grad_tol = 2e-4) {
+  const auto m = converted(cs);
+  const auto seqs = random_seqs(m.config.vocab_size, {13, 7, 20}, 1234);
+  const auto ref = test::reference_graph(m, seqs, lo);
+  cuda::TrainGraph dev(m);
+  REQUIRE(ref.names.size() == dev.params().size());
+  dev.zero_grad();
+  const auto ld = dev.forward_backward(seqs, lo, 1.0);
+  const auto& lr = ref.loss;
+  INFO(cs.model << " " << cs.method << " " << what << ": total " << ld.total << " vs " << lr.total << ", lm " << ld.lm << " vs " << lr.lm
+                << ", recon " << ld.recon << " vs " << lr.recon << ", kl " << ld.kl << " vs " << lr.kl);
+  CHECK(ld.tokens == lr.tokens);
+  CHECK(ld.predicted == lr.predicted);
+  CHECK(std::abs(ld.total - lr.total) <= 1e-5 * std::abs(lr.total));
+  CHECK(std::abs(ld.lm - lr.lm) <= 1e-5 * std::abs(lr.lm));
+  CHECK(std::abs(ld.recon - lr.recon) <= 1e-4 * std::abs(lr.recon) + 1e-12);
+  CHECK(std::abs(ld.kl - lr.kl) <= 1e-4 * std::abs(lr.kl) + 1e-9);
+  const double ez = rel_err(dev.logits(), ref.logits);
+  INFO("logits rel err " << ez);
+  CHECK(ez <= 1e-5);
+  // Each gradient is compared relative to its own largest entry, floored at 1e-3 of the largest
+  // entry of any parameter's gradient: a gradient that vanishes in exact arithmetic (with the
+  // reconstruction loss alone, d/dW_down at the SVD initialisation is zero: the residual is
+  // orthogonal to W_up's columns) is rounding noise on both sides.
+  double gmax = 0;
+  for (const auto& gr : ref.grads) gmax = std::max(gmax, gr.cwiseAbs().maxCoeff());
+  for (std::size_t i = 0; i < ref.names.size(); ++i) {
+    REQUIRE(ref.names[i] == dev.params()[i].name);
+    const double ev = rel_err(dev.value(i), ref.values[i]);
+    const double eg = rel_err(dev.grad(i), ref.grads[i], 1e-3 * gmax);
+    INFO(ref.names[i] << ": value rel err " << ev << ", grad rel err " << eg << " (|grad| max " << ref.grads[i].cwiseAbs().maxCoeff()
+                      << ")");
+    CHECK(ev <= 1e-6);
+    CHECK(eg <= grad_tol);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cuda TrainGraph: LM + reconstruction loss and gradients equal the float64 CPU graph on every fixture") {
+  CACHESHRINK_REQUIRE_GPU();
+  train::LossOptions lo;
+  lo.recon_alpha = 0.3;
+  for (const auto& cs : kCases) compare(cs, lo, "recon 0.3");
+}
+
+TEST_CASE("cuda TrainGraph: pure LM, padded reconstruction normalisation and distillation") {
+  CACHESHRINK_REQUIRE_GPU();
+  train::LossOptions lm;
+  train::LossOptions padded;
+  padded.recon_alpha = 1.0;
+  padded.recon_norm = train::ReconNorm::Padded;
+  train::LossOptions kd;
+  kd.distill = true;
+  for (const auto& cs : {kCases[0], kCases[2], kCases[6]}) {
+    compare(cs, lm, "lm");
+    // Reconstruction alone: the W_down gradients are second order here (each layer's own term
+    // vanishes at the initialisation, what remains flows through the layers above) and come out
+    // of a cancellation, so float32 keeps fewer digits of them.
+    compare(cs, padded, "recon 1.0 padded", 1e-3);
+    compare(cs, kd, "distill");
+  }
+}
+
+TEST_CASE("cuda TrainGraph: gradients accumulate over calls and bad input throws") {
+  CACHESHRINK_REQUIRE_GPU();
+  const auto m = converted(kCases[2]);
+  cuda::TrainGraph dev(m);
+  train::LossOptions lo;
+  lo.recon_alpha = 0.5;
+  const auto seqs = random_seqs(m.config.vocab_size, {9, 4}, 7);
+  dev.zero_grad();
+  dev.forward_backward(seqs, lo, 1.0);
+  std::vector<linalg::Matrix<float>> g1;
+  for (std::size_t i = 0; i < dev.params().size(); ++i) g1.push_back(dev.grad(i));
+  dev.forward_backward(seqs, lo, 0.5);
+  for (std::size_t i = 0; i < dev.params().size(); ++i) CHECK(rel_err(dev.grad(i), (1.5f * g1[i]).eval()) <= 1e-5);
+  // Loss only (no backward) leaves the gradients alone.
+  const auto l32 = dev.forward_backward(seqs, lo, 0.0);
+  CHECK(rel_err(dev.grad(0), (1.5f * g1[0]).eval()) <= 1e-5);
+  // TF32 GEMMs: the same loss to TF32's precision (10 mantissa bits), not bit for bit.
+  dev.set_tf32(true);
+  const auto ltf = dev.forward_backward(seqs, lo, 0.0);
+  dev.set_tf32(false);
+  CHECK(std::abs(ltf.total - l32.total) <= 1e-2 * std::abs(l32.total));
+  std::vector<std::vector<int>> empty;
+  CHECK_THROWS_AS(dev.forward_backward(empty, lo, 1.0), InvalidArgument);
+  CHECK_THROWS_WITH_AS(dev.forward_backward(std::vector<std::vector<int>>{{1, 2, m.config.vocab_size}}, lo, 1.0),
+                       doctest::Contains("outside the vocabulary"), InvalidArgument);
+  train::LossOptions both;
+  both.recon_alpha = 0.3;
+  both.distill = true;
+  CHECK_THROWS_AS(dev.forward_backward(seqs, both, 1.0), InvalidArgument);
+  auto original = model::load_model(test::cuda_fixtures() / "models" / "tiny-llama3");
+  CHECK_THROWS_WITH_AS(cuda::TrainGraph{original}, doctest::Contains("no MLA layers"), InvalidArgument);
+}
+
+TEST_CASE("cuda TrainGraph + DeviceOptimizer: three trainer steps follow the float64 CPU MLATrainer") {
+  CACHESHRINK_REQUIRE_GPU();
+  for (const auto& cs : {kCases[2], kCases[6], kCases[0]}) {
+    const auto m = converted(cs);
+    const auto seqs = random_seqs(m.config.vocab_size, {11, 17, 6, 9}, 99);
+    train::TrainOptions o;
+    o.recon_alpha = 0.3;
+    o.euclidean_lr = 1e-3;
+    o.riemannian_lr = 1e-2;
+    o.max_grad_norm = 0.05;  // small enough to clip
+    const auto ref = test::reference_steps(m, seqs, o, 3);
+    cuda::TrainGraph g(m);
+    optim::AdamWOptions eo;
+    eo.lr = o.euclidean_lr;
+    eo.weight_decay = o.euclidean_weight_decay;
+    optim::RiemannianAdamOptions ro;
+    ro.lr = o.riemannian_lr;
+    ro.weight_decay = o.riemannian_weight_decay;
+    cuda::DeviceOptimizer opt(g.stream(), g.blas(), eo, ro);
+    for (auto& p : g.params()) opt.add(cuda::DeviceParam{p.name, p.value.data(), p.grad.data(), p.rows, p.cols, p.stiefel});
+    for (std::size_t t = 0; t < ref.stats.size(); ++t) {
+      const auto& st = ref.stats[t];
+      g.zero_grad();
+      const auto lp = g.forward_backward(seqs, o.loss(), 1.0);
+      const double norm = opt.grad_norm_and_clip(o.max_grad_norm, o.clip_stiefel);
+      opt.step(st.lr_euclidean, st.lr_riemannian);
+      INFO(cs.model << " " << cs.method << " step " << t + 1 << ": loss " << lp.total << " vs " << st.loss << ", grad norm " << norm
+                    << " vs " << st.grad_norm);
+      CHECK(std::abs(lp.total - st.loss) <= 1e-5 * std::abs(st.loss));
+      CHECK(std::abs(norm - st.grad_norm) <= 1e-4 * st.grad_norm);
+    }
+    // Compare the parameters' moves. RiemannianAdam's second moment is one scalar per matrix, so
+    // its update is smooth in the gradient: tight. AdamW's early steps are ~lr sign(g) per entry,
+    // so entries whose gradient is at rounding level may flip: compared in the Frobenius norm.
+    for (std::size_t i = 0; i < ref.names.size(); ++i) {
+      const linalg::Matrix<double> dc = ref.end[i] - ref.start[i];
+      const linalg::Matrix<double> dg = g.value(i).cast<double>() - ref.start[i];
+      const double e = (dg - dc).norm() / dc.norm();
+      INFO(ref.names[i] << ": relative error of the move " << e << " (|move| " << dc.norm() << ")");
+      CHECK(e <= (ref.stiefel[i] ? 1e-3 : 2e-2));
+      if (ref.stiefel[i]) {
+        const linalg::Matrix<double> u = g.value(i).cast<double>();
+        CHECK((u.transpose() * u - linalg::Matrix<double>::Identity(u.cols(), u.cols())).norm() < 1e-5);
+      }
+    }
+  }
+}

@@ -1,0 +1,228 @@
+// One fine-tuning step of an MLA model on the GPU (issue #8): random-weight models with
+// LLaMA-2-7B (4x: d_latent 1024) and Qwen2.5-7B (2x: d_latent 256) shapes, every layer MLA with
+// separate K/V latents, reconstruction loss blended with the LM loss (alpha 0.3), batch 4 x 512,
+// float32, in two math modes: strict fp32 and TF32 tensor cores for the graph's GEMMs (the
+// optimizer is always strict fp32). A step = zero_grad + forward + backward (cuda::TrainGraph) + gradient norm
+// and clipping + AdamW on the down projections + RiemannianAdam on the Stiefel up projections
+// (cuda::DeviceOptimizer), timed with CUDA events; also timed alone: the forward with its loss
+// (no backward), the forward + backward, and the optimizer. Memory: device bytes in use after
+// the steps minus before the model was made (every buffer is persistent, so this is the step's
+// footprint; cuBLAS/cuSOLVER workspaces included). Roofline: the forward's GEMM + attention FLOPs
+// over its time, next to the rate of one cublasSgemm of the MLP up-projection's shape (tokens x
+// hidden times hidden x intermediate) timed in the same math mode.
+// The PyTorch counterpart is benchmarks/python/bench_torch_train.py, run in the same device
+// session (docs/results_cuda.md).
+//
+//   bench_cuda_train [--shapes llama2,qwen25] [--batch 4] [--seq 512] [--steps 5] [--warmup 2]
+//                    [--recon-alpha 0.3] [--modes fp32,tf32] [--json PATH]
+#include <cacheshrink/backend/cuda/optim.cuh>
+#include <cacheshrink/backend/cuda/train.cuh>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "shapes.hpp"
+
+using namespace cacheshrink;
+
+namespace {
+
+struct Args {
+  std::vector<std::string> shapes = {"llama2", "qwen25"};
+  int batch = 4, seq = 512, steps = 5, warmup = 2;
+  double recon_alpha = 0.3;
+  std::vector<std::string> modes = {"fp32", "tf32"};
+  std::string json;
+};
+
+/// TFLOP/s of C (m, n) = A (m, k) B (k, n) in float32 with the given math mode (best of 5).
+double sgemm_rate(int m, int n, int k, bool tf32) {
+  cuda::Stream st;
+  cuda::CublasHandle h(st.get());
+  CACHESHRINK_CUBLAS_CHECK(cublasSetMathMode(h.get(), tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+  cuda::DeviceBuffer<float> A(static_cast<std::size_t>(m) * k), B(static_cast<std::size_t>(k) * n), C(static_cast<std::size_t>(m) * n);
+  cuda::fill_uniform<float>(A.data(), static_cast<long long>(A.size()), 1, 1.0f, st.get());
+  cuda::fill_uniform<float>(B.data(), static_cast<long long>(B.size()), 2, 1.0f, st.get());
+  const float one = 1.0f, zero = 0.0f;
+  cuda::Event e0, e1;
+  double best = 1e30;
+  for (int r = 0; r < 6; ++r) {
+    e0.record(st.get());
+    CACHESHRINK_CUBLAS_CHECK(cublasSgemm(h.get(), CUBLAS_OP_N, CUBLAS_OP_N, m, n, k, &one, A.data(), m, B.data(), k, &zero, C.data(), m));
+    e1.record(st.get());
+    e1.synchronize();
+    if (r > 0) best = std::min(best, static_cast<double>(e1.elapsed_since(e0)));
+  }
+  return 2.0 * m * n * k / (best * 1e-3) / 1e12;
+}
+
+std::size_t used_bytes() {
+  std::size_t free_b = 0, total_b = 0;
+  CACHESHRINK_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  return total_b - free_b;
+}
+
+nlohmann::json run(const std::string& shape, const Args& a) {
+  const bool llama = shape == "llama2";
+  const ModelConfig c = llama ? bench::llama2_7b() : bench::qwen25_7b();
+  const int d_latent = llama ? c.d_kv() / 4 : c.d_kv() / 2;
+  CACHESHRINK_CUDA_CHECK(cudaDeviceSynchronize());
+  const std::size_t before = used_bytes();
+  cuda::TrainGraph g(c, d_latent, llama ? 1 : 2);
+  optim::AdamWOptions eo;
+  eo.lr = 1e-5;
+  eo.weight_decay = 0.01;
+  optim::RiemannianAdamOptions ro;
+  ro.lr = 1e-4;
+  cuda::DeviceOptimizer opt(g.stream(), g.blas(), eo, ro);
+  std::size_t param_floats = 0;
+  for (auto& p : g.params()) {
+    opt.add(cuda::DeviceParam{p.name, p.value.data(), p.grad.data(), p.rows, p.cols, p.stiefel});
+    param_floats += p.value.size();
+  }
+  std::vector<std::vector<int>> seqs(static_cast<std::size_t>(a.batch), std::vector<int>(static_cast<std::size_t>(a.seq)));
+  unsigned s = 12345;
+  for (auto& q : seqs)
+    for (auto& t : q) t = static_cast<int>((s = s * 1664525u + 1013904223u) >> 8) % c.vocab_size;
+  train::LossOptions lo;
+  lo.recon_alpha = a.recon_alpha;
+  // Forward FLOPs: every GEMM of the graph (q, original k/v for the targets, down and up
+  // projections, o, MLP, head) plus the materialised attention (S and PV over full n x n).
+  const double N = static_cast<double>(a.batch) * a.seq, H = c.hidden_size, Dq = c.d_q(), Dkv = c.d_kv(), I = c.intermediate_size;
+  const double per_layer = H * Dq + 2 * H * Dkv + 2 * H * d_latent + 2 * d_latent * Dkv + Dq * H + 3 * H * I;
+  const double fwd_flops = 2 * N * (c.n_layers * per_layer + H * c.vocab_size) +
+                           c.n_layers * 4.0 * c.n_heads * c.head_dim * static_cast<double>(a.seq) * a.seq * a.batch;
+  nlohmann::json out = nlohmann::json::array();
+  for (const auto& mode : a.modes) {
+    g.set_tf32(mode == "tf32");
+    train::LossParts last;
+    auto step = [&] {
+      g.zero_grad();
+      last = g.forward_backward(seqs, lo, 1.0);
+      opt.grad_norm_and_clip(1.0, false);
+      opt.step(1e-5, 1e-4);
+    };
+    for (int i = 0; i < a.warmup; ++i) step();
+    cuda::Event e0, e1;
+    auto timed = [&](auto&& f) {
+      e0.record(g.stream());
+      for (int i = 0; i < a.steps; ++i) f();
+      e1.record(g.stream());
+      e1.synchronize();
+      return e1.elapsed_since(e0) / a.steps;
+    };
+    const double step_ms = timed(step);
+    const std::size_t after = used_bytes();
+    const double fwd_ms = timed([&] { g.forward_backward(seqs, lo, 0.0); });
+    const double fb_ms = timed([&] {
+      g.zero_grad();
+      g.forward_backward(seqs, lo, 1.0);
+    });
+    const double opt_ms = timed([&] {
+      opt.grad_norm_and_clip(1.0, false);
+      opt.step(1e-5, 1e-4);
+    });
+    const double tokens = static_cast<double>(a.batch) * a.seq;
+    // The MLP up-projection's shape: (tokens x hidden) x (hidden x intermediate).
+    const double sgemm = sgemm_rate(static_cast<int>(I), a.batch * a.seq, static_cast<int>(H), mode == "tf32");
+    const double tps = tokens / (step_ms / 1000.0);
+    std::printf(
+        "%-8s %s B=%d T=%d d_latent=%d: step %.1f ms (%.0f tok/s) = fwd+bwd %.1f + optimizer %.1f; forward alone %.1f ms (step/forward "
+        "%.2fx); loss %.4f (lm %.4f, recon %.5f); device memory %.2f GiB (activations %.2f GiB); forward %.1f TFLOP/s, SGEMM %.1f "
+        "TFLOP/s\n",
+        shape.c_str(), mode.c_str(), a.batch, a.seq, d_latent, step_ms, tps, fb_ms, opt_ms, fwd_ms, step_ms / fwd_ms, last.total, last.lm,
+        last.recon, static_cast<double>(after - before) / (1u << 30), static_cast<double>(g.activation_bytes()) / (1u << 30),
+        fwd_flops / (fwd_ms * 1e-3) / 1e12, sgemm);
+    std::fflush(stdout);
+    out.push_back({{"shape", shape},
+                   {"dtype", "float32"},
+                   {"batch", a.batch},
+                   {"seq", a.seq},
+                   {"d_latent", d_latent},
+                   {"recon_alpha", a.recon_alpha},
+                   {"step_ms", step_ms},
+                   {"tokens_per_s", tps},
+                   {"forward_backward_ms", fb_ms},
+                   {"optimizer_ms", opt_ms},
+                   {"forward_ms", fwd_ms},
+                   {"device_bytes", after - before},
+                   {"activation_bytes", g.activation_bytes()},
+                   {"trainable_params", param_floats},
+                   {"loss", last.total},
+                   {"lm", last.lm},
+                   {"recon", last.recon},
+                   {"math", mode},
+                   {"forward_tflops", fwd_flops / (fwd_ms * 1e-3) / 1e12},
+                   {"sgemm_tflops", sgemm}});
+  }
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    const std::string k = argv[i];
+    auto val = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "bench_cuda_train: %s needs a value\n", k.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (k == "--shapes") {
+      a.shapes.clear();
+      std::stringstream ss(val());
+      for (std::string t; std::getline(ss, t, ',');) {
+        if (t != "llama2" && t != "qwen25") {
+          std::fprintf(stderr, "bench_cuda_train: unknown shape '%s' (llama2, qwen25)\n", t.c_str());
+          return 2;
+        }
+        a.shapes.push_back(t);
+      }
+    } else if (k == "--modes") {
+      a.modes.clear();
+      std::stringstream ss(val());
+      for (std::string t; std::getline(ss, t, ',');) {
+        if (t != "fp32" && t != "tf32") {
+          std::fprintf(stderr, "bench_cuda_train: unknown math mode '%s' (fp32, tf32)\n", t.c_str());
+          return 2;
+        }
+        a.modes.push_back(t);
+      }
+    } else if (k == "--batch") a.batch = std::stoi(val());
+    else if (k == "--seq") a.seq = std::stoi(val());
+    else if (k == "--steps") a.steps = std::stoi(val());
+    else if (k == "--warmup") a.warmup = std::stoi(val());
+    else if (k == "--recon-alpha") a.recon_alpha = std::stod(val());
+    else if (k == "--json") a.json = val();
+    else {
+      std::fprintf(stderr,
+                   "usage: bench_cuda_train [--shapes llama2,qwen25] [--batch 4] [--seq 512] [--steps 5] [--warmup 2] [--recon-alpha 0.3] "
+                   "[--modes fp32,tf32] [--json PATH]\n");
+      return 2;
+    }
+  }
+  if (a.batch < 1 || a.seq < 2 || a.steps < 1 || a.warmup < 0 || a.modes.empty()) {
+    std::fprintf(stderr, "bench_cuda_train: --batch >= 1, --seq >= 2, --steps >= 1, --warmup >= 0\n");
+    return 2;
+  }
+  try {
+    cudaDeviceProp prop{};
+    CACHESHRINK_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    nlohmann::json rows = nlohmann::json::array();
+    for (const auto& s : a.shapes)
+      for (auto& r : run(s, a)) rows.push_back(r);
+    if (!a.json.empty()) {
+      std::ofstream f(a.json);
+      f << nlohmann::json{{"device", prop.name}, {"rows", rows}}.dump(2) << "\n";
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_cuda_train: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -94,10 +94,14 @@ void run_trajectory(const optim::AdamWOptions& eo, const optim::RiemannianAdamOp
   std::mt19937 g(seed);
   manifold::Rng rng(seed);
   // Euclidean shapes like W_down (d_latent, d) and odd ones; Stiefel like W_up (d_kv, d_latent),
-  // the joint (2 d_kv, d_latent), a column and a square one.
-  const std::vector<Shape> shapes = {{37, 5, false},   {5, 37, false},  {64, 16, false}, {300, 48, false}, {1, 129, false},
-                                     {37, 5, true},    {64, 16, true},  {300, 48, true}, {128, 24, true},  {48, 1, true},
-                                     {33, 33, true}};
+  // the joint (2 d_kv, d_latent), a column and a square one. Stiefel parameters with <= 320
+  // columns are stepped batched, grouped by shape (the repeated 64 x 16 and 300 x 48, and the
+  // Qwen2.5-7B-like 512 x 256 pair, form groups of 3, 2 and 2 members, interleaved with others);
+  // 340 x 330 takes the per-parameter cuSOLVER path.
+  const std::vector<Shape> shapes = {{37, 5, false},   {5, 37, false},  {64, 16, false},  {300, 48, false}, {1, 129, false},
+                                     {37, 5, true},    {64, 16, true},  {300, 48, true},  {128, 24, true},  {48, 1, true},
+                                     {33, 33, true},   {64, 16, true},  {512, 256, true}, {300, 48, true},  {64, 16, true},
+                                     {512, 256, true}, {340, 330, true}};
   std::vector<Pair> ps = make_pairs(shapes, g, rng);
   cuda::Stream stream;
   cuda::CublasHandle blas(stream.get());
@@ -138,11 +142,13 @@ void run_trajectory(const optim::AdamWOptions& eo, const optim::RiemannianAdamOp
     const double ex = rel_err(x, p.ref), em = rel_err(s.exp_avg, p.state.exp_avg), ev = rel_err(s.exp_avg_sq, p.state.exp_avg_sq);
     const bool ams = p.shape.stiefel ? ro.amsgrad : eo.amsgrad;
     const double evm = ams ? rel_err(s.max_exp_avg_sq, p.state.max_exp_avg_sq) : 0.0;
-    // The trajectory must move far beyond the tolerance, or the comparison proves nothing.
+    // The trajectory must move far beyond the tolerance (>= 50x the 1e-4 below), or the
+    // comparison proves nothing. A Stiefel step moves ~lr in Frobenius norm, spread over all
+    // entries, so the largest entry of a 512 x 256 parameter moves ~1e-2 in these 20 steps.
     const double moved = (p.ref - p.start).cwiseAbs().maxCoeff() / p.start.cwiseAbs().maxCoeff();
     INFO(p.name, " after ", steps, " steps: rel err x ", ex, ", exp_avg ", em, ", exp_avg_sq ", ev, ", max_exp_avg_sq ", evm,
          "; the parameter moved ", moved, " (relative)");
-    CHECK(moved > 1e-2);
+    CHECK(moved > 5e-3);
     CHECK(s.step == p.state.step);
     CHECK(ex < 1e-4);
     CHECK(em < 1e-4);

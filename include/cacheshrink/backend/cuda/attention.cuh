@@ -94,7 +94,10 @@ constexpr int flash_ld() { return HD + 8; }
 
 template <int HD>
 constexpr int flash_smem_bytes() {
-  return (kFlashBq + 2 * 2 * kFlashBk) * flash_ld<HD>() * 2;  // Q tile + double-buffered K, V tiles (bf16)
+  // Double-buffered K, V tiles (bf16); the Q tile borrows the second buffer until it is in
+  // registers, so at head_dim 128 a block takes 68 KB and three blocks fit on an SM (was 85 KB, two).
+  static_assert(kFlashBq == kFlashBk, "the Q tile is staged in a K tile's slot");
+  return 2 * 2 * kFlashBk * flash_ld<HD>() * 2;
 }
 
 /// Starts an asynchronous copy (cp.async, 16 bytes per thread-chunk) of rows [row0, row0 + 64)
@@ -117,13 +120,12 @@ __device__ __forceinline__ void load_tile_async(__nv_bfloat16* dst, const __nv_b
 // Q K^T by mma.sync into registers, the online softmax in registers (a row's 64 scores live in
 // the four lanes of a quad), then O (16 x HD) += P V with P taken straight from S's registers.
 template <int HD>
-__global__ void __launch_bounds__(128) flash_attn_bf16(AttentionArgs<__nv_bfloat16> a, const int4* tiles) {
+__global__ void __launch_bounds__(128, 3) flash_attn_bf16(AttentionArgs<__nv_bfloat16> a, const int4* tiles) {
   using bf16 = __nv_bfloat16;
   constexpr int BK = kFlashBk, LD = flash_ld<HD>(), KD = HD / 16, NO = HD / 8, NS = BK / 8;
   constexpr float kLog2e = 1.4426950408889634f;
   extern __shared__ __align__(128) unsigned char smem[];
-  bf16* sQ = reinterpret_cast<bf16*>(smem);
-  bf16* sKV = sQ + kFlashBq * LD;  // [buffer][K | V] tiles of (BK, LD)
+  bf16* sKV = reinterpret_cast<bf16*>(smem);  // [buffer][K | V] tiles of (BK, LD)
   auto sK = [&](int buf) { return sKV + (2 * buf) * BK * LD; };
   auto sV = [&](int buf) { return sKV + (2 * buf + 1) * BK * LD; };
 
@@ -138,16 +140,19 @@ __global__ void __launch_bounds__(128) flash_attn_bf16(AttentionArgs<__nv_bfloat
   const bf16* kbase = a.k + static_cast<long long>(begin) * a.ldkv + kvh * HD;
   const bf16* vbase = a.v + static_cast<long long>(begin) * a.ldkv + kvh * HD;
 
+  // Q goes through buffer 1's K slot: loaded with the first K/V tile, moved to registers, and
+  // the slot is free again (second barrier) before the loop prefetches into buffer 1.
+  bf16* sQ = sK(1);
   load_tile_async<HD>(sQ, a.q + static_cast<long long>(begin) * a.ldq + h * HD, a.ldq, q0, len);
-  cp_async_commit();
   load_tile_async<HD>(sK(0), kbase, a.ldkv, kstart, len);
   load_tile_async<HD>(sV(0), vbase, a.ldkv, kstart, len);
   cp_async_commit();
-  cp_async_wait<1>();  // Q landed
+  cp_async_wait<0>();
   __syncthreads();
   unsigned qa[KD][4];
 #pragma unroll
   for (int d = 0; d < KD; ++d) ldmatrix_x4(qa[d], sQ + (warp * 16 + (lane & 15)) * LD + d * 16 + (lane >> 4) * 8);
+  __syncthreads();
 
   float o[NO][4];
 #pragma unroll

@@ -168,16 +168,27 @@ static __global__ void softmax_bwd(const float* P, float* dP, long long rows, in
   for (int j = lane; j < n; j += 32) d[j] = p[j] * (d[j] - s);
 }
 
-// dst (rows, nh*hd) <- src (rows, nkv*hd) with query head h reading KV head h / group.
-static __global__ void expand_heads(const float* src, float* dst, int rows, int nh, int group, int hd) {
-  const long long n = static_cast<long long>(rows) * nh * hd;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const int d = static_cast<int>(i % hd);
-    const long long rh = i / hd;
-    const int h = static_cast<int>(rh % nh);
-    const long long r = rh / nh;
-    dst[i] = src[(r * (nh / group) + h / group) * hd + d];
+// dst (rows, nh*hd) <- src (rows, nkv*hd) with query head h reading KV head h / group. One
+// block row per token (blockIdx.y), float4 per thread when hd % 4 == 0, 32-bit index math: the
+// long-long div/mod per element of a flat loop made this ~5x slower than the copy rate.
+static __global__ void expand_heads(const float* __restrict__ src, float* __restrict__ dst, int nh, int group, int hd) {
+  const long long r = blockIdx.y;
+  const int nkv = nh / group;
+  if (hd % 4 == 0) {
+    const int hd4 = hd / 4, n4 = nh * hd4;
+    const float4* s = reinterpret_cast<const float4*>(src + r * nkv * hd);
+    float4* d = reinterpret_cast<float4*>(dst + r * nh * hd);
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += gridDim.x * blockDim.x) {
+      const int h = i / hd4, c = i - h * hd4;
+      d[i] = s[(h / group) * hd4 + c];
+    }
+  } else {
+    const float* s = src + r * nkv * hd;
+    float* d = dst + r * nh * hd;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < nh * hd; i += gridDim.x * blockDim.x) {
+      const int h = i / hd, c = i - h * hd;
+      d[i] = s[(h / group) * hd + c];
+    }
   }
 }
 
@@ -281,14 +292,22 @@ static __global__ void kl_temperature(const float* z, const float* zt, int V, fl
   if (threadIdx.x == 0) atomicAdd(acc, static_cast<double>(kl));
 }
 
-// acc += sum x^2 (double).
-static __global__ void sq_sum(const float* x, long long n, double* acc) {
+// acc += sum x^2 (double): warp sums, then one double atomicAdd per block (a per-warp atomic
+// from thousands of blocks serialised on the one address and cost ~60 us per call at 7B shapes).
+static __global__ void __launch_bounds__(256) sq_sum(const float* __restrict__ x, long long n, double* acc) {
+  __shared__ double part[8];
   double s = 0.0;
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<long long>(gridDim.x) * blockDim.x)
     s += static_cast<double>(x[i]) * x[i];
   for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  if (threadIdx.x % 32 == 0) atomicAdd(acc, s);
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t = 0.0;
+    for (int w = 0; w < 8; ++w) t += part[w];
+    atomicAdd(acc, t);
+  }
 }
 
 // u (rows, cols) = the first cols columns of the identity.
@@ -800,7 +819,7 @@ class TrainGraph {
     CACHESHRINK_CUDA_LAUNCH_CHECK("axpy");
   }
   void sq_sum(const float* x, long long n, double* acc) {
-    train_kernels::sq_sum<<<std::min(grid_for(n, 256), 4096u), 256, 0, st()>>>(x, n, acc);
+    train_kernels::sq_sum<<<std::min(grid_for(n, 256), 1024u), 256, 0, st()>>>(x, n, acc);
     CACHESHRINK_CUDA_LAUNCH_CHECK("sq_sum");
   }
   void rope(float* y, int ld, int heads, bool inverse) {
@@ -809,9 +828,15 @@ class TrainGraph {
                         inverse ? rope_sin_neg_.data() : rope_sin_.data(), st());
   }
   void expand(const float* src, float* dst) {
-    const long long n = static_cast<long long>(n_tokens_) * c_.d_q();
-    train_kernels::expand_heads<<<grid_for(n, 256), 256, 0, st()>>>(src, dst, n_tokens_, c_.n_heads, c_.n_heads / c_.n_kv_heads,
-                                                                    c_.head_dim);
+    if (n_tokens_ == 0) return;
+    const int per_row = c_.head_dim % 4 == 0 ? c_.d_q() / 4 : c_.d_q();
+    for (int r0 = 0; r0 < n_tokens_; r0 += 65535) {  // gridDim.y <= 65535
+      const int rows = std::min(65535, n_tokens_ - r0);
+      const dim3 grid(static_cast<unsigned>((per_row + 255) / 256), static_cast<unsigned>(rows));
+      train_kernels::expand_heads<<<grid, 256, 0, st()>>>(src + static_cast<std::size_t>(r0) * c_.d_kv(),
+                                                          dst + static_cast<std::size_t>(r0) * c_.d_q(), c_.n_heads,
+                                                          c_.n_heads / c_.n_kv_heads, c_.head_dim);
+    }
     CACHESHRINK_CUDA_LAUNCH_CHECK("expand_heads");
   }
   // Strided-batched SGEMM over the heads of one sequence (column-major arguments).

@@ -217,6 +217,26 @@ TEST_CASE("xkv groups share up-projections; skipped layers follow the options") 
   CHECK(L[2].mla->w_up_v == L[3].mla->w_up_v);
   CHECK(L[1].mla->w_up_k != L[2].mla->w_up_k);
   CHECK(L[0].mla->w_down_k.isApprox(L[1].mla->w_down_k) == false);
+  // The shared bases span the top eigenvectors of the group's summed statistic
+  // sum_l W_l G_l W_l^T (the SVD of K or V stacked over the group's layers, as xKV), recomputed
+  // here in double from independently collected Grams.
+  {
+    const auto grams = compression::attention_input_grams(m, calibration(), 3, false);
+    const int dkv = m.config.d_kv(), dl = static_cast<int>(L[0].mla->w_up_k->cols());
+    for (int g = 0; g < 2; ++g)
+      for (bool keys : {true, false}) {
+        linalg::Matrix<double> S = linalg::Matrix<double>::Zero(dkv, dkv);
+        for (int l = 2 * g; l < 2 * g + 2; ++l) {
+          const linalg::Matrix<double> W = (keys ? m.weights.layers[l].wk : m.weights.layers[l].wv).cast<double>();
+          S += W * grams[l] * W.transpose();
+        }
+        const Eigen::SelfAdjointEigenSolver<linalg::Matrix<double>> es(S);
+        const linalg::Matrix<double> V = es.eigenvectors().rightCols(dl);
+        const linalg::Matrix<double> U = (keys ? *L[2 * g].mla->w_up_k : *L[2 * g].mla->w_up_v).cast<double>();
+        INFO("group ", g, std::string(keys ? " keys" : " values"), ": eigengap ", es.eigenvalues()(dkv - dl) / es.eigenvalues()(dkv - dl - 1));
+        CHECK((V * V.transpose() - U * U.transpose()).norm() < 1e-4);
+      }
+  }
   o.cross_layer_group_size = 4;
   o.xkv_skip_early_layers = 1;
   auto a = compression::convert(m, o, calibration());

@@ -244,11 +244,11 @@ TEST_CASE("recon_norm padded: the recon term is the tokens one times N / (B T_ma
   CHECK(std::abs(ana) > 1e-8);
   CHECK(std::abs(ana - num) <= 1e-6 * std::abs(ana) + 1e-10);
   // A backward with the tokens denominator would be off by far more than the FD tolerance
-  // (measured: 4e-3 relative at this entry), so the check above can fail.
+  // (measured: 5e-4 relative at this entry, ~500x the tolerance), so the check above can fail.
   g.zero_grad();
   tok.recon_alpha = 0.3;
   g.forward_backward(seqs, tok, 1.0);
-  CHECK(std::abs(w.grad(1, 2) - ana) > 1e-3 * std::abs(ana));
+  CHECK(std::abs(w.grad(1, 2) - ana) > 100.0 * (1e-6 * std::abs(ana) + 1e-10));
   // Data-parallel shares (2 ranks, unequal lengths): their gradients and recon parts sum to the whole batch's.
   const auto micro = random_seqs(m.config.vocab_size, {9, 14, 5}, 23);
   g.zero_grad();

@@ -89,11 +89,14 @@ nlohmann::json run(const std::string& shape, const Args& a) {
   train::LossOptions lo;
   lo.recon_alpha = a.recon_alpha;
   // Forward FLOPs: every GEMM of the graph (q, original k/v for the targets, down and up
-  // projections, o, MLP, head) plus the materialised attention (S and PV over full n x n).
+  // projections, o, MLP, head) plus the materialised attention's S and PV as executed (the
+  // causal blocks of cuda::train_causal_blocks: 10/16 of n x n at four blocks).
   const double N = static_cast<double>(a.batch) * a.seq, H = c.hidden_size, Dq = c.d_q(), Dkv = c.d_kv(), I = c.intermediate_size;
   const double per_layer = H * Dq + 2 * H * Dkv + 2 * H * d_latent + 2 * d_latent * Dkv + Dq * H + 3 * H * I;
-  const double fwd_flops = 2 * N * (c.n_layers * per_layer + H * c.vocab_size) +
-                           c.n_layers * 4.0 * c.n_heads * c.head_dim * static_cast<double>(a.seq) * a.seq * a.batch;
+  const auto blocks = cuda::train_causal_blocks(a.seq);
+  double score_entries = 0;  // per head and sequence
+  for (std::size_t i = 0; i + 1 < blocks.size(); ++i) score_entries += static_cast<double>(blocks[i + 1]) * (blocks[i + 1] - blocks[i]);
+  const double fwd_flops = 2 * N * (c.n_layers * per_layer + H * c.vocab_size) + c.n_layers * 4.0 * c.n_heads * c.head_dim * score_entries * a.batch;
   nlohmann::json out = nlohmann::json::array();
   for (const auto& mode : a.modes) {
     g.set_tf32(mode == "tf32");

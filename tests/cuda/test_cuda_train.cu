@@ -43,21 +43,24 @@ double rel_err(const A& got, const B& want, double floor = 1e-30) {
 
 void compare(const TrainCase& cs, const train::LossOptions& lo, const char* what, double grad_tol = 2e-4) {
   const auto m = converted(cs);
-  const auto seqs = random_seqs(m.config.vocab_size, {13, 7, 20}, 1234);
+  const auto seqs = random_seqs(m.config.vocab_size, {13, 20, 7, 20}, 1234);
   const auto ref = test::reference_graph(m, seqs, lo);
   cuda::TrainGraph dev(m);
   REQUIRE(ref.names.size() == dev.params().size());
   dev.zero_grad();
   const auto ld = dev.forward_backward(seqs, lo, 1.0);
   const auto& lr = ref.loss;
-  INFO(cs.model << " " << cs.method << " " << what << ": total " << ld.total << " vs " << lr.total << ", lm " << ld.lm << " vs " << lr.lm
+  const std::string tag = std::string(cs.model) + " " + cs.method + " " + what;  // const char* would print as a pointer
+  INFO(tag << ": total " << ld.total << " vs " << lr.total << ", lm " << ld.lm << " vs " << lr.lm
                 << ", recon " << ld.recon << " vs " << lr.recon << ", kl " << ld.kl << " vs " << lr.kl);
   CHECK(ld.tokens == lr.tokens);
   CHECK(ld.predicted == lr.predicted);
   CHECK(std::abs(ld.total - lr.total) <= 1e-5 * std::abs(lr.total));
   CHECK(std::abs(ld.lm - lr.lm) <= 1e-5 * std::abs(lr.lm));
   CHECK(std::abs(ld.recon - lr.recon) <= 1e-4 * std::abs(lr.recon) + 1e-12);
-  CHECK(std::abs(ld.kl - lr.kl) <= 1e-4 * std::abs(lr.kl) + 1e-9);
+  // The KL between two nearly equal distributions is small (~5e-4 here) and first-order in the
+  // logits' float32 error e (~1e-5 absolute): |dKL| <= e ||p - q||_1 <= e sqrt(2 KL) (Pinsker).
+  CHECK(std::abs(ld.kl - lr.kl) <= 1e-4 * std::abs(lr.kl) + 1e-5 * std::sqrt(2 * std::abs(lr.kl)) + 1e-9);
   const double ez = rel_err(dev.logits(), ref.logits);
   INFO("logits rel err " << ez);
   CHECK(ez <= 1e-5);
@@ -142,7 +145,7 @@ TEST_CASE("cuda TrainGraph + DeviceOptimizer: three trainer steps follow the flo
   CACHESHRINK_REQUIRE_GPU();
   for (const auto& cs : {kCases[2], kCases[6], kCases[0]}) {
     const auto m = converted(cs);
-    const auto seqs = random_seqs(m.config.vocab_size, {11, 17, 6, 9}, 99);
+    const auto seqs = random_seqs(m.config.vocab_size, {11, 17, 11, 9}, 99);
     train::TrainOptions o;
     o.recon_alpha = 0.3;
     o.euclidean_lr = 1e-3;

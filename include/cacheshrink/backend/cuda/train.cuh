@@ -13,12 +13,17 @@
 //                  [Wuk; Wuv] (2 d_kv, d_latent)
 // Frozen weights are uploaded once in float32 ([W_gate; W_up] stacked for one GEMM).
 //
-// Attention is materialised per sequence: S = scale Q K^T for all heads as one strided-batched
-// SGEMM, a row softmax with the causal/sliding-window mask writes P (kept for the backward),
-// O = P V another batched SGEMM. Shared KV heads (GQA/MQA) are expanded to one copy per query
-// head first (a gather), and the backward's per-query-head dK, dV are summed back per group.
-// At the lengths training uses (<= a few thousand tokens) P costs heads * n^2 floats per
-// sequence and layer; the GEMMs are cuBLAS's.
+// Attention is materialised: S = scale Q K^T, a row softmax with the causal/sliding-window mask
+// writes P (kept for the backward), O = P V. Each of the six attention GEMMs (two forward, four
+// backward) is a few pointer-array batched SGEMMs over every (sequence, head) pair of one length
+// at once, and only the causal lower part is computed: a sequence's queries are cut into up to
+// four blocks, and block i's scores take keys [0, end of block i) only (the P V and gradient
+// GEMMs likewise skip the zero upper blocks), 10/16 of the full n^2 work at four blocks. The
+// pointer tables are built on the host when the batch or a buffer changes (plan_attention).
+// Shared KV heads (GQA/MQA) are read in place (query head h's pointers go to KV head h / group),
+// and the backward's per-query-head dK, dV are summed back per group. At the lengths training uses
+// (<= a few thousand tokens) P costs heads * n^2 floats per sequence and layer (and dP as much
+// for one layer); the GEMMs are cuBLAS's.
 //
 // Math mode: cuBLAS's default (true float32, no TF32), like the CPU graph; set_tf32(true)
 // switches the graph's GEMMs to TF32 tensor cores (the benchmark runs both, against the PyTorch
@@ -28,6 +33,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <span>
@@ -155,22 +161,23 @@ static __global__ void masked_softmax(float* S, long long rows, int n, int windo
   for (int j = lane; j < n; j += 32) s[j] = (j >= a && j <= i) ? expf(s[j] - m) * inv : 0.0f;
 }
 
-// Softmax backward in place on dP: dS = P (dP - sum_j P dP). One warp per row.
-static __global__ void softmax_bwd(const float* P, float* dP, long long rows, int n) {
+// Softmax backward in place on dP: dS = P (dP - sum_j P dP), rows as masked_softmax. Only the
+// visible keys of dP are read (the causal-block GEMMs leave the rest unwritten); the masked
+// entries of dS become 0. One warp per row.
+static __global__ void softmax_bwd(const float* P, float* dP, long long rows, int n, int window) {
   const long long row = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
+  const int i = static_cast<int>(row % n);
+  const int a = window > 0 ? max(0, i - window + 1) : 0;
   const float* p = P + row * n;
   float* d = dP + row * n;
   float s = 0.0f;
-  for (int j = lane; j < n; j += 32) s += p[j] * d[j];
+  for (int j = a + lane; j <= i; j += 32) s += p[j] * d[j];
   s = warp_sum(s);
-  for (int j = lane; j < n; j += 32) d[j] = p[j] * (d[j] - s);
+  for (int j = lane; j < n; j += 32) d[j] = (j >= a && j <= i) ? p[j] * (d[j] - s) : 0.0f;
 }
 
-// dst (rows, nh*hd) <- src (rows, nkv*hd) with query head h reading KV head h / group. One
-// block row per token (blockIdx.y), float4 per thread when hd % 4 == 0, 32-bit index math: the
-// long-long div/mod per element of a flat loop made this ~5x slower than the copy rate.
 static __global__ void expand_heads(const float* __restrict__ src, float* __restrict__ dst, int nh, int group, int hd) {
   const long long r = blockIdx.y;
   const int nkv = nh / group;
@@ -341,6 +348,20 @@ inline void gemm_xty(cublasHandle_t h, int rows, int m, int n, const float* X, i
                      float alpha = 1.0f, float beta = 1.0f) {
   if (m == 0 || n == 0) return;
   CACHESHRINK_CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_T, n, m, rows, &alpha, Y, ldy, X, ldx, &beta, G, n));
+}
+
+/// Block boundaries of the training attention's causal split for a sequence of n tokens:
+/// 0 = b_0 < ... < b_nb = n, nb = min(4, n), cut at multiples of 32 once n >= 128 (aligned
+/// sub-matrices for cuBLAS). Query block i's scores take keys [0, b_{i+1}) only.
+inline std::vector<int> train_causal_blocks(int n) {
+  const int nb = std::min(4, n);
+  std::vector<int> b(static_cast<std::size_t>(nb) + 1);
+  for (int i = 0; i <= nb; ++i) {
+    int v = static_cast<int>(static_cast<long long>(i) * n / nb);
+    if (n >= 128 && i < nb) v = v / 32 * 32;
+    b[static_cast<std::size_t>(i)] = v;
+  }
+  return b;
 }
 
 class TrainGraph {
@@ -637,8 +658,7 @@ class TrainGraph {
     for (const auto* p : {&logits_, &teacher_logits_,
                           &dz_,     &hf_,
                           &fmean_,  &frstd_,
-                          &tmp_,    &kx_,
-                          &vx_,     &dx_,
+                          &tmp_,    &dx_,
                           &dh_,     &dq_,
                           &dk_,     &dv_,
                           &dkh_,    &dvh_,
@@ -781,8 +801,6 @@ class TrainGraph {
     if (lo.distill) teacher_logits_.reserve(N * static_cast<std::size_t>(c_.vocab_size));
     tmp_.reserve(N * std::max({I, H, Dq}));  // MLP activation, then d attn
     if (nkv != nh) {
-      kx_.reserve(N * Dq);
-      vx_.reserve(N * Dq);
       dkh_.reserve(N * Dq);
       dvh_.reserve(N * Dq);
     }
@@ -794,12 +812,138 @@ class TrainGraph {
     int dl = 0;
     for (const auto& f : layers_) dl = std::max(dl, f.d_latent);
     dc_.reserve(N * static_cast<std::size_t>(std::max(dl, 1)));
-    std::size_t Pmax = 0;
-    for (int s = 0; s < B; ++s) {
-      const std::size_t n = static_cast<std::size_t>(off_[static_cast<std::size_t>(s) + 1] - off_[static_cast<std::size_t>(s)]);
-      Pmax = std::max(Pmax, nh * n * n);
+    dP_.reserve(P);  // one layer's dP for every sequence: the batched GEMMs cover all of them at once
+    plan_attention();
+  }
+
+  // ---- Attention GEMM plan ----
+  // The six attention GEMMs of a layer, each a list of pointer-array batched SGEMM calls.
+  enum AttnUse { kFwdScores, kFwdOut, kBwdScores, kBwdV, kBwdQ, kBwdK, kAttnUses };
+  struct AttnCall {
+    cublasOperation_t ta, tb;
+    int m, n, k, lda, ldb, ldc;
+    std::size_t at;  // A pointers at attn_ptrs_[at, at + count), then B's, then C's
+    int count;
+  };
+  struct AttnLayer {
+    std::vector<AttnCall> calls[kAttnUses];
+  };
+  // Column-major shapes of one causal block (cuBLAS's view of the row-major buffers: a head's
+  // Q/K/V/O slice is (hd, n) with its buffer's row stride, its P slice (n_k, n_q) with ld n).
+  // Scores: S^T block (keys [0, e), queries [b, e)) = A^T B. Out: O^T block (queries [b, e)) =
+  // A (keys [0, e)) P. Weighted: the block of keys [b, e) of A P^T over queries [b, n), e.g.
+  // dV = dO P^T. In each, A is a row operand; B is a row operand for Scores and P otherwise; C is
+  // P for Scores and a row operand otherwise.
+  enum class AttnKind { Scores, Out, Weighted };
+  // A row operand: packed rows with stride ld; query head h reads head h / div of it (div =
+  // the GQA group for the shared K/V heads, which are therefore never expanded). A P operand:
+  // the layer's P-shaped buffer (ld, div unused).
+  struct AttnOperand {
+    const float* base;
+    int ld = 0, div = 1;
+  };
+
+  // Appends to `out` the calls of one GEMM (kind) over every (sequence, head), sequences of equal
+  // length sharing calls; pointers into ptrs.
+  void emit_attention(AttnKind kind, AttnOperand A, AttnOperand B, AttnOperand C, std::vector<AttnCall>& out,
+                      std::vector<float*>& ptrs) const {
+    const int nh = c_.n_heads, hd = c_.head_dim;
+    const int nseq = static_cast<int>(off_.size()) - 1;
+    std::map<int, std::vector<int>> by_len;
+    for (int s = 0; s < nseq; ++s) by_len[off_[static_cast<std::size_t>(s) + 1] - off_[static_cast<std::size_t>(s)]].push_back(s);
+    const auto row_ptr = [&](const AttnOperand& o, int s, int h, int row) {
+      return const_cast<float*>(o.base) +
+             (static_cast<std::size_t>(off_[static_cast<std::size_t>(s)]) + static_cast<std::size_t>(row)) * static_cast<std::size_t>(o.ld) +
+             static_cast<std::size_t>(h / o.div) * hd;
+    };
+    const auto p_ptr = [&](const AttnOperand& o, int s, int h, int n, std::size_t elem) {
+      return const_cast<float*>(o.base) + poff_[static_cast<std::size_t>(s)] + static_cast<std::size_t>(h) * n * n + elem;
+    };
+    for (const auto& [n, seqs] : by_len) {
+      const auto b = train_causal_blocks(n);
+      for (std::size_t i = 0; i + 1 < b.size(); ++i) {
+        const int lo = b[i], hi = b[i + 1];
+        const std::size_t at = ptrs.size();
+        const int count = static_cast<int>(seqs.size()) * nh;
+        const AttnCall c = kind == AttnKind::Scores ? AttnCall{CUBLAS_OP_T, CUBLAS_OP_N, hi, hi - lo, hd, A.ld, B.ld, n, at, count}
+                           : kind == AttnKind::Out  ? AttnCall{CUBLAS_OP_N, CUBLAS_OP_N, hd, hi - lo, hi, A.ld, n, C.ld, at, count}
+                                                    : AttnCall{CUBLAS_OP_N, CUBLAS_OP_T, hd, hi - lo, n - lo, A.ld, n, C.ld, at, count};
+        std::vector<float*> pa, pb, pc;
+        for (int s : seqs)
+          for (int h = 0; h < nh; ++h) {
+            switch (kind) {
+              case AttnKind::Scores:
+                pa.push_back(row_ptr(A, s, h, 0));
+                pb.push_back(row_ptr(B, s, h, lo));
+                pc.push_back(p_ptr(C, s, h, n, static_cast<std::size_t>(lo) * n));
+                break;
+              case AttnKind::Out:
+                pa.push_back(row_ptr(A, s, h, 0));
+                pb.push_back(p_ptr(B, s, h, n, static_cast<std::size_t>(lo) * n));
+                pc.push_back(row_ptr(C, s, h, lo));
+                break;
+              case AttnKind::Weighted:
+                pa.push_back(row_ptr(A, s, h, lo));
+                pb.push_back(p_ptr(B, s, h, n, static_cast<std::size_t>(lo) * n + static_cast<std::size_t>(lo)));
+                pc.push_back(row_ptr(C, s, h, lo));
+                break;
+            }
+          }
+        ptrs.insert(ptrs.end(), pa.begin(), pa.end());
+        ptrs.insert(ptrs.end(), pb.begin(), pb.end());
+        ptrs.insert(ptrs.end(), pc.begin(), pc.end());
+        out.push_back(c);
+      }
     }
-    dP_.reserve(Pmax);
+  }
+
+  // Rebuilds every layer's attention calls for the current batch and buffers; uploads the
+  // pointer table only when it changed (buffers grow only, so a steady shape uploads once).
+  void plan_attention() {
+    // Same batch shape and buffers as last time: the plan stands.
+    std::vector<const void*> key;
+    for (int o : off_) key.push_back(reinterpret_cast<const void*>(static_cast<std::intptr_t>(o)));
+    for (const auto& a : acts_)
+      for (const auto* b : {&a.q, &a.k, &a.v, &a.P, &a.attn}) key.push_back(b->data());
+    for (const auto* b : {&tmp_, &dP_, &dq_, &dk_, &dv_, &dkh_, &dvh_}) key.push_back(b->data());
+    if (key == attn_key_) return;
+    attn_key_ = std::move(key);
+    poff_.assign(off_.size(), 0);
+    for (std::size_t s = 0; s + 1 < off_.size(); ++s) {
+      const std::size_t n = static_cast<std::size_t>(off_[s + 1] - off_[s]);
+      poff_[s + 1] = poff_[s] + static_cast<std::size_t>(c_.n_heads) * n * n;
+    }
+    const int Dq = c_.d_q(), Dkv = c_.d_kv(), group = c_.n_heads / c_.n_kv_heads;
+    const bool gqa = group != 1;
+    // dK, dV per query head (summed per group afterwards) when heads share K/V.
+    const AttnOperand dK{gqa ? dkh_.data() : dk_.data(), Dq}, dV{gqa ? dvh_.data() : dv_.data(), Dq};
+    const AttnOperand dO{tmp_.data(), Dq}, dP{dP_.data()};
+    std::vector<float*> ptrs;
+    attn_.assign(layers_.size(), AttnLayer{});
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      Acts& a = acts_[l];
+      AttnLayer& al = attn_[l];
+      const AttnOperand K{a.k.data(), Dkv, group}, V{a.v.data(), Dkv, group}, Q{a.q.data(), Dq}, P{a.P.data()}, O{a.attn.data(), Dq};
+      emit_attention(AttnKind::Scores, K, Q, P, al.calls[kFwdScores], ptrs);
+      emit_attention(AttnKind::Out, V, P, O, al.calls[kFwdOut], ptrs);
+      emit_attention(AttnKind::Scores, V, dO, dP, al.calls[kBwdScores], ptrs);
+      emit_attention(AttnKind::Weighted, dO, P, dV, al.calls[kBwdV], ptrs);
+      emit_attention(AttnKind::Out, K, dP, {dq_.data(), Dq}, al.calls[kBwdQ], ptrs);
+      emit_attention(AttnKind::Weighted, Q, dP, dK, al.calls[kBwdK], ptrs);
+    }
+    if (ptrs != attn_ptrs_host_) {
+      attn_ptrs_.upload(ptrs, st());
+      attn_ptrs_host_ = std::move(ptrs);
+    }
+  }
+
+  void attn_gemms(const std::vector<AttnCall>& calls, float alpha) {
+    const float beta = 0.0f;
+    for (const AttnCall& c : calls) {
+      float* const* p = attn_ptrs_.data() + c.at;
+      CACHESHRINK_CUBLAS_CHECK(cublasSgemmBatched(hb(), c.ta, c.tb, c.m, c.n, c.k, &alpha, p, c.lda, p + c.count, c.ldb, &beta,
+                                                  p + 2 * static_cast<std::size_t>(c.count), c.ldc, c.count));
+    }
   }
 
   void norm_forward(const float* x, const DeviceBuffer<float>& w, const DeviceBuffer<float>& b, float* y, float* mean, float* rstd) {
@@ -827,25 +971,6 @@ class TrainGraph {
       cuda::rope<float>(y, ld, 0, n_tokens_, heads, c_.head_dim, d_pos_.data(), rope_cos_.data(),
                         inverse ? rope_sin_neg_.data() : rope_sin_.data(), st());
   }
-  void expand(const float* src, float* dst) {
-    if (n_tokens_ == 0) return;
-    const int per_row = c_.head_dim % 4 == 0 ? c_.d_q() / 4 : c_.d_q();
-    for (int r0 = 0; r0 < n_tokens_; r0 += 65535) {  // gridDim.y <= 65535
-      const int rows = std::min(65535, n_tokens_ - r0);
-      const dim3 grid(static_cast<unsigned>((per_row + 255) / 256), static_cast<unsigned>(rows));
-      train_kernels::expand_heads<<<grid, 256, 0, st()>>>(src + static_cast<std::size_t>(r0) * c_.d_kv(),
-                                                          dst + static_cast<std::size_t>(r0) * c_.d_q(), c_.n_heads,
-                                                          c_.n_heads / c_.n_kv_heads, c_.head_dim);
-    }
-    CACHESHRINK_CUDA_LAUNCH_CHECK("expand_heads");
-  }
-  // Strided-batched SGEMM over the heads of one sequence (column-major arguments).
-  void batched(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const float* A, int lda, long long sA,
-               const float* B, int ldb, long long sB, float beta, float* C, int ldc, long long sC) {
-    CACHESHRINK_CUBLAS_CHECK(
-        cublasSgemmStridedBatched(hb(), ta, tb, m, n, k, &alpha, A, lda, sA, B, ldb, sB, &beta, C, ldc, sC, c_.n_heads));
-  }
-
   void run_forward(bool teacher, const train::LossOptions& lo) {
     const int N = n_tokens_, H = c_.hidden_size, hd = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads, Dq = c_.d_q(), Dkv = c_.d_kv();
     const int I = c_.intermediate_size, B = static_cast<int>(off_.size()) - 1;
@@ -891,30 +1016,17 @@ class TrainGraph {
       bias(a.v.data(), Dkv, f.bv);
       if (!f.kn.empty()) head_norm(a.k.data(), a.k_pre.data(), a.k_rstd.data(), nkv, f.kn);
       rope(a.k.data(), Dkv, nkv, false);
-      // Attention, one sequence at a time, all heads per GEMM.
-      const float* K = a.k.data();
-      const float* Vv = a.v.data();
-      if (nkv != nh) {
-        expand(a.k.data(), kx_.data());
-        expand(a.v.data(), vx_.data());
-        K = kx_.data();
-        Vv = vx_.data();
-      }
-      std::size_t poff = 0;
+      // Attention: the planned batched GEMMs (shared K/V heads read in place).
+      const AttnLayer& al = attn_[l];
+      attn_gemms(al.calls[kFwdScores], scale);  // S (causal blocks) = scale Q K^T
       for (int s = 0; s < B; ++s) {
-        const int r0 = off_[static_cast<std::size_t>(s)], n = off_[static_cast<std::size_t>(s) + 1] - r0;
-        const long long nn = static_cast<long long>(n) * n;
-        float* P = a.P.data() + poff;
-        const std::size_t ro = static_cast<std::size_t>(r0) * Dq;
-        // S^T (n_k, n_q) per head = Kc^T Qc (column-major views (hd, n) with ld Dq).
-        batched(CUBLAS_OP_T, CUBLAS_OP_N, n, n, hd, scale, K + ro, Dq, hd, a.q.data() + ro, Dq, hd, 0.0f, P, n, nn);
+        const int n = off_[static_cast<std::size_t>(s) + 1] - off_[static_cast<std::size_t>(s)];
         const long long rows = static_cast<long long>(nh) * n;
-        train_kernels::masked_softmax<<<grid_for(rows * 32, 256), 256, 0, st()>>>(P, rows, n, c_.sliding_window);
+        train_kernels::masked_softmax<<<grid_for(rows * 32, 256), 256, 0, st()>>>(a.P.data() + poff_[static_cast<std::size_t>(s)], rows, n,
+                                                                                   c_.sliding_window);
         CACHESHRINK_CUDA_LAUNCH_CHECK("masked_softmax");
-        // O^T (hd, n_q) = Vc (hd, n_k) Pc (n_k, n_q).
-        batched(CUBLAS_OP_N, CUBLAS_OP_N, hd, n, n, 1.0f, Vv + ro, Dq, hd, P, n, nn, 0.0f, a.attn.data() + ro, Dq, hd);
-        poff += static_cast<std::size_t>(nh) * nn;
       }
+      attn_gemms(al.calls[kFwdOut], 1.0f);  // O = P V
       // x_mid = x + attn Wo^T + bo.
       CACHESHRINK_CUDA_CHECK(
           cudaMemcpyAsync(a.x_mid.data(), x, static_cast<std::size_t>(N) * H * sizeof(float), cudaMemcpyDeviceToDevice, st()));
@@ -979,36 +1091,20 @@ class TrainGraph {
       norm_backward(a.x_mid.data(), f.n2w, a.mean2.data(), a.rstd2.data(), dh, dx);  // dx is now d x_mid
       // Attention branch.
       gemm_xw(hb(), N, Dq, H, dx, H, f.wo.data(), Dq, tmp_.data(), Dq);  // d attn
-      const float* K = a.k.data();
-      const float* Vv = a.v.data();
-      float* dK = dk_.data();
-      float* dV = dv_.data();
-      if (nkv != nh) {
-        expand(a.k.data(), kx_.data());
-        expand(a.v.data(), vx_.data());
-        K = kx_.data();
-        Vv = vx_.data();
-        dK = dkh_.data();
-        dV = dvh_.data();
-      }
-      std::size_t poff = 0;
+      // The planned GEMMs read K, V in place and write dK, dV (per query head, dkh_/dvh_, under GQA).
+      const AttnLayer& al = attn_[static_cast<std::size_t>(l)];
+      attn_gemms(al.calls[kBwdScores], 1.0f);  // dP = dO V^T (causal blocks)
       for (int s = 0; s < B; ++s) {
-        const int r0 = off_[static_cast<std::size_t>(s)], n = off_[static_cast<std::size_t>(s) + 1] - r0;
-        const long long nn = static_cast<long long>(n) * n;
-        const float* P = a.P.data() + poff;
-        const std::size_t ro = static_cast<std::size_t>(r0) * Dq;
-        const float* dO = tmp_.data() + ro;
-        // dP^T (n_k, n_q) = Vc^T dOc.
-        batched(CUBLAS_OP_T, CUBLAS_OP_N, n, n, hd, 1.0f, Vv + ro, Dq, hd, dO, Dq, hd, 0.0f, dP_.data(), n, nn);
+        const int n = off_[static_cast<std::size_t>(s) + 1] - off_[static_cast<std::size_t>(s)];
         const long long rows = static_cast<long long>(nh) * n;
-        train_kernels::softmax_bwd<<<grid_for(rows * 32, 256), 256, 0, st()>>>(P, dP_.data(), rows, n);
+        const std::size_t po = poff_[static_cast<std::size_t>(s)];
+        train_kernels::softmax_bwd<<<grid_for(rows * 32, 256), 256, 0, st()>>>(a.P.data() + po, dP_.data() + po, rows, n,
+                                                                                c_.sliding_window);
         CACHESHRINK_CUDA_LAUNCH_CHECK("softmax_bwd");
-        // dV^T (hd, n_k) = dOc Pc^T; dQ^T = scale Kc dSc; dK^T = scale Qc dSc^T.
-        batched(CUBLAS_OP_N, CUBLAS_OP_T, hd, n, n, 1.0f, dO, Dq, hd, P, n, nn, 0.0f, dV + ro, Dq, hd);
-        batched(CUBLAS_OP_N, CUBLAS_OP_N, hd, n, n, scale, K + ro, Dq, hd, dP_.data(), n, nn, 0.0f, dq_.data() + ro, Dq, hd);
-        batched(CUBLAS_OP_N, CUBLAS_OP_T, hd, n, n, scale, a.q.data() + ro, Dq, hd, dP_.data(), n, nn, 0.0f, dK + ro, Dq, hd);
-        poff += static_cast<std::size_t>(nh) * nn;
       }
+      attn_gemms(al.calls[kBwdV], 1.0f);    // dV = P^T dO
+      attn_gemms(al.calls[kBwdQ], scale);   // dQ = scale dS K
+      attn_gemms(al.calls[kBwdK], scale);   // dK = scale dS^T Q
       if (nkv != nh) {
         const std::size_t bytes = static_cast<std::size_t>(N) * Dkv * sizeof(float);
         CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(dk_.data(), 0, bytes, st()));
@@ -1083,8 +1179,13 @@ class TrainGraph {
   DeviceBuffer<double> acc_;             // [0] sum nll, [1] sum KL, [2] sum of squared reconstruction residuals
   std::vector<DeviceBuffer<float>> xs_;  // residual stream: xs_[l] enters layer l, xs_[L] the final norm
   std::vector<Acts> acts_;
-  DeviceBuffer<float> logits_, teacher_logits_, dz_, hf_, fmean_, frstd_, tmp_, kx_, vx_, dx_, dh_, dq_, dk_, dv_, dkh_, dvh_, da_, dgu_,
+  DeviceBuffer<float> logits_, teacher_logits_, dz_, hf_, fmean_, frstd_, tmp_, dx_, dh_, dq_, dk_, dv_, dkh_, dvh_, da_, dgu_,
       dc_, dP_;
+  std::vector<std::size_t> poff_;  // each sequence's first element in a layer's P (and dP)
+  std::vector<AttnLayer> attn_;    // per layer: the attention GEMM calls
+  std::vector<float*> attn_ptrs_host_;
+  std::vector<const void*> attn_key_;  // batch offsets and buffer addresses the plan was built for
+  DeviceBuffer<float*> attn_ptrs_;
 };
 
 }  // namespace cacheshrink::cuda

@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(128, 3) flash_attn_bf16(AttentionArgs<__nv_bfl
   // (the sum is this lane's share; the quad adds the four at the end).
   const int qr[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
   float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.0f, 0.0f};
-  const float sl = a.scale * kLog2e;  // scores in log2 units: exp2f below
+  const float sl = a.scale * kLog2e;  // scores to log2 units: exponentials by fast_exp2
   const int warp_last = min(q0 + warp * 16 + 15, len - 1);
 
   int buf = 0;
@@ -191,20 +191,19 @@ __global__ void __launch_bounds__(128, 3) flash_attn_bf16(AttentionArgs<__nv_bfl
           mma_bf16(sc[n], qa[d], kb[0], kb[1]);
           mma_bf16(sc[n + 1], qa[d], kb[2], kb[3]);
         }
-      // Mask (only tiles that reach the diagonal, the window's edge or the sequence end) and scale.
+      // Mask (only tiles that reach the diagonal, the window's edge or the sequence end). Scores
+      // stay unscaled: the scale joins the exponent's FFMA below (scale > 0 keeps the order).
       const bool edge = k0 + BK - 1 > q0 + warp * 16 || k0 + BK > len || q0 + warp * 16 + 15 >= len || a.window > 0;
+      if (edge) {
 #pragma unroll
-      for (int n = 0; n < NS; ++n)
+        for (int n = 0; n < NS; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float v = sc[n][e] * sl;
-          if (edge) {
+          for (int e = 0; e < 4; ++e) {
             const int i = qr[e >> 1], j = k0 + n * 8 + 2 * tq + (e & 1);
-            if (!(i < len && j <= i && (a.window <= 0 || j > i - a.window))) v = -INFINITY;
+            if (!(i < len && j <= i && (a.window <= 0 || j > i - a.window))) sc[n][e] = -INFINITY;
           }
-          sc[n][e] = v;
-        }
-      float alpha[2];
+      }
+      float alpha[2], neg_m[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float mx = -INFINITY;
@@ -212,25 +211,23 @@ __global__ void __launch_bounds__(128, 3) flash_attn_bf16(AttentionArgs<__nv_bfl
         for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_i[r], mx);
-        alpha[r] = m_new == -INFINITY ? 1.0f : exp2f(m_i[r] - m_new);
+        const float m_new = fmaxf(m_i[r], mx * sl);  // running max in log2 units
+        alpha[r] = m_new == -INFINITY ? 1.0f : fast_exp2(m_i[r] - m_new);
         m_i[r] = m_new;
+        // A row with every key so far masked has m = -inf and only -inf scores: exp2(-inf) = 0.
+        neg_m[r] = m_new == -INFINITY ? 0.0f : -m_new;
       }
-      // P = exp2(S - m), rounded to bf16 once: the sum and P V use the same values.
+      // P = exp2(S sl - m), summed in float32 and rounded to bf16 for P V (as FlashAttention-2).
       unsigned pa[BK / 16][4];
       float sum[2] = {0.0f, 0.0f};
 #pragma unroll
       for (int n = 0; n < NS; ++n) {
         float p[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float mm = m_i[e >> 1];
-          p[e] = mm == -INFINITY ? 0.0f : exp2f(sc[n][e] - mm);
-        }
+        for (int e = 0; e < 4; ++e) p[e] = fast_exp2(fmaf(sc[n][e], sl, neg_m[e >> 1]));
+        sum[0] += p[0] + p[1];
+        sum[1] += p[2] + p[3];
         const unsigned lo = pack_bf16(p[0], p[1]), hi = pack_bf16(p[2], p[3]);
-        const __nv_bfloat162 blo = *reinterpret_cast<const __nv_bfloat162*>(&lo), bhi = *reinterpret_cast<const __nv_bfloat162*>(&hi);
-        sum[0] += __low2float(blo) + __high2float(blo);
-        sum[1] += __low2float(bhi) + __high2float(bhi);
         pa[n / 2][(n & 1) * 2 + 0] = lo;  // rows g: a0 (n even) / a2 (n odd)
         pa[n / 2][(n & 1) * 2 + 1] = hi;  // rows g + 8: a1 / a3
       }

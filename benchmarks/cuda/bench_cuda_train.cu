@@ -14,7 +14,9 @@
 // session (docs/results_cuda.md).
 //
 //   bench_cuda_train [--shapes llama2,qwen25] [--batch 4] [--seq 512] [--steps 5] [--warmup 2]
-//                    [--recon-alpha 0.3] [--modes fp32,tf32] [--json PATH]
+//                    [--recon-alpha 0.3] [--modes fp32,tf32] [--gemm-tuning on|off|both] [--json PATH]
+// --gemm-tuning: cuda::TunedGemm's timed kernel choice for the graph's GEMMs (on, the default),
+// cublasLt's first heuristic choice (off), or both, one after the other.
 #include <cacheshrink/backend/cuda/optim.cuh>
 #include <cacheshrink/backend/cuda/train.cuh>
 #include <cstdio>
@@ -34,6 +36,7 @@ struct Args {
   int batch = 4, seq = 512, steps = 5, warmup = 2;
   double recon_alpha = 0.3;
   std::vector<std::string> modes = {"fp32", "tf32"};
+  std::vector<bool> tunings = {true};  // cuda::TunedGemm kernel choice: timed (on) / heuristic (off)
   std::string json;
 };
 
@@ -98,8 +101,10 @@ nlohmann::json run(const std::string& shape, const Args& a) {
   for (std::size_t i = 0; i + 1 < blocks.size(); ++i) score_entries += static_cast<double>(blocks[i + 1]) * (blocks[i + 1] - blocks[i]);
   const double fwd_flops = 2 * N * (c.n_layers * per_layer + H * c.vocab_size) + c.n_layers * 4.0 * c.n_heads * c.head_dim * score_entries * a.batch;
   nlohmann::json out = nlohmann::json::array();
-  for (const auto& mode : a.modes) {
+  for (const auto& mode : a.modes)
+    for (const bool tuning : a.tunings) {
     g.set_tf32(mode == "tf32");
+    g.set_gemm_tuning(tuning);
     train::LossParts last;
     auto step = [&] {
       g.zero_grad();
@@ -132,10 +137,10 @@ nlohmann::json run(const std::string& shape, const Args& a) {
     const double sgemm = sgemm_rate(static_cast<int>(I), a.batch * a.seq, static_cast<int>(H), mode == "tf32");
     const double tps = tokens / (step_ms / 1000.0);
     std::printf(
-        "%-8s %s B=%d T=%d d_latent=%d: step %.1f ms (%.0f tok/s) = fwd+bwd %.1f + optimizer %.1f; forward alone %.1f ms (step/forward "
+        "%-8s %s%s B=%d T=%d d_latent=%d: step %.1f ms (%.0f tok/s) = fwd+bwd %.1f + optimizer %.1f; forward alone %.1f ms (step/forward "
         "%.2fx); loss %.4f (lm %.4f, recon %.5f); device memory %.2f GiB (activations %.2f GiB); forward %.1f TFLOP/s, SGEMM %.1f "
         "TFLOP/s\n",
-        shape.c_str(), mode.c_str(), a.batch, a.seq, d_latent, step_ms, tps, fb_ms, opt_ms, fwd_ms, step_ms / fwd_ms, last.total, last.lm,
+        shape.c_str(), mode.c_str(), tuning ? "" : " (heuristic GEMMs)", a.batch, a.seq, d_latent, step_ms, tps, fb_ms, opt_ms, fwd_ms, step_ms / fwd_ms, last.total, last.lm,
         last.recon, static_cast<double>(after - before) / (1u << 30), static_cast<double>(g.activation_bytes()) / (1u << 30),
         fwd_flops / (fwd_ms * 1e-3) / 1e12, sgemm);
     std::fflush(stdout);
@@ -157,9 +162,10 @@ nlohmann::json run(const std::string& shape, const Args& a) {
                    {"lm", last.lm},
                    {"recon", last.recon},
                    {"math", mode},
+                   {"gemm_tuning", tuning},
                    {"forward_tflops", fwd_flops / (fwd_ms * 1e-3) / 1e12},
                    {"sgemm_tflops", sgemm}});
-  }
+    }
   return out;
 }
 
@@ -196,6 +202,15 @@ int main(int argc, char** argv) {
         }
         a.modes.push_back(t);
       }
+    } else if (k == "--gemm-tuning") {
+      const std::string t = val();
+      if (t == "on") a.tunings = {true};
+      else if (t == "off") a.tunings = {false};
+      else if (t == "both") a.tunings = {true, false};
+      else {
+        std::fprintf(stderr, "bench_cuda_train: --gemm-tuning takes on, off or both, not '%s'\n", t.c_str());
+        return 2;
+      }
     } else if (k == "--batch") a.batch = std::stoi(val());
     else if (k == "--seq") a.seq = std::stoi(val());
     else if (k == "--steps") a.steps = std::stoi(val());
@@ -205,7 +220,7 @@ int main(int argc, char** argv) {
     else {
       std::fprintf(stderr,
                    "usage: bench_cuda_train [--shapes llama2,qwen25] [--batch 4] [--seq 512] [--steps 5] [--warmup 2] [--recon-alpha 0.3] "
-                   "[--modes fp32,tf32] [--json PATH]\n");
+                   "[--modes fp32,tf32] [--gemm-tuning on|off|both] [--json PATH]\n");
       return 2;
     }
   }

@@ -11,3 +11,4 @@
 #include "cacheshrink/backend/cuda/kernels.cuh"
 #include "cacheshrink/backend/cuda/memory.cuh"
 #include "cacheshrink/backend/cuda/transformer.cuh"
+#include "cacheshrink/backend/cuda/tuned_gemm.cuh"

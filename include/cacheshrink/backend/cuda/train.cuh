@@ -44,6 +44,7 @@
 #include "cacheshrink/backend/cuda/gemm.cuh"
 #include "cacheshrink/backend/cuda/kernels.cuh"
 #include "cacheshrink/backend/cuda/memory.cuh"
+#include "cacheshrink/backend/cuda/tuned_gemm.cuh"
 #include "cacheshrink/core/error.hpp"
 #include "cacheshrink/model/layers.hpp"
 #include "cacheshrink/model/weights.hpp"
@@ -334,22 +335,6 @@ static __global__ void axpy(float a, const float* x, float* y, long long n) {
 
 }  // namespace train_kernels
 
-/// Y (rows, out) = alpha X (rows, in) W (in, out) + beta Y, all row-major: the input gradient
-/// through a layer whose forward was X W^T. Column-major: Y^T = W^T X^T, W's memory being the
-/// column-major (out, in) matrix W^T (op N).
-inline void gemm_xw(cublasHandle_t h, int rows, int out, int in, const float* X, int ldx, const float* W, int ldw, float* Y, int ldy,
-                    float alpha = 1.0f, float beta = 0.0f) {
-  if (rows == 0 || out == 0) return;
-  CACHESHRINK_CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, out, rows, in, &alpha, W, ldw, X, ldx, &beta, Y, ldy));
-}
-/// G (m, n) row-major = alpha X^T Y + beta G with X (rows, m), Y (rows, n) row-major: a weight
-/// gradient. Column-major G^T (n, m) = Y^T X, i.e. Yc Xc^T with Yc, Xc the column-major views.
-inline void gemm_xty(cublasHandle_t h, int rows, int m, int n, const float* X, int ldx, const float* Y, int ldy, float* G,
-                     float alpha = 1.0f, float beta = 1.0f) {
-  if (m == 0 || n == 0) return;
-  CACHESHRINK_CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_T, n, m, rows, &alpha, Y, ldy, X, ldx, &beta, G, n));
-}
-
 /// Block boundaries of the training attention's causal split for a sequence of n tokens:
 /// 0 = b_0 < ... < b_nb = n, nb = min(4, n), cut at multiples of 32 once n >= 128 (aligned
 /// sub-matrices for cuBLAS). Query block i's scores take keys [0, b_{i+1}) only.
@@ -378,7 +363,8 @@ class TrainGraph {
   using Slots = train::TrainGraph<float>::Slots;
 
   explicit TrainGraph(const model::Model& m)
-      : c_(m.config), stream_(std::make_unique<Stream>()), blas_(std::make_unique<CublasHandle>(stream_->get())) {
+      : c_(m.config), stream_(std::make_unique<Stream>()), blas_(std::make_unique<CublasHandle>(stream_->get())),
+        gemm_(std::make_unique<TunedGemm>(stream_->get(), blas_->get())) {
     const auto& W = m.weights;
     const int L = c_.n_layers, dkv = c_.d_kv();
     up(embed_, W.embed);
@@ -470,7 +456,8 @@ class TrainGraph {
   /// deviation `stddev`, norms 1, biases 0; up projections the first d_latent columns of the
   /// identity (orthonormal, as the optimizer requires; the cost of a step does not depend on it).
   TrainGraph(const ModelConfig& c, int d_latent, unsigned long long seed = 1, float stddev = 0.02f)
-      : c_(c), stream_(std::make_unique<Stream>()), blas_(std::make_unique<CublasHandle>(stream_->get())) {
+      : c_(c), stream_(std::make_unique<Stream>()), blas_(std::make_unique<CublasHandle>(stream_->get())),
+        gemm_(std::make_unique<TunedGemm>(stream_->get(), blas_->get())) {
     const int Dkv = c_.d_kv();
     if (d_latent <= 0 || d_latent > Dkv) throw InvalidArgument("cuda train: d_latent must be in [1, d_kv = " + std::to_string(Dkv) + "]");
     const std::size_t H = c_.hidden_size, Dq = static_cast<std::size_t>(c_.d_q()), I = c_.intermediate_size, V = c_.vocab_size;
@@ -553,13 +540,19 @@ class TrainGraph {
     stream_->synchronize();
   }
 
-  /// TF32 tensor-core math for the graph's GEMMs (cuBLAS CUBLAS_TF32_TENSOR_OP_MATH: inputs
-  /// rounded to 10 mantissa bits, float32 accumulation); off (the default) is true float32.
+  /// TF32 tensor-core math for the graph's GEMMs (inputs rounded to 10 mantissa bits, float32
+  /// accumulation: cublasLt's CUBLAS_COMPUTE_32F_FAST_TF32, cuBLAS's CUBLAS_TF32_TENSOR_OP_MATH
+  /// for the attention's batched GEMMs); off (the default) is true float32.
   void set_tf32(bool on) {
     CACHESHRINK_CUBLAS_CHECK(cublasSetMathMode(hb(), on ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+    gemm_->set_tf32(on);
     tf32_ = on;
   }
   bool tf32() const { return tf32_; }
+  /// Kernel choice of the graph's (non-attention) GEMMs: timed among cublasLt's candidates on
+  /// each shape's first call (on, the default) or cublasLt's first choice (see TunedGemm).
+  void set_gemm_tuning(bool on) { gemm_->set_tuning(on); }
+  bool gemm_tuning() const { return gemm_->tuning(); }
 
   const ModelConfig& config() const { return c_; }
   cudaStream_t stream() const { return stream_->get(); }
@@ -681,6 +674,21 @@ class TrainGraph {
   bool gpt2() const { return c_.family == Family::Gpt2; }
   cudaStream_t st() const { return stream_->get(); }
   cublasHandle_t hb() const { return blas_->get(); }
+  // Row-major GEMMs of the graph (column-major through TunedGemm; see gemm_xwt, gemm_xw, gemm_xty).
+  // Y (rows, out) = alpha X (rows, in) W^T + beta Y.
+  void xwt(int rows, int out, int in, const float* X, int ldx, const float* W, int ldw, float* Y, int ldy, float alpha = 1.0f,
+           float beta = 0.0f) {
+    gemm_->gemm(CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, alpha, W, ldw, X, ldx, beta, Y, ldy);
+  }
+  // Y (rows, out) = alpha X (rows, in) W (in, out) + beta Y.
+  void xw(int rows, int out, int in, const float* X, int ldx, const float* W, int ldw, float* Y, int ldy, float alpha = 1.0f,
+          float beta = 0.0f) {
+    gemm_->gemm(CUBLAS_OP_N, CUBLAS_OP_N, out, rows, in, alpha, W, ldw, X, ldx, beta, Y, ldy);
+  }
+  // G (m, n) = alpha X^T Y + beta G, X (rows, m), Y (rows, n).
+  void xty(int rows, int m, int n, const float* X, int ldx, const float* Y, int ldy, float* G, float alpha = 1.0f, float beta = 1.0f) {
+    gemm_->gemm(CUBLAS_OP_N, CUBLAS_OP_T, n, m, rows, alpha, Y, ldy, X, ldx, beta, G, n);
+  }
 
   void up(DeviceBuffer<float>& d, const MatrixRf& m) {
     if (m.size()) d.upload(m.data(), static_cast<std::size_t>(m.size()), st());
@@ -983,34 +991,34 @@ class TrainGraph {
       const bool use_mla = f.mla && !teacher;
       const float* x = xs_[l].data();
       norm_forward(x, f.n1w, f.n1b, a.h.data(), a.mean1.data(), a.rstd1.data());
-      gemm_xwt<float, float>(hb(), N, Dq, H, a.h.data(), H, f.wq.data(), H, a.q.data(), Dq);
+      xwt(N, Dq, H, a.h.data(), H, f.wq.data(), H, a.q.data(), Dq);
       bias(a.q.data(), Dq, f.bq);
       if (!f.qn.empty()) head_norm(a.q.data(), a.q_pre.data(), a.q_rstd.data(), nh, f.qn);
       rope(a.q.data(), Dq, nh, false);
       if (use_mla) {
         const int dl = f.d_latent;
-        gemm_xwt<float, float>(hb(), N, dl, H, a.h.data(), H, pv(sl.down_k), H, a.ck.data(), dl);
+        xwt(N, dl, H, a.h.data(), H, pv(sl.down_k), H, a.ck.data(), dl);
         if (sl.joint) {
-          gemm_xwt<float, float>(hb(), N, Dkv, dl, a.ck.data(), dl, pv(sl.up_k), dl, a.k.data(), Dkv);
-          gemm_xwt<float, float>(hb(), N, Dkv, dl, a.ck.data(), dl, pv(sl.up_k) + static_cast<std::size_t>(Dkv) * dl, dl, a.v.data(), Dkv);
+          xwt(N, Dkv, dl, a.ck.data(), dl, pv(sl.up_k), dl, a.k.data(), Dkv);
+          xwt(N, Dkv, dl, a.ck.data(), dl, pv(sl.up_k) + static_cast<std::size_t>(Dkv) * dl, dl, a.v.data(), Dkv);
         } else {
-          gemm_xwt<float, float>(hb(), N, dl, H, a.h.data(), H, pv(sl.down_v), H, a.cv.data(), dl);
-          gemm_xwt<float, float>(hb(), N, Dkv, dl, a.ck.data(), dl, pv(sl.up_k), dl, a.k.data(), Dkv);
-          gemm_xwt<float, float>(hb(), N, Dkv, dl, a.cv.data(), dl, pv(sl.up_v), dl, a.v.data(), Dkv);
+          xwt(N, dl, H, a.h.data(), H, pv(sl.down_v), H, a.cv.data(), dl);
+          xwt(N, Dkv, dl, a.ck.data(), dl, pv(sl.up_k), dl, a.k.data(), Dkv);
+          xwt(N, Dkv, dl, a.cv.data(), dl, pv(sl.up_v), dl, a.v.data(), Dkv);
         }
         if (lo.recon_alpha > 0) {
           // Residuals K~ - K, V~ - V (biases cancel); acc_[2] += their squared norms.
           const std::size_t bytes = static_cast<std::size_t>(N) * Dkv * sizeof(float);
           CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(a.rk.data(), a.k.data(), bytes, cudaMemcpyDeviceToDevice, st()));
           CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(a.rv.data(), a.v.data(), bytes, cudaMemcpyDeviceToDevice, st()));
-          gemm_xwt<float, float>(hb(), N, Dkv, H, a.h.data(), H, f.wk.data(), H, a.rk.data(), Dkv, -1.0f, 1.0f);
-          gemm_xwt<float, float>(hb(), N, Dkv, H, a.h.data(), H, f.wv.data(), H, a.rv.data(), Dkv, -1.0f, 1.0f);
+          xwt(N, Dkv, H, a.h.data(), H, f.wk.data(), H, a.rk.data(), Dkv, -1.0f, 1.0f);
+          xwt(N, Dkv, H, a.h.data(), H, f.wv.data(), H, a.rv.data(), Dkv, -1.0f, 1.0f);
           sq_sum(a.rk.data(), static_cast<long long>(N) * Dkv, acc_.data() + 2);
           sq_sum(a.rv.data(), static_cast<long long>(N) * Dkv, acc_.data() + 2);
         }
       } else {
-        gemm_xwt<float, float>(hb(), N, Dkv, H, a.h.data(), H, f.wk.data(), H, a.k.data(), Dkv);
-        gemm_xwt<float, float>(hb(), N, Dkv, H, a.h.data(), H, f.wv.data(), H, a.v.data(), Dkv);
+        xwt(N, Dkv, H, a.h.data(), H, f.wk.data(), H, a.k.data(), Dkv);
+        xwt(N, Dkv, H, a.h.data(), H, f.wv.data(), H, a.v.data(), Dkv);
       }
       bias(a.k.data(), Dkv, f.bk);
       bias(a.v.data(), Dkv, f.bv);
@@ -1030,11 +1038,11 @@ class TrainGraph {
       // x_mid = x + attn Wo^T + bo.
       CACHESHRINK_CUDA_CHECK(
           cudaMemcpyAsync(a.x_mid.data(), x, static_cast<std::size_t>(N) * H * sizeof(float), cudaMemcpyDeviceToDevice, st()));
-      gemm_xwt<float, float>(hb(), N, H, Dq, a.attn.data(), Dq, f.wo.data(), Dq, a.x_mid.data(), H, 1.0f, 1.0f);
+      xwt(N, H, Dq, a.attn.data(), Dq, f.wo.data(), Dq, a.x_mid.data(), H, 1.0f, 1.0f);
       bias(a.x_mid.data(), H, f.bo);
       norm_forward(a.x_mid.data(), f.n2w, f.n2b, a.h2.data(), a.mean2.data(), a.rstd2.data());
       const int guw = gpt2() ? I : 2 * I;
-      gemm_xwt<float, float>(hb(), N, guw, H, a.h2.data(), H, f.wgu.data(), H, a.gu.data(), guw);
+      xwt(N, guw, H, a.h2.data(), H, f.wgu.data(), H, a.gu.data(), guw);
       bias(a.gu.data(), guw, f.bgu);
       if (gpt2()) train_kernels::gelu_fwd<<<row_grid(N, I), kernels::kRowThreads, 0, st()>>>(a.gu.data(), tmp_.data(), I);
       else train_kernels::swiglu_fwd<<<row_grid(N, I), kernels::kRowThreads, 0, st()>>>(a.gu.data(), tmp_.data(), I);
@@ -1042,11 +1050,11 @@ class TrainGraph {
       float* xo = xs_[l + 1].data();
       CACHESHRINK_CUDA_CHECK(
           cudaMemcpyAsync(xo, a.x_mid.data(), static_cast<std::size_t>(N) * H * sizeof(float), cudaMemcpyDeviceToDevice, st()));
-      gemm_xwt<float, float>(hb(), N, H, I, tmp_.data(), I, f.wd.data(), I, xo, H, 1.0f, 1.0f);
+      xwt(N, H, I, tmp_.data(), I, f.wd.data(), I, xo, H, 1.0f, 1.0f);
       bias(xo, H, f.bd);
     }
     norm_forward(xs_.back().data(), fnw_, fnb_, hf_.data(), fmean_.data(), frstd_.data());
-    gemm_xwt<float, float>(hb(), N, c_.vocab_size, H, hf_.data(), H, head().data(), H, logits_.data(), c_.vocab_size);
+    xwt(N, c_.vocab_size, H, hf_.data(), H, head().data(), H, logits_.data(), c_.vocab_size);
   }
 
   void head_norm(float* y, float* pre, float* rstd, int heads, const DeviceBuffer<float>& w) {
@@ -1070,7 +1078,7 @@ class TrainGraph {
     float* dh = dh_.data();
     CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(dx, 0, NH * sizeof(float), st()));
     if (have_dz) {
-      gemm_xw(hb(), N, H, V, dz_.data(), V, head().data(), H, dh, H);
+      xw(N, H, V, dz_.data(), V, head().data(), H, dh, H);
       norm_backward(xs_.back().data(), fnw_, fmean_.data(), frstd_.data(), dh, dx);
     }
     for (int l = static_cast<int>(layers_.size()) - 1; l >= lmin_; --l) {
@@ -1078,19 +1086,19 @@ class TrainGraph {
       Acts& a = acts_[static_cast<std::size_t>(l)];
       const Slots& sl = slots_[static_cast<std::size_t>(l)];
       // MLP branch.
-      gemm_xw(hb(), N, I, H, dx, H, f.wd.data(), I, da_.data(), I);
+      xw(N, I, H, dx, H, f.wd.data(), I, da_.data(), I);
       if (gpt2()) {
         train_kernels::gelu_bwd<<<row_grid(N, I), kernels::kRowThreads, 0, st()>>>(a.gu.data(), da_.data(), I);
         CACHESHRINK_CUDA_LAUNCH_CHECK("gelu_bwd");
-        gemm_xw(hb(), N, H, I, da_.data(), I, f.wgu.data(), H, dh, H);
+        xw(N, H, I, da_.data(), I, f.wgu.data(), H, dh, H);
       } else {
         train_kernels::swiglu_bwd<<<row_grid(N, I), kernels::kRowThreads, 0, st()>>>(a.gu.data(), da_.data(), dgu_.data(), I);
         CACHESHRINK_CUDA_LAUNCH_CHECK("swiglu_bwd");
-        gemm_xw(hb(), N, H, 2 * I, dgu_.data(), 2 * I, f.wgu.data(), H, dh, H);
+        xw(N, H, 2 * I, dgu_.data(), 2 * I, f.wgu.data(), H, dh, H);
       }
       norm_backward(a.x_mid.data(), f.n2w, a.mean2.data(), a.rstd2.data(), dh, dx);  // dx is now d x_mid
       // Attention branch.
-      gemm_xw(hb(), N, Dq, H, dx, H, f.wo.data(), Dq, tmp_.data(), Dq);  // d attn
+      xw(N, Dq, H, dx, H, f.wo.data(), Dq, tmp_.data(), Dq);  // d attn
       // The planned GEMMs read K, V in place and write dK, dV (per query head, dkh_/dvh_, under GQA).
       const AttnLayer& al = attn_[static_cast<std::size_t>(l)];
       attn_gemms(al.calls[kBwdScores], 1.0f);  // dP = dO V^T (causal blocks)
@@ -1118,7 +1126,7 @@ class TrainGraph {
       rope(dk_.data(), Dkv, nkv, true);
       if (!f.qn.empty()) head_norm_backward(dq_.data(), a.q_pre.data(), a.q_rstd.data(), nh, f.qn);
       if (!f.kn.empty()) head_norm_backward(dk_.data(), a.k_pre.data(), a.k_rstd.data(), nkv, f.kn);
-      gemm_xw(hb(), N, H, Dq, dq_.data(), Dq, f.wq.data(), H, dh, H);
+      xw(N, H, Dq, dq_.data(), Dq, f.wq.data(), H, dh, H);
       if (f.mla) {
         const int dl = f.d_latent;
         if (!a.rk.empty() && recon_coef_ != 0.0f) {
@@ -1126,31 +1134,31 @@ class TrainGraph {
           const float w = static_cast<float>(recon_coef_ / (recon_slots_ * Dkv));
           axpy(w, a.rk.data(), dk_.data(), static_cast<long long>(N) * Dkv);
           axpy(w, a.rv.data(), dv_.data(), static_cast<long long>(N) * Dkv);
-          gemm_xw(hb(), N, H, Dkv, a.rk.data(), Dkv, f.wk.data(), H, dh, H, -w, 1.0f);
-          gemm_xw(hb(), N, H, Dkv, a.rv.data(), Dkv, f.wv.data(), H, dh, H, -w, 1.0f);
+          xw(N, H, Dkv, a.rk.data(), Dkv, f.wk.data(), H, dh, H, -w, 1.0f);
+          xw(N, H, Dkv, a.rv.data(), Dkv, f.wv.data(), H, dh, H, -w, 1.0f);
         }
         if (sl.joint) {
           const float* Uk = pv(sl.up_k);
           const float* Uv = Uk + static_cast<std::size_t>(Dkv) * dl;
-          gemm_xty(hb(), N, Dkv, dl, dk_.data(), Dkv, a.ck.data(), dl, pg(sl.up_k));
-          gemm_xty(hb(), N, Dkv, dl, dv_.data(), Dkv, a.ck.data(), dl, pg(sl.up_k) + static_cast<std::size_t>(Dkv) * dl);
-          gemm_xw(hb(), N, dl, Dkv, dk_.data(), Dkv, Uk, dl, dc_.data(), dl);
-          gemm_xw(hb(), N, dl, Dkv, dv_.data(), Dkv, Uv, dl, dc_.data(), dl, 1.0f, 1.0f);
-          gemm_xty(hb(), N, dl, H, dc_.data(), dl, a.h.data(), H, pg(sl.down_k));
-          gemm_xw(hb(), N, H, dl, dc_.data(), dl, pv(sl.down_k), H, dh, H, 1.0f, 1.0f);
+          xty(N, Dkv, dl, dk_.data(), Dkv, a.ck.data(), dl, pg(sl.up_k));
+          xty(N, Dkv, dl, dv_.data(), Dkv, a.ck.data(), dl, pg(sl.up_k) + static_cast<std::size_t>(Dkv) * dl);
+          xw(N, dl, Dkv, dk_.data(), Dkv, Uk, dl, dc_.data(), dl);
+          xw(N, dl, Dkv, dv_.data(), Dkv, Uv, dl, dc_.data(), dl, 1.0f, 1.0f);
+          xty(N, dl, H, dc_.data(), dl, a.h.data(), H, pg(sl.down_k));
+          xw(N, H, dl, dc_.data(), dl, pv(sl.down_k), H, dh, H, 1.0f, 1.0f);
         } else {
-          gemm_xty(hb(), N, Dkv, dl, dk_.data(), Dkv, a.ck.data(), dl, pg(sl.up_k));
-          gemm_xty(hb(), N, Dkv, dl, dv_.data(), Dkv, a.cv.data(), dl, pg(sl.up_v));
-          gemm_xw(hb(), N, dl, Dkv, dk_.data(), Dkv, pv(sl.up_k), dl, dc_.data(), dl);
-          gemm_xty(hb(), N, dl, H, dc_.data(), dl, a.h.data(), H, pg(sl.down_k));
-          gemm_xw(hb(), N, H, dl, dc_.data(), dl, pv(sl.down_k), H, dh, H, 1.0f, 1.0f);
-          gemm_xw(hb(), N, dl, Dkv, dv_.data(), Dkv, pv(sl.up_v), dl, dc_.data(), dl);
-          gemm_xty(hb(), N, dl, H, dc_.data(), dl, a.h.data(), H, pg(sl.down_v));
-          gemm_xw(hb(), N, H, dl, dc_.data(), dl, pv(sl.down_v), H, dh, H, 1.0f, 1.0f);
+          xty(N, Dkv, dl, dk_.data(), Dkv, a.ck.data(), dl, pg(sl.up_k));
+          xty(N, Dkv, dl, dv_.data(), Dkv, a.cv.data(), dl, pg(sl.up_v));
+          xw(N, dl, Dkv, dk_.data(), Dkv, pv(sl.up_k), dl, dc_.data(), dl);
+          xty(N, dl, H, dc_.data(), dl, a.h.data(), H, pg(sl.down_k));
+          xw(N, H, dl, dc_.data(), dl, pv(sl.down_k), H, dh, H, 1.0f, 1.0f);
+          xw(N, dl, Dkv, dv_.data(), Dkv, pv(sl.up_v), dl, dc_.data(), dl);
+          xty(N, dl, H, dc_.data(), dl, a.h.data(), H, pg(sl.down_v));
+          xw(N, H, dl, dc_.data(), dl, pv(sl.down_v), H, dh, H, 1.0f, 1.0f);
         }
       } else {
-        gemm_xw(hb(), N, H, Dkv, dk_.data(), Dkv, f.wk.data(), H, dh, H, 1.0f, 1.0f);
-        gemm_xw(hb(), N, H, Dkv, dv_.data(), Dkv, f.wv.data(), H, dh, H, 1.0f, 1.0f);
+        xw(N, H, Dkv, dk_.data(), Dkv, f.wk.data(), H, dh, H, 1.0f, 1.0f);
+        xw(N, H, Dkv, dv_.data(), Dkv, f.wv.data(), H, dh, H, 1.0f, 1.0f);
       }
       if (l == lmin_) break;  // nothing below needs a gradient
       norm_backward(xs_[static_cast<std::size_t>(l)].data(), f.n1w, a.mean1.data(), a.rstd1.data(), dh, dx);
@@ -1160,6 +1168,7 @@ class TrainGraph {
   ModelConfig c_;
   std::unique_ptr<Stream> stream_;
   std::unique_ptr<CublasHandle> blas_;
+  std::unique_ptr<TunedGemm> gemm_;  // the graph's GEMMs (cublasLt, timed kernel choice)
   DeviceBuffer<float> embed_, pos_embed_, head_, fnw_, fnb_;
   model::Rope rope_;
   int rope_positions_ = 0;

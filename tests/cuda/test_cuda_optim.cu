@@ -90,7 +90,9 @@ double orth_error(const MatF& u) {
   return (d.transpose() * d - MatD::Identity(d.cols(), d.cols())).norm();
 }
 
-void run_trajectory(const optim::AdamWOptions& eo, const optim::RiemannianAdamOptions& ro, int steps, std::uint32_t seed) {
+/// scratch_floats > 0: DeviceOptimizer::set_batch_scratch_floats, to split the batched groups into chunks.
+void run_trajectory(const optim::AdamWOptions& eo, const optim::RiemannianAdamOptions& ro, int steps, std::uint32_t seed,
+                    std::size_t scratch_floats = 0) {
   std::mt19937 g(seed);
   manifold::Rng rng(seed);
   // Euclidean shapes like W_down (d_latent, d) and odd ones; Stiefel like W_up (d_kv, d_latent),
@@ -106,6 +108,7 @@ void run_trajectory(const optim::AdamWOptions& eo, const optim::RiemannianAdamOp
   cuda::Stream stream;
   cuda::CublasHandle blas(stream.get());
   cuda::DeviceOptimizer opt(stream.get(), blas.get(), eo, ro);
+  if (scratch_floats > 0) opt.set_batch_scratch_floats(scratch_floats);
   for (Pair& p : ps) opt.add(device_param(p));
   const manifold::EuclideanStiefel<double> st;
   for (int t = 0; t < steps; ++t) {
@@ -186,6 +189,9 @@ TEST_CASE("DeviceOptimizer: AdamW and RiemannianAdam (Stiefel) follow the float6
     eo.weight_decay = 0.0;
     ro.weight_decay = 0.0;
     run_trajectory(eo, ro, 20, 13);
+  }
+  SUBCASE("batched groups split into chunks (scratch for 2 members of 64 x 16: chunks of 2 + 1, and 1 + 1 of the larger shapes)") {
+    run_trajectory(eo, ro, 20, 14, 2048);
   }
 }
 

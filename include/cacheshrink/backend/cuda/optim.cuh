@@ -391,6 +391,14 @@ class DeviceOptimizer {
   DeviceOptimizer(const DeviceOptimizer&) = delete;
   DeviceOptimizer& operator=(const DeviceOptimizer&) = delete;
 
+  /// Scratch bound of the batched Stiefel path, in floats (default 2^25, 128 MiB): a group of
+  /// same-shape parameters is stepped in chunks of at most max(1, floats / (rows * cols)) members.
+  void set_batch_scratch_floats(std::size_t floats) {
+    CACHESHRINK_CHECK(floats >= 1, InvalidArgument, "DeviceOptimizer::set_batch_scratch_floats: must be >= 1");
+    batch_scratch_floats_ = floats;
+  }
+  std::size_t batch_scratch_floats() const { return batch_scratch_floats_; }
+
   /// Registers a parameter with zero moments; returns its index. A Stiefel parameter must be
   /// within 1e-4 of the manifold (max |X^T X - I|; checked here, one synchronisation).
   std::size_t add(const DeviceParam& p) {
@@ -729,8 +737,7 @@ class DeviceOptimizer {
 
   void plan_chunks() {
     // Groups in first-appearance order; a chunk's members share scratch, so a chunk holds at
-    // most kScratchFloats / (n p) members.
-    constexpr std::size_t kScratchFloats = std::size_t{1} << 25;  // 128 MiB of float scratch
+    // most batch_scratch_floats_ / (n p) members.
     std::vector<std::vector<std::size_t>> groups;
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       const Slot& s = slots_[i];
@@ -752,7 +759,7 @@ class DeviceOptimizer {
     for (const auto& g : groups) {
       const Slot& h = slots_[g.front()];
       const std::size_t np = numel(h.p), pp = 2 * static_cast<std::size_t>(h.p.cols) * h.p.cols;
-      const std::size_t per = std::max<std::size_t>(1, kScratchFloats / np);
+      const std::size_t per = std::max<std::size_t>(1, batch_scratch_floats_ / np);
       for (std::size_t b = 0; b < g.size(); b += per) {
         const std::size_t e = std::min(g.size(), b + per);
         Chunk c;
@@ -944,6 +951,7 @@ class DeviceOptimizer {
   DeviceBuffer<double> ci_;     // <rg, rg> of the Stiefel parameter(s) being stepped
   // Batched path: chunks of same-shape Stiefel parameters and their device pointer tables.
   std::vector<Chunk> chunks_;
+  std::size_t batch_scratch_floats_ = std::size_t{1} << 25;
   std::vector<std::vector<std::size_t>> chunk_members_;
   std::vector<float*> tab_host_;
   std::vector<int> ids_host_;

@@ -1,7 +1,7 @@
 #pragma once
 // Shared by test_train.cpp (gradient checks) and test_trainer.cpp (optimizer steps, training
-// runs, checkpoints): random matrices, a directional finite-difference checker, the seven
-// fixture conversions the training tests use and a full-loss FD check.
+// runs, checkpoints): random matrices, a directional finite-difference checker and a full-loss FD
+// check; the seven fixture cases and random batches are train_cases.hpp's (shared with the GPU tests).
 #include <doctest/doctest.h>
 
 #include <cacheshrink/cacheshrink.hpp>
@@ -10,6 +10,8 @@
 #include <random>
 
 #include "test_support.hpp"
+#include "train_cases.hpp"
+#include "train_convert.hpp"
 
 namespace cacheshrink::test::train_support {
 
@@ -47,46 +49,8 @@ void check_op(const char* name, const MatD& x, F&& f, G&& analytic_dx, std::mt19
   }
 }
 
-struct Case {
-  const char* model;
-  const char* method;
-  int group = 0;        // xkv group size (0: default)
-  int skip = 0;         // xkv early layers kept original
-  int window = 0;       // > 0: override the sliding window to exercise the mask
-};
-
-inline model::Model converted(const Case& cs) {
-  auto m = model::load_model(cacheshrink::test::model_dir(cs.model));
-  compression::ConvertOptions o;
-  o.compression_ratio = 2.0;
-  o.method = cs.method;
-  o.use_calibration = false;
-  if (cs.group) o.cross_layer_group_size = cs.group;
-  if (cs.skip) {
-    o.xkv_skip_early_layers = cs.skip;
-    o.keep_early_layers_original = true;
-  }
-  auto mm = compression::convert(m, o, {});
-  if (cs.window) mm.config.sliding_window = cs.window;
-  return mm;
-}
-
-inline std::vector<std::vector<int>> random_seqs(int vocab, std::vector<int> lens, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<std::vector<int>> s;
-  for (int n : lens) {
-    std::vector<int> t(static_cast<std::size_t>(n));
-    for (auto& id : t) id = static_cast<int>(rng() % static_cast<std::uint64_t>(vocab));
-    s.push_back(std::move(t));
-  }
-  return s;
-}
-
-inline const std::vector<Case> kCases = {
-    {"tiny-gpt2", "separate"},          {"tiny-llama2", "joint"},      {"tiny-llama3", "xkv", 2},
-    {"tiny-qwen2", "xkv", 0, 1},        {"tiny-mistral", "xkv", 0, 0, 5}, {"tiny-mqa", "separate"},
-    {"tiny-qwen3", "joint"},
-};
+/// The case's fixture from the test fixtures (train_convert.hpp).
+inline model::Model converted(const Case& cs) { return converted(cacheshrink::test::fixtures() / "models", cs); }
 
 /// Directional FD check of the full loss w.r.t. every parameter of the graph.
 inline void check_full_loss(train::TrainGraph<double>& g, const std::vector<std::vector<int>>& seqs, const train::LossOptions& lo,

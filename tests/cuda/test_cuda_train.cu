@@ -13,26 +13,12 @@
 
 using namespace cacheshrink;
 using test::TrainCase;
+using test::train_support::kCases;  // the CPU training tests' cases and batches (tests/train_cases.hpp)
+using test::train_support::random_seqs;
 
 namespace {
 
-const std::vector<TrainCase> kCases = {
-    {"tiny-gpt2", "separate"},        {"tiny-llama2", "joint"}, {"tiny-llama3", "xkv", 2}, {"tiny-qwen2", "xkv", 0, 1},
-    {"tiny-mistral", "xkv", 0, 0, 5}, {"tiny-mqa", "separate"}, {"tiny-qwen3", "joint"},
-};
-
 model::Model converted(const TrainCase& cs) { return test::converted_fixture((test::cuda_fixtures() / "models").string(), cs); }
-
-std::vector<std::vector<int>> random_seqs(int vocab, std::vector<int> lens, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<std::vector<int>> s;
-  for (int n : lens) {
-    std::vector<int> t(static_cast<std::size_t>(n));
-    for (auto& id : t) id = static_cast<int>(rng() % static_cast<std::uint64_t>(vocab));
-    s.push_back(std::move(t));
-  }
-  return s;
-}
 
 /// max |got - want| / max(max |want|, floor) over a matrix.
 template <class A, class B>

@@ -1,25 +1,10 @@
 // Host-compiled half of test_cuda_train (see train_reference.hpp).
-#include <cacheshrink/compression/convert.hpp>
-
 #include "cuda/train_reference.hpp"
+#include "train_convert.hpp"
 
 namespace cacheshrink::test {
 
-model::Model converted_fixture(const std::string& models_dir, const TrainCase& cs) {
-  auto m = model::load_model(models_dir + "/" + cs.model);
-  compression::ConvertOptions o;
-  o.compression_ratio = 2.0;
-  o.method = cs.method;
-  o.use_calibration = false;
-  if (cs.group) o.cross_layer_group_size = cs.group;
-  if (cs.skip) {
-    o.xkv_skip_early_layers = cs.skip;
-    o.keep_early_layers_original = true;
-  }
-  auto mm = compression::convert(m, o, {});
-  if (cs.window) mm.config.sliding_window = cs.window;
-  return mm;
-}
+model::Model converted_fixture(const std::string& models_dir, const TrainCase& cs) { return train_support::converted(models_dir, cs); }
 
 GraphReference reference_graph(const model::Model& m, const std::vector<std::vector<int>>& seqs, const train::LossOptions& lo) {
   train::TrainGraph<double> g(m);

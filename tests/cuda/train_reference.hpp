@@ -10,16 +10,12 @@
 #include <string>
 #include <vector>
 
+#include "train_cases.hpp"
+
 namespace cacheshrink::test {
 
-/// A fixture converted to MLA at ratio 2 without calibration (the CPU training tests' protocol).
-struct TrainCase {
-  const char* model;
-  const char* method;
-  int group = 0;   // xkv group size (0: default)
-  int skip = 0;    // xkv early layers kept original
-  int window = 0;  // > 0: override the sliding window (shorter than the sequences)
-};
+/// A fixture converted to MLA at ratio 2 without calibration (the CPU training tests' cases).
+using TrainCase = train_support::Case;
 model::Model converted_fixture(const std::string& models_dir, const TrainCase& cs);
 
 struct GraphReference {

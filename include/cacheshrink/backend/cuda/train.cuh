@@ -179,27 +179,6 @@ static __global__ void softmax_bwd(const float* P, float* dP, long long rows, in
   for (int j = lane; j < n; j += 32) d[j] = (j >= a && j <= i) ? p[j] * (d[j] - s) : 0.0f;
 }
 
-static __global__ void expand_heads(const float* __restrict__ src, float* __restrict__ dst, int nh, int group, int hd) {
-  const long long r = blockIdx.y;
-  const int nkv = nh / group;
-  if (hd % 4 == 0) {
-    const int hd4 = hd / 4, n4 = nh * hd4;
-    const float4* s = reinterpret_cast<const float4*>(src + r * nkv * hd);
-    float4* d = reinterpret_cast<float4*>(dst + r * nh * hd);
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += gridDim.x * blockDim.x) {
-      const int h = i / hd4, c = i - h * hd4;
-      d[i] = s[(h / group) * hd4 + c];
-    }
-  } else {
-    const float* s = src + r * nkv * hd;
-    float* d = dst + r * nh * hd;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < nh * hd; i += gridDim.x * blockDim.x) {
-      const int h = i / hd, c = i - h * hd;
-      d[i] = s[(h / group) * hd + c];
-    }
-  }
-}
-
 // dst (rows, nkv*hd) += sum over the group's query heads of src (rows, nh*hd).
 static __global__ void sum_head_groups(const float* src, float* dst, int rows, int nkv, int group, int hd) {
   const long long n = static_cast<long long>(rows) * nkv * hd;
@@ -674,7 +653,7 @@ class TrainGraph {
   bool gpt2() const { return c_.family == Family::Gpt2; }
   cudaStream_t st() const { return stream_->get(); }
   cublasHandle_t hb() const { return blas_->get(); }
-  // Row-major GEMMs of the graph (column-major through TunedGemm; see gemm_xwt, gemm_xw, gemm_xty).
+  // Row-major GEMMs of the graph (HF-orientation weights; column-major underneath, through TunedGemm).
   // Y (rows, out) = alpha X (rows, in) W^T + beta Y.
   void xwt(int rows, int out, int in, const float* X, int ldx, const float* W, int ldw, float* Y, int ldy, float alpha = 1.0f,
            float beta = 0.0f) {
@@ -851,14 +830,11 @@ class TrainGraph {
     int ld = 0, div = 1;
   };
 
-  // Appends to `out` the calls of one GEMM (kind) over every (sequence, head), sequences of equal
-  // length sharing calls; pointers into ptrs.
-  void emit_attention(AttnKind kind, AttnOperand A, AttnOperand B, AttnOperand C, std::vector<AttnCall>& out,
-                      std::vector<float*>& ptrs) const {
+  // Appends to `out` the calls of one GEMM (kind) over every (sequence, head), one call per causal
+  // block of each group of equal-length sequences (by_len: length -> sequences); pointers into ptrs.
+  void emit_attention(AttnKind kind, AttnOperand A, AttnOperand B, AttnOperand C, const std::map<int, std::vector<int>>& by_len,
+                      std::vector<AttnCall>& out, std::vector<float*>& ptrs) const {
     const int nh = c_.n_heads, hd = c_.head_dim;
-    const int nseq = static_cast<int>(off_.size()) - 1;
-    std::map<int, std::vector<int>> by_len;
-    for (int s = 0; s < nseq; ++s) by_len[off_[static_cast<std::size_t>(s) + 1] - off_[static_cast<std::size_t>(s)]].push_back(s);
     const auto row_ptr = [&](const AttnOperand& o, int s, int h, int row) {
       return const_cast<float*>(o.base) +
              (static_cast<std::size_t>(off_[static_cast<std::size_t>(s)]) + static_cast<std::size_t>(row)) * static_cast<std::size_t>(o.ld) +
@@ -876,37 +852,37 @@ class TrainGraph {
         const AttnCall c = kind == AttnKind::Scores ? AttnCall{CUBLAS_OP_T, CUBLAS_OP_N, hi, hi - lo, hd, A.ld, B.ld, n, at, count}
                            : kind == AttnKind::Out  ? AttnCall{CUBLAS_OP_N, CUBLAS_OP_N, hd, hi - lo, hi, A.ld, n, C.ld, at, count}
                                                     : AttnCall{CUBLAS_OP_N, CUBLAS_OP_T, hd, hi - lo, n - lo, A.ld, n, C.ld, at, count};
-        std::vector<float*> pa, pb, pc;
+        ptrs.resize(at + 3 * static_cast<std::size_t>(count));
+        float** pa = ptrs.data() + at;
+        float** pb = pa + count;
+        float** pc = pb + count;
         for (int s : seqs)
-          for (int h = 0; h < nh; ++h) {
+          for (int h = 0; h < nh; ++h, ++pa, ++pb, ++pc) {
             switch (kind) {
               case AttnKind::Scores:
-                pa.push_back(row_ptr(A, s, h, 0));
-                pb.push_back(row_ptr(B, s, h, lo));
-                pc.push_back(p_ptr(C, s, h, n, static_cast<std::size_t>(lo) * n));
+                *pa = row_ptr(A, s, h, 0);
+                *pb = row_ptr(B, s, h, lo);
+                *pc = p_ptr(C, s, h, n, static_cast<std::size_t>(lo) * n);
                 break;
               case AttnKind::Out:
-                pa.push_back(row_ptr(A, s, h, 0));
-                pb.push_back(p_ptr(B, s, h, n, static_cast<std::size_t>(lo) * n));
-                pc.push_back(row_ptr(C, s, h, lo));
+                *pa = row_ptr(A, s, h, 0);
+                *pb = p_ptr(B, s, h, n, static_cast<std::size_t>(lo) * n);
+                *pc = row_ptr(C, s, h, lo);
                 break;
               case AttnKind::Weighted:
-                pa.push_back(row_ptr(A, s, h, lo));
-                pb.push_back(p_ptr(B, s, h, n, static_cast<std::size_t>(lo) * n + static_cast<std::size_t>(lo)));
-                pc.push_back(row_ptr(C, s, h, lo));
+                *pa = row_ptr(A, s, h, lo);
+                *pb = p_ptr(B, s, h, n, static_cast<std::size_t>(lo) * n + static_cast<std::size_t>(lo));
+                *pc = row_ptr(C, s, h, lo);
                 break;
             }
           }
-        ptrs.insert(ptrs.end(), pa.begin(), pa.end());
-        ptrs.insert(ptrs.end(), pb.begin(), pb.end());
-        ptrs.insert(ptrs.end(), pc.begin(), pc.end());
         out.push_back(c);
       }
     }
   }
 
-  // Rebuilds every layer's attention calls for the current batch and buffers; uploads the
-  // pointer table only when it changed (buffers grow only, so a steady shape uploads once).
+  // Rebuilds every layer's attention calls and uploads the pointer table when the batch shape or a
+  // buffer address changed since the last plan (buffers grow only, so a steady shape plans once).
   void plan_attention() {
     // Same batch shape and buffers as last time: the plan stands.
     std::vector<const void*> key;
@@ -917,9 +893,11 @@ class TrainGraph {
     if (key == attn_key_) return;
     attn_key_ = std::move(key);
     poff_.assign(off_.size(), 0);
+    std::map<int, std::vector<int>> by_len;  // sequences grouped by length: one batched call per group and block
     for (std::size_t s = 0; s + 1 < off_.size(); ++s) {
-      const std::size_t n = static_cast<std::size_t>(off_[s + 1] - off_[s]);
-      poff_[s + 1] = poff_[s] + static_cast<std::size_t>(c_.n_heads) * n * n;
+      const int n = off_[s + 1] - off_[s];
+      poff_[s + 1] = poff_[s] + static_cast<std::size_t>(c_.n_heads) * static_cast<std::size_t>(n) * static_cast<std::size_t>(n);
+      by_len[n].push_back(static_cast<int>(s));
     }
     const int Dq = c_.d_q(), Dkv = c_.d_kv(), group = c_.n_heads / c_.n_kv_heads;
     const bool gqa = group != 1;
@@ -932,17 +910,14 @@ class TrainGraph {
       Acts& a = acts_[l];
       AttnLayer& al = attn_[l];
       const AttnOperand K{a.k.data(), Dkv, group}, V{a.v.data(), Dkv, group}, Q{a.q.data(), Dq}, P{a.P.data()}, O{a.attn.data(), Dq};
-      emit_attention(AttnKind::Scores, K, Q, P, al.calls[kFwdScores], ptrs);
-      emit_attention(AttnKind::Out, V, P, O, al.calls[kFwdOut], ptrs);
-      emit_attention(AttnKind::Scores, V, dO, dP, al.calls[kBwdScores], ptrs);
-      emit_attention(AttnKind::Weighted, dO, P, dV, al.calls[kBwdV], ptrs);
-      emit_attention(AttnKind::Out, K, dP, {dq_.data(), Dq}, al.calls[kBwdQ], ptrs);
-      emit_attention(AttnKind::Weighted, Q, dP, dK, al.calls[kBwdK], ptrs);
+      emit_attention(AttnKind::Scores, K, Q, P, by_len, al.calls[kFwdScores], ptrs);
+      emit_attention(AttnKind::Out, V, P, O, by_len, al.calls[kFwdOut], ptrs);
+      emit_attention(AttnKind::Scores, V, dO, dP, by_len, al.calls[kBwdScores], ptrs);
+      emit_attention(AttnKind::Weighted, dO, P, dV, by_len, al.calls[kBwdV], ptrs);
+      emit_attention(AttnKind::Out, K, dP, {dq_.data(), Dq}, by_len, al.calls[kBwdQ], ptrs);
+      emit_attention(AttnKind::Weighted, Q, dP, dK, by_len, al.calls[kBwdK], ptrs);
     }
-    if (ptrs != attn_ptrs_host_) {
-      attn_ptrs_.upload(ptrs, st());
-      attn_ptrs_host_ = std::move(ptrs);
-    }
+    attn_ptrs_.upload(ptrs, st());
   }
 
   void attn_gemms(const std::vector<AttnCall>& calls, float alpha) {
@@ -1192,7 +1167,6 @@ class TrainGraph {
       dc_, dP_;
   std::vector<std::size_t> poff_;  // each sequence's first element in a layer's P (and dP)
   std::vector<AttnLayer> attn_;    // per layer: the attention GEMM calls
-  std::vector<float*> attn_ptrs_host_;
   std::vector<const void*> attn_key_;  // batch offsets and buffer addresses the plan was built for
   DeviceBuffer<float*> attn_ptrs_;
 };

@@ -14,9 +14,13 @@
 // session (docs/results_cuda.md).
 //
 //   bench_cuda_train [--shapes llama2,qwen25] [--batch 4] [--seq 512] [--steps 5] [--warmup 2]
-//                    [--recon-alpha 0.3] [--modes fp32,tf32] [--gemm-tuning on|off|both] [--json PATH]
+//                    [--recon-alpha 0.3] [--modes fp32,tf32] [--gemm-tuning on|off|both] [--gemm-profile]
+//                    [--gemm-candidates 8] [--gemm-splitk] [--json PATH]
 // --gemm-tuning: cuda::TunedGemm's timed kernel choice for the graph's GEMMs (on, the default),
 // cublasLt's first heuristic choice (off), or both, one after the other.
+// --gemm-profile: after the timings, one more forward + backward with every graph GEMM bracketed
+// by CUDA events; prints each shape's calls, time and TFLOP/s (a diagnostic, not in the JSON).
+// --gemm-candidates, --gemm-splitk: how wide the timed search is (cuda::TunedGemm::set_search).
 #include <cacheshrink/backend/cuda/optim.cuh>
 #include <cacheshrink/backend/cuda/train.cuh>
 #include <cstdio>
@@ -37,6 +41,9 @@ struct Args {
   double recon_alpha = 0.3;
   std::vector<std::string> modes = {"fp32", "tf32"};
   std::vector<bool> tunings = {true};  // cuda::TunedGemm kernel choice: timed (on) / heuristic (off)
+  bool gemm_profile = false;
+  int gemm_candidates = cuda::TunedGemm::kCandidates;
+  bool gemm_splitk = false;
   std::string json;
 };
 
@@ -105,6 +112,7 @@ nlohmann::json run(const std::string& shape, const Args& a) {
     for (const bool tuning : a.tunings) {
     g.set_tf32(mode == "tf32");
     g.set_gemm_tuning(tuning);
+    g.set_gemm_search(a.gemm_candidates, a.gemm_splitk);
     train::LossParts last;
     auto step = [&] {
       g.zero_grad();
@@ -132,6 +140,23 @@ nlohmann::json run(const std::string& shape, const Args& a) {
       opt.grad_norm_and_clip(1.0, false);
       opt.step(1e-5, 1e-4);
     });
+    if (a.gemm_profile) {
+      // One more step (forward + backward) with every graph GEMM timed by CUDA events.
+      g.set_gemm_profile(true);
+      g.zero_grad();
+      g.forward_backward(seqs, lo, 1.0);
+      double total = 0, flops = 0;
+      std::printf("%-8s %s GEMM profile of one forward + backward (cuBLAS column-major view; attention's batched GEMMs excluded):\n",
+                  shape.c_str(), mode.c_str());
+      for (const auto& r : g.gemm_profile()) {
+        total += r.ms;
+        flops += 2.0 * r.m * r.n * static_cast<double>(r.k) * r.calls;
+        std::printf("  %c%c m %6d n %6d k %6d beta%s calls %4d  %8.3f ms  %6.1f TFLOP/s  (algo %d tile %d split-K %d)\n", r.ta, r.tb, r.m, r.n,
+                    r.k, r.beta0 ? "=0 " : "!=0", r.calls, r.ms, r.tflops(), r.algo_id, r.tile_id, r.splitk);
+      }
+      std::printf("  total %.2f ms, %.1f TFLOP/s\n", total, flops / (total * 1e9));
+      g.set_gemm_profile(false);
+    }
     const double tokens = static_cast<double>(a.batch) * a.seq;
     // The MLP up-projection's shape: (tokens x hidden) x (hidden x intermediate).
     const double sgemm = sgemm_rate(static_cast<int>(I), a.batch * a.seq, static_cast<int>(H), mode == "tf32");
@@ -217,10 +242,13 @@ int main(int argc, char** argv) {
     else if (k == "--warmup") a.warmup = std::stoi(val());
     else if (k == "--recon-alpha") a.recon_alpha = std::stod(val());
     else if (k == "--json") a.json = val();
+    else if (k == "--gemm-profile") a.gemm_profile = true;
+    else if (k == "--gemm-candidates") a.gemm_candidates = std::stoi(val());
+    else if (k == "--gemm-splitk") a.gemm_splitk = true;
     else {
       std::fprintf(stderr,
                    "usage: bench_cuda_train [--shapes llama2,qwen25] [--batch 4] [--seq 512] [--steps 5] [--warmup 2] [--recon-alpha 0.3] "
-                   "[--modes fp32,tf32] [--gemm-tuning on|off|both] [--json PATH]\n");
+                   "[--modes fp32,tf32] [--gemm-tuning on|off|both] [--gemm-profile] [--gemm-candidates N] [--gemm-splitk] [--json PATH]\n");
       return 2;
     }
   }

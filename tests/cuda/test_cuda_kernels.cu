@@ -321,7 +321,7 @@ TEST_CASE("GEMM X W^T: cublasSgemm (float32) and cublasGemmEx (bf16 in, fp32 acc
     }
 }
 
-TEST_CASE("TunedGemm (cublasLt, timed kernel choice) matches float64: every op pair, odd sizes, offset pointers, beta 0/1") {
+TEST_CASE("TunedGemm (cublasLt, timed kernel choice) matches float64: every op pair, odd sizes, offset pointers, beta 0/1, in/out of place") {
   CACHESHRINK_REQUIRE_GPU();
   std::mt19937 g(9);
   cuda::Stream stream;
@@ -329,22 +329,33 @@ TEST_CASE("TunedGemm (cublasLt, timed kernel choice) matches float64: every op p
   cuda::TunedGemm tg(stream.get(), h.get());
   // Column-major C (m, n) = alpha op(A) op(B) + beta C with ld = rows + pad and the operands
   // starting `shift` floats into their buffers (alignment 4 bytes: the planner must honour it).
-  for (bool tune : {true, false})
+  // search: 0 untuned, 1 tuned among 8 heuristic candidates, 2 among 64 plus split-K variants.
+  for (int search : {1, 0, 2})
     for (auto [m, n, k] : {std::tuple{1, 1, 1}, {3, 5, 7}, {33, 17, 65}, {129, 257, 96}, {256, 512, 384}})
       for (auto [ta, tb] : {std::pair{CUBLAS_OP_N, CUBLAS_OP_N}, {CUBLAS_OP_T, CUBLAS_OP_N}, {CUBLAS_OP_N, CUBLAS_OP_T}, {CUBLAS_OP_T, CUBLAS_OP_T}})
         for (float beta : {0.0f, 1.0f})
-          for (int shift : {0, 1}) {
+          for (int shift : {0, 1})
+            for (bool oop : {false, true}) {
+            const bool tune = search > 0;
             tg.set_tuning(tune);
+            tg.set_search(search == 2 ? 64 : cuda::TunedGemm::kCandidates, search == 2);
             const int ar = ta == CUBLAS_OP_N ? m : k, ac = ta == CUBLAS_OP_N ? k : m;
             const int br = tb == CUBLAS_OP_N ? k : n, bc = tb == CUBLAS_OP_N ? n : k;
             const int lda = ar + 3, ldb = br + 1, ldc = m + 2;
             auto A = test::random_floats(static_cast<std::size_t>(lda) * ac + shift, g);
             auto B = test::random_floats(static_cast<std::size_t>(ldb) * bc + shift, g);
             auto C = test::random_floats(static_cast<std::size_t>(ldc) * n + shift, g);
-            auto dA = test::to_device<float>(A), dB = test::to_device<float>(B), dC = test::to_device<float>(C);
+            // Out of place: D starts as other random values; C must come back unchanged.
+            auto D0 = test::random_floats(C.size(), g);
+            auto dA = test::to_device<float>(A), dB = test::to_device<float>(B), dC = test::to_device<float>(C), dD = test::to_device<float>(D0);
             const float alpha = 0.75f;
-            tg.gemm(ta, tb, m, n, k, alpha, dA.data() + shift, lda, dB.data() + shift, ldb, beta, dC.data() + shift, ldc);
-            const auto got = test::to_host(dC);
+            if (oop)
+              tg.gemm(ta, tb, m, n, k, alpha, dA.data() + shift, lda, dB.data() + shift, ldb, beta, static_cast<const float*>(dC.data() + shift),
+                      ldc, dD.data() + shift);
+            else
+              tg.gemm(ta, tb, m, n, k, alpha, dA.data() + shift, lda, dB.data() + shift, ldb, beta, dC.data() + shift, ldc);
+            const auto got = test::to_host(oop ? dD : dC);
+            if (oop) CHECK(test::to_host(dC) == C);
             double worst = 0, scale = 0;
             for (int j = 0; j < n; ++j)
               for (int i = 0; i < m; ++i) {
@@ -362,8 +373,9 @@ TEST_CASE("TunedGemm (cublasLt, timed kernel choice) matches float64: every op p
             // Padding rows of C (i >= m) and the shifted-off prefix stay untouched.
             bool pad_kept = true;
             for (int j = 0; j < n; ++j)
-              for (int i = m; i < ldc; ++i) pad_kept &= got[shift + i + static_cast<std::size_t>(j) * ldc] == C[shift + i + static_cast<std::size_t>(j) * ldc];
-            INFO("tune ", tune, " m ", m, " n ", n, " k ", k, " ta ", static_cast<int>(ta), " tb ", static_cast<int>(tb), " beta ", beta,
+              for (int i = m; i < ldc; ++i)
+                pad_kept &= got[shift + i + static_cast<std::size_t>(j) * ldc] == (oop ? D0 : C)[shift + i + static_cast<std::size_t>(j) * ldc];
+            INFO("search ", search, " oop ", oop, " m ", m, " n ", n, " k ", k, " ta ", static_cast<int>(ta), " tb ", static_cast<int>(tb), " beta ", beta,
                  " shift ", shift, " err ", worst / scale);
             CHECK(worst <= 1e-5 * scale);  // strict float32: a timing run writing into C (beta 1) would be ~4x off
             CHECK(pad_kept);

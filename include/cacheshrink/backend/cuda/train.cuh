@@ -532,6 +532,11 @@ class TrainGraph {
   /// each shape's first call (on: ~1-3% faster at 7B shapes in TF32, but the pick rests on timings
   /// and can differ between processes) or cublasLt's first choice (off, the default: reproducible).
   void set_gemm_tuning(bool on) { gemm_->set_tuning(on); }
+  /// The timed search's width (cuda::TunedGemm::set_search).
+  void set_gemm_search(int candidates, bool splitk) { gemm_->set_search(candidates, splitk); }
+  /// Diagnostic: time every graph GEMM (not the attention's batched ones) until gemm_profile().
+  void set_gemm_profile(bool on) { gemm_->set_profile(on); }
+  std::vector<TunedGemm::ProfileRow> gemm_profile() { return gemm_->profile(); }
   bool gemm_tuning() const { return gemm_->tuning(); }
 
   const ModelConfig& config() const { return c_; }
@@ -659,6 +664,11 @@ class TrainGraph {
   void xwt(int rows, int out, int in, const float* X, int ldx, const float* W, int ldw, float* Y, int ldy, float alpha = 1.0f,
            float beta = 0.0f) {
     gemm_->gemm(CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, alpha, W, ldw, X, ldx, beta, Y, ldy);
+  }
+  // Y (rows, out) = alpha X W^T + C: C (same layout as Y) is read, not overwritten.
+  void xwt_plus(int rows, int out, int in, const float* X, int ldx, const float* W, int ldw, const float* C, float* Y, int ldy,
+                float alpha = 1.0f) {
+    gemm_->gemm(CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, alpha, W, ldw, X, ldx, 1.0f, C, ldy, Y);
   }
   // Y (rows, out) = alpha X (rows, in) W (in, out) + beta Y.
   void xw(int rows, int out, int in, const float* X, int ldx, const float* W, int ldw, float* Y, int ldy, float alpha = 1.0f,
@@ -984,11 +994,8 @@ class TrainGraph {
         }
         if (lo.recon_alpha > 0) {
           // Residuals K~ - K, V~ - V (biases cancel); acc_[2] += their squared norms.
-          const std::size_t bytes = static_cast<std::size_t>(N) * Dkv * sizeof(float);
-          CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(a.rk.data(), a.k.data(), bytes, cudaMemcpyDeviceToDevice, st()));
-          CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(a.rv.data(), a.v.data(), bytes, cudaMemcpyDeviceToDevice, st()));
-          xwt(N, Dkv, H, a.h.data(), H, f.wk.data(), H, a.rk.data(), Dkv, -1.0f, 1.0f);
-          xwt(N, Dkv, H, a.h.data(), H, f.wv.data(), H, a.rv.data(), Dkv, -1.0f, 1.0f);
+          xwt_plus(N, Dkv, H, a.h.data(), H, f.wk.data(), H, a.k.data(), a.rk.data(), Dkv, -1.0f);
+          xwt_plus(N, Dkv, H, a.h.data(), H, f.wv.data(), H, a.v.data(), a.rv.data(), Dkv, -1.0f);
           sq_sum(a.rk.data(), static_cast<long long>(N) * Dkv, acc_.data() + 2);
           sq_sum(a.rv.data(), static_cast<long long>(N) * Dkv, acc_.data() + 2);
         }
@@ -1012,9 +1019,7 @@ class TrainGraph {
       }
       attn_gemms(al.calls[kFwdOut], 1.0f);  // O = P V
       // x_mid = x + attn Wo^T + bo.
-      CACHESHRINK_CUDA_CHECK(
-          cudaMemcpyAsync(a.x_mid.data(), x, static_cast<std::size_t>(N) * H * sizeof(float), cudaMemcpyDeviceToDevice, st()));
-      xwt(N, H, Dq, a.attn.data(), Dq, f.wo.data(), Dq, a.x_mid.data(), H, 1.0f, 1.0f);
+      xwt_plus(N, H, Dq, a.attn.data(), Dq, f.wo.data(), Dq, x, a.x_mid.data(), H);
       bias(a.x_mid.data(), H, f.bo);
       norm_forward(a.x_mid.data(), f.n2w, f.n2b, a.h2.data(), a.mean2.data(), a.rstd2.data());
       const int guw = gpt2() ? I : 2 * I;
@@ -1024,9 +1029,7 @@ class TrainGraph {
       else train_kernels::swiglu_fwd<<<row_grid(N, I), kernels::kRowThreads, 0, st()>>>(a.gu.data(), tmp_.data(), I);
       CACHESHRINK_CUDA_LAUNCH_CHECK("mlp activation");
       float* xo = xs_[l + 1].data();
-      CACHESHRINK_CUDA_CHECK(
-          cudaMemcpyAsync(xo, a.x_mid.data(), static_cast<std::size_t>(N) * H * sizeof(float), cudaMemcpyDeviceToDevice, st()));
-      xwt(N, H, I, tmp_.data(), I, f.wd.data(), I, xo, H, 1.0f, 1.0f);
+      xwt_plus(N, H, I, tmp_.data(), I, f.wd.data(), I, a.x_mid.data(), xo, H);
       bias(xo, H, f.bd);
     }
     norm_forward(xs_.back().data(), fnw_, fnb_, hf_.data(), fmean_.data(), frstd_.data());

@@ -22,12 +22,15 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "cacheshrink/backend/cuda/check.cuh"
+#include "cacheshrink/core/error.hpp"
 #include "cacheshrink/backend/cuda/memory.cuh"
 
 namespace cacheshrink::cuda {
@@ -45,6 +48,7 @@ class TunedGemm {
   TunedGemm(const TunedGemm&) = delete;
   TunedGemm& operator=(const TunedGemm&) = delete;
   ~TunedGemm() {
+    drop_profile();
     for (auto& [key, e] : plans_) release(e);
     if (lt_) (void)cublasLtDestroy(lt_);
   }
@@ -54,35 +58,119 @@ class TunedGemm {
   /// Time the heuristic's candidates on a shape's first call (on) or take its first choice (off, the default).
   void set_tuning(bool on) { tune_ = on; }
   bool tuning() const { return tune_; }
+  /// How wide tuning searches: the heuristic's first `candidates` algorithms (1..64; default
+  /// kCandidates) and, with `splitk`, split-K variants (2-8 slices, deterministic reductions) of the
+  /// first four of them. Only affects shapes planned after the call.
+  void set_search(int candidates, bool splitk) {
+    if (candidates < 1 || candidates > 64) throw InvalidArgument("TunedGemm::set_search: candidates must be in [1, 64]");
+    candidates_ = candidates;
+    splitk_ = splitk;
+  }
   /// Distinct shapes planned so far.
   std::size_t planned() const { return plans_.size(); }
+
+  /// Profiling: while on, every call is bracketed by CUDA events (a diagnostic; it adds a little
+  /// launch overhead). profile() synchronises the stream and returns each shape's calls and total
+  /// time since the last profile() or set_profile(true), slowest first.
+  struct ProfileRow {
+    char ta, tb;
+    int m, n, k;
+    bool beta0;
+    int algo_id, tile_id, splitk;  // the chosen cublasLt algorithm and configuration
+    int calls;
+    double ms;
+    double tflops() const { return ms > 0 ? 2.0 * m * n * static_cast<double>(k) * calls / (ms * 1e9) : 0.0; }
+  };
+  void set_profile(bool on) {
+    drop_profile();
+    profile_ = on;
+  }
+  std::vector<ProfileRow> profile() {
+    CACHESHRINK_CUDA_CHECK(cudaStreamSynchronize(s_));
+    std::map<Key, ProfileRow> rows;
+    for (const auto& [key, t0, t1] : pending_) {
+      float ms = 0.0f;
+      CACHESHRINK_CUDA_CHECK(cudaEventElapsedTime(&ms, t0, t1));
+      const auto [ta, tb, m, n, k, lda, ldb, ldc, beta0, tf32, align, search, oop] = key;
+      const Plan& p = plans_.at(key);
+      auto [it, fresh] = rows.try_emplace(key, ProfileRow{ta == CUBLAS_OP_N ? 'N' : 'T', tb == CUBLAS_OP_N ? 'N' : 'T', m, n, k, beta0,
+                                                          config(p.algo, CUBLASLT_ALGO_CONFIG_ID), config(p.algo, CUBLASLT_ALGO_CONFIG_TILE_ID),
+                                                          config(p.algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM), 0, 0.0});
+      ++it->second.calls;
+      it->second.ms += ms;
+    }
+    drop_profile();
+    std::vector<ProfileRow> out;
+    for (auto& [key, r] : rows) out.push_back(r);
+    std::sort(out.begin(), out.end(), [](const ProfileRow& a, const ProfileRow& b) { return a.ms > b.ms; });
+    return out;
+  }
 
   /// C (m, n; ldc) = alpha op(A) op(B) + beta C, column-major float32.
   void gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const float* A, int lda, const float* B, int ldb,
             float beta, float* C, int ldc) {
+    gemm(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, C);
+  }
+  /// D (m, n; ldc) = alpha op(A) op(B) + beta C: the result goes to D (same leading dimension as
+  /// C), C is only read; D == C is the in-place call above. Saves a copy of C when it must survive.
+  void gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const float* A, int lda, const float* B, int ldb,
+            float beta, const float* C, int ldc, float* D) {
     if (m == 0 || n == 0) return;
-    if (k == 0) {
-      CACHESHRINK_CUBLAS_CHECK(cublasSgemm(fallback_, ta, tb, m, n, k, &alpha, A, lda, B, ldb, &beta, C, ldc));
-      return;
+    if (k == 0 || (beta == 0.0f && C != D)) {
+      if (C != D && beta != 0.0f)
+        CACHESHRINK_CUDA_CHECK(cudaMemcpy2DAsync(D, static_cast<std::size_t>(ldc) * sizeof(float), C, static_cast<std::size_t>(ldc) * sizeof(float),
+                                                 static_cast<std::size_t>(m) * sizeof(float), static_cast<std::size_t>(n), cudaMemcpyDeviceToDevice, s_));
+      if (k == 0) {
+        CACHESHRINK_CUBLAS_CHECK(cublasSgemm(fallback_, ta, tb, m, n, k, &alpha, A, lda, B, ldb, &beta, D, ldc));
+        return;
+      }
+      C = D;  // beta = 0: C is not read
     }
-    const auto bits = reinterpret_cast<std::uintptr_t>(A) | reinterpret_cast<std::uintptr_t>(B) | reinterpret_cast<std::uintptr_t>(C);
+    const bool oop = C != D;
+    const auto bits = reinterpret_cast<std::uintptr_t>(A) | reinterpret_cast<std::uintptr_t>(B) | reinterpret_cast<std::uintptr_t>(C) |
+                      reinterpret_cast<std::uintptr_t>(D);
     unsigned align = 256;
     while (align > 4 && bits % align != 0) align /= 2;
-    const Key key{static_cast<int>(ta), static_cast<int>(tb), m, n, k, lda, ldb, ldc, beta == 0.0f, tf32_, align, tune_};
+    const Key key{static_cast<int>(ta), static_cast<int>(tb), m, n, k, lda, ldb, ldc, beta == 0.0f, tf32_, align,
+                  tune_ ? candidates_ * 2 + static_cast<int>(splitk_) : 0, oop};
     auto it = plans_.find(key);
-    if (it == plans_.end()) it = plans_.emplace(key, plan(key, alpha, A, B, beta, C)).first;
+    if (it == plans_.end()) it = plans_.emplace(key, plan(key, alpha, A, B, beta, D)).first;
     const Plan& p = it->second;
+    cudaEvent_t t0 = nullptr, t1 = nullptr;
+    if (profile_) {
+      CACHESHRINK_CUDA_CHECK(cudaEventCreate(&t0));
+      CACHESHRINK_CUDA_CHECK(cudaEventCreate(&t1));
+      pending_.emplace_back(key, t0, t1);
+      CACHESHRINK_CUDA_CHECK(cudaEventRecord(t0, s_));
+    }
     CACHESHRINK_CUBLAS_CHECK(
-        cublasLtMatmul(lt_, p.op, &alpha, A, p.a, B, p.b, &beta, C, p.c, C, p.c, &p.algo, workspace_.data(), kWorkspaceBytes, s_));
+        cublasLtMatmul(lt_, p.op, &alpha, A, p.a, B, p.b, &beta, C, p.c, D, p.c, &p.algo, workspace_.data(), kWorkspaceBytes, s_));
+    if (profile_) CACHESHRINK_CUDA_CHECK(cudaEventRecord(t1, s_));
   }
 
  private:
-  using Key = std::tuple<int, int, int, int, int, int, int, int, bool, bool, unsigned, bool>;
+  // ..., search (0 = untuned), out of place (D != C)
+  using Key = std::tuple<int, int, int, int, int, int, int, int, bool, bool, unsigned, int, bool>;
   struct Plan {
     cublasLtMatmulDesc_t op = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
     cublasLtMatmulAlgo_t algo{};
   };
+
+  static int config(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttributes_t attr) {
+    std::uint32_t v = 0;  // every configuration attribute we read is 32-bit (uint32 or int32)
+    std::size_t written = 0;
+    if (cublasLtMatmulAlgoConfigGetAttribute(&algo, attr, &v, sizeof(v), &written) != CUBLAS_STATUS_SUCCESS) return -1;
+    return static_cast<int>(v);
+  }
+
+  void drop_profile() {
+    for (auto& [key, t0, t1] : pending_) {
+      (void)cudaEventDestroy(t0);
+      (void)cudaEventDestroy(t1);
+    }
+    pending_.clear();
+  }
 
   static void release(Plan& p) {
     if (p.a) (void)cublasLtMatrixLayoutDestroy(p.a);
@@ -92,7 +180,8 @@ class TunedGemm {
   }
 
   Plan plan(const Key& key, float alpha, const float* A, const float* B, float beta, float* C) {
-    const auto [ta_i, tb_i, m, n, k, lda, ldb, ldc, beta0, tf32, align, tune] = key;
+    const auto [ta_i, tb_i, m, n, k, lda, ldb, ldc, beta0, tf32, align, search, oop] = key;
+    const bool tune = search != 0;
     const auto ta = static_cast<cublasOperation_t>(ta_i), tb = static_cast<cublasOperation_t>(tb_i);
     Plan p;
     struct Guard {  // releases the descriptors if planning throws
@@ -123,14 +212,53 @@ class TunedGemm {
     for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
                       CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
       CACHESHRINK_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &al, sizeof(al)));
-    cublasLtMatmulHeuristicResult_t results[kCandidates];
+    // Up to 64 heuristic candidates, then up to 4 x 5 x 2 split-K variants.
+    cublasLtMatmulHeuristicResult_t results[64 + 40];
     int found = 0;
-    const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(lt_, p.op, p.a, p.b, p.c, p.c, pref, tune ? kCandidates : 1, results, &found);
+    const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(lt_, p.op, p.a, p.b, p.c, p.c, pref, tune ? search / 2 : (oop ? 8 : 1), results, &found);
     if (hs != CUBLAS_STATUS_SUCCESS || found == 0)
       throw CudaError("cublasLt: no algorithm for the float32 GEMM m " + std::to_string(m) + " n " + std::to_string(n) + " k " +
                       std::to_string(k) + " (status " + std::to_string(static_cast<int>(hs)) + ")");
+    std::size_t count = 0;
+    for (int i = 0; i < found; ++i) {  // an out-of-place call needs an algorithm that can write D != C
+      std::int32_t cap = 1;
+      std::size_t written = 0;
+      if (oop && (cublasLtMatmulAlgoCapGetAttribute(&results[i].algo, CUBLASLT_ALGO_CAP_OUT_OF_PLACE_RESULT_SUPPORT, &cap, sizeof(cap),
+                                                    &written) != CUBLAS_STATUS_SUCCESS ||
+                  cap == 0))
+        continue;
+      results[count++] = results[i];
+    }
+    if (count == 0)
+      throw CudaError("cublasLt: no out-of-place algorithm for the float32 GEMM m " + std::to_string(m) + " n " + std::to_string(n) + " k " +
+                      std::to_string(k));
     p.algo = results[0].algo;
-    if (tune && found > 1) {
+    if (tune && (search & 1)) {
+      // Split-K variants of the first four candidates: the K range cut into s slices whose partial
+      // products are summed in a fixed order (in place with sequencing counters, or in workspace).
+      const std::size_t base = std::min<std::size_t>(count, 4);
+      for (std::size_t i = 0; i < base; ++i) {
+        std::int32_t cap = 0;
+        std::size_t written = 0;
+        if (results[i].state != CUBLAS_STATUS_SUCCESS ||
+            cublasLtMatmulAlgoCapGetAttribute(&results[i].algo, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &cap, sizeof(cap), &written) !=
+                CUBLAS_STATUS_SUCCESS ||
+            cap == 0)
+          continue;
+        for (std::uint32_t slices : {2u, 3u, 4u, 6u, 8u})
+          for (std::uint32_t scheme : {CUBLASLT_REDUCTION_SCHEME_INPLACE, CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE}) {
+            cublasLtMatmulHeuristicResult_t v = results[i];
+            if (cublasLtMatmulAlgoConfigSetAttribute(&v.algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &slices, sizeof(slices)) != CUBLAS_STATUS_SUCCESS ||
+                cublasLtMatmulAlgoConfigSetAttribute(&v.algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme, sizeof(scheme)) !=
+                    CUBLAS_STATUS_SUCCESS ||
+                cublasLtMatmulAlgoCheck(lt_, p.op, p.a, p.b, p.c, p.c, &v.algo, &v) != CUBLAS_STATUS_SUCCESS || v.workspaceSize > ws)
+              continue;
+            v.state = CUBLAS_STATUS_SUCCESS;
+            results[count++] = v;
+          }
+      }
+    }
+    if (tune && count > 1) {
       // Time on the real inputs; beta != 0 writes into scratch so C keeps its contents.
       float* out = C;
       if (!beta0) {
@@ -148,7 +276,7 @@ class TunedGemm {
         }
       } events{t0, t1};
       float best = -1.0f;
-      for (int i = 0; i < found; ++i) {
+      for (std::size_t i = 0; i < count; ++i) {
         if (results[i].state != CUBLAS_STATUS_SUCCESS) continue;
         const auto run = [&] {
           return cublasLtMatmul(lt_, p.op, &alpha, A, p.a, B, p.b, &beta, out, p.c, out, p.c, &results[i].algo, workspace_.data(),
@@ -174,7 +302,9 @@ class TunedGemm {
   cudaStream_t s_;
   cublasHandle_t fallback_;
   cublasLtHandle_t lt_ = nullptr;
-  bool tf32_ = false, tune_ = false;
+  bool tf32_ = false, tune_ = false, profile_ = false, splitk_ = false;
+  int candidates_ = kCandidates;
+  std::vector<std::tuple<Key, cudaEvent_t, cudaEvent_t>> pending_;  // profiled calls not yet reported
   DeviceBuffer<unsigned char> workspace_;
   DeviceBuffer<float> scratch_;
   std::map<Key, Plan> plans_;

@@ -110,13 +110,13 @@ static __global__ void norm_bwd(const float* x, const float* w, const float* mea
   }
 }
 
-// Per-head RMSNorm forward (q/k norm), in place on y (rows, heads*hd): pre <- y, rstd per
-// (row, head), y <- y rstd w. One warp per (row, head).
-static __global__ void head_norm_fwd(float* y, float* pre, float* rstd, int rows, int heads, int hd, const float* w, float eps) {
+// Per-head RMSNorm forward (q/k norm), in place on y (rows, heads*hd; row stride ld): pre (packed)
+// <- y, rstd per (row, head), y <- y rstd w. One warp per (row, head).
+static __global__ void head_norm_fwd(float* y, int ld, float* pre, float* rstd, int rows, int heads, int hd, const float* w, float eps) {
   const long long warp = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (warp >= static_cast<long long>(rows) * heads) return;
-  float* p = y + warp * hd;
+  float* p = y + (warp / heads) * ld + (warp % heads) * hd;
   float* q = pre + warp * hd;
   float ss = 0.0f;
   for (int d = lane; d < hd; d += 32) {
@@ -130,11 +130,11 @@ static __global__ void head_norm_fwd(float* y, float* pre, float* rstd, int rows
 }
 
 // Its backward, in place on dy: dx = r g - x r^3 mean(g x), g = w dy.
-static __global__ void head_norm_bwd(float* dy, const float* pre, const float* rstd, int rows, int heads, int hd, const float* w) {
+static __global__ void head_norm_bwd(float* dy, int ld, const float* pre, const float* rstd, int rows, int heads, int hd, const float* w) {
   const long long warp = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (warp >= static_cast<long long>(rows) * heads) return;
-  float* g = dy + warp * hd;
+  float* g = dy + (warp / heads) * ld + (warp % heads) * hd;
   const float* x = pre + warp * hd;
   const float r = rstd[warp];
   float s = 0.0f;
@@ -297,6 +297,17 @@ static __global__ void __launch_bounds__(256) sq_sum(const float* __restrict__ x
   }
 }
 
+// The reconstruction loss's gradient: dk += w r (the reconstruction's side) and g = -w r (the
+// target's side, row stride ldg: a block of the fused input projection's gradient).
+static __global__ void recon_grad(const float* __restrict__ r, int cols, long long n, float w, float* __restrict__ dk, float* __restrict__ g,
+                                  int ldg) {
+  const long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  const float v = w * r[i];
+  dk[i] += v;
+  g[(i / cols) * ldg + i % cols] = -v;
+}
+
 // u (rows, cols) = the first cols columns of the identity.
 static __global__ void identity_columns(float* u, int rows, int cols) {
   const long long n = static_cast<long long>(rows) * cols;
@@ -362,9 +373,6 @@ class TrainGraph {
       upv(f.n1b, lw.norm1_b);
       upv(f.n2w, lw.norm2_w);
       upv(f.n2b, lw.norm2_b);
-      up(f.wq, lw.wq);
-      up(f.wk, lw.wk);
-      up(f.wv, lw.wv);
       up(f.wo, lw.wo);
       upv(f.bq, lw.bq);
       upv(f.bk, lw.bk);
@@ -389,6 +397,17 @@ class TrainGraph {
       up(f.wd, lw.w_down);
       upv(f.bd, lw.b_down);
       f.has_original_kv = lw.wk.rows() == dkv && lw.wv.rows() == dkv;
+      {  // the stacked input projection; the down projections' rows are filled by sync_down_copies
+        const int dl = lw.mla ? lw.mla->d_latent : 0;
+        layout_cat(f, dl, lw.mla && lw.mla->method == CompressionMethod::Joint);
+        MatrixRf cat = MatrixRf::Zero(cat_rows(f), c_.hidden_size);
+        cat.topRows(c_.d_q()) = lw.wq;
+        if (f.cat_k >= 0) {
+          cat.middleRows(f.cat_k, dkv) = lw.wk;
+          cat.middleRows(f.cat_v, dkv) = lw.wv;
+        }
+        up(f.wcat, cat);
+      }
       if (!lw.mla) {
         if (!f.has_original_kv)
           throw InvalidArgument("cuda train: layer " + std::to_string(l) + " has neither MLA weights nor k_proj/v_proj");
@@ -466,9 +485,11 @@ class TrainGraph {
         cst(f.n1b, H, 0.0f);
         cst(f.n2b, H, 0.0f);
       }
-      rnd(f.wq, Dq * H, a);
-      rnd(f.wk, static_cast<std::size_t>(Dkv) * H, a);
-      rnd(f.wv, static_cast<std::size_t>(Dkv) * H, a);
+      f.has_original_kv = true;
+      layout_cat(f, d_latent, false);
+      f.wcat.resize(static_cast<std::size_t>(cat_rows(f)) * H);
+      cuda::fill_uniform<float>(f.wcat.data(), static_cast<long long>(Dq * H), seed++, a, st());  // Wq; Wk, Wv below
+      cuda::fill_uniform<float>(f.wcat.data() + static_cast<std::size_t>(f.cat_k) * H, static_cast<long long>(2 * Dkv * H), seed++, a, st());
       rnd(f.wo, H * Dq, a);
       if (c_.qkv_bias || g2) {
         cst(f.bq, Dq, 0.0f);
@@ -629,32 +650,76 @@ class TrainGraph {
   std::size_t activation_bytes() const {
     std::size_t b = 0;
     for (const auto& a : acts_)
-      for (const auto* p : {&a.x_mid,  &a.h, &a.mean1, &a.rstd1, &a.q, &a.q_pre, &a.q_rstd, &a.ck,    &a.cv,    &a.k, &a.k_pre,
-                            &a.k_rstd, &a.v, &a.rk,    &a.rv,    &a.P, &a.attn,  &a.h2,     &a.mean2, &a.rstd2, &a.gu})
+      for (const auto* p : {&a.x_mid, &a.h, &a.mean1, &a.rstd1, &a.y, &a.q_pre, &a.q_rstd, &a.k, &a.k_pre, &a.k_rstd, &a.v, &a.rk, &a.rv,
+                            &a.P, &a.attn, &a.h2, &a.mean2, &a.rstd2, &a.gu})
         b += p->size() * sizeof(float);
     for (const auto& x : xs_) b += x.size() * sizeof(float);
     for (const auto* p : {&logits_, &teacher_logits_,
                           &dz_,     &hf_,
                           &fmean_,  &frstd_,
                           &tmp_,    &dx_,
-                          &dh_,     &dq_,
+                          &dh_,     &dcat_,
                           &dk_,     &dv_,
                           &dkh_,    &dvh_,
                           &da_,     &dgu_,
-                          &dc_,     &dP_})
+                          &gdown_,  &dP_})
       b += p->size() * sizeof(float);
     return b;
   }
 
  private:
+  // The layer's input projections stacked into one (rows, hidden) matrix, so that one GEMM of the
+  // normed input makes every projection of it (and one GEMM, K = the stacked rows, takes their
+  // gradients back): [Wq; W_down_k; W_down_v; Wk; Wv] for an MLA layer (W_down_v absent when joint;
+  // the original Wk, Wv present when kept, for the reconstruction targets and the teacher), [Wq;
+  // Wk; Wv] for a plain one. The down projections' rows are copies of the trainable parameters,
+  // refreshed at the start of every student forward (sync_down_copies).
   struct Frozen {
-    DeviceBuffer<float> n1w, n1b, n2w, n2b, wq, wk, wv, wo, bq, bk, bv, bo, qn, kn, wgu, bgu, wd, bd;
+    DeviceBuffer<float> n1w, n1b, n2w, n2b, wcat, wo, bq, bk, bv, bo, qn, kn, wgu, bgu, wd, bd;
     bool mla = false, has_original_kv = false;
     int d_latent = 0;
+    int cat_dk = -1, cat_dv = -1, cat_k = -1, cat_v = -1;  // first rows of the blocks in wcat (-1: absent)
+    int cat_base = 0;  // rows the fused GEMM computes without the reconstruction targets (MLA: q and latents; plain: q)
+    int ycols = 0;     // rows it computes at most (MLA: all; plain: q only): the row stride of Acts::y and dcat_
   };
   struct Acts {
-    DeviceBuffer<float> x_mid, h, mean1, rstd1, q, q_pre, q_rstd, ck, cv, k, k_pre, k_rstd, v, rk, rv, P, attn, h2, mean2, rstd2, gu;
+    // y: the fused input projection's output (tokens, ycols): q at column 0, the latents at cat_dk /
+    // cat_dv, the reconstruction targets at cat_k / cat_v.
+    DeviceBuffer<float> x_mid, h, mean1, rstd1, y, q_pre, q_rstd, k, k_pre, k_rstd, v, rk, rv, P, attn, h2, mean2, rstd2, gu;
   };
+  // Lays out f's stacked input projection (rows; see Frozen) for a layer with d_latent dl (0: plain).
+  void layout_cat(Frozen& f, int dl, bool joint) const {
+    const int Dq = c_.d_q(), Dkv = c_.d_kv();
+    if (dl == 0) {
+      f.cat_k = Dq;
+      f.cat_v = Dq + Dkv;
+      f.cat_base = f.ycols = Dq;
+      return;
+    }
+    f.cat_dk = Dq;
+    f.cat_dv = joint ? -1 : Dq + dl;
+    f.cat_base = Dq + (joint ? 1 : 2) * dl;
+    if (f.has_original_kv) {
+      f.cat_k = f.cat_base;
+      f.cat_v = f.cat_base + Dkv;
+    }
+    f.ycols = f.cat_base + (f.has_original_kv ? 2 * Dkv : 0);
+  }
+  int cat_rows(const Frozen& f) const { return std::max({f.ycols, f.cat_v + c_.d_kv(), f.cat_base}); }
+  const float* wrow(const Frozen& f, int row) const { return f.wcat.data() + static_cast<std::size_t>(row) * c_.hidden_size; }
+  // Copies the down projections' current values into the stacked matrices.
+  void sync_down_copies() {
+    const std::size_t H = c_.hidden_size;
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      const Frozen& f = layers_[l];
+      if (!f.mla) continue;
+      const Slots& sl = slots_[l];
+      const std::size_t bytes = static_cast<std::size_t>(f.d_latent) * H * sizeof(float);
+      CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(const_cast<float*>(wrow(f, f.cat_dk)), pv(sl.down_k), bytes, cudaMemcpyDeviceToDevice, st()));
+      if (f.cat_dv >= 0)
+        CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(const_cast<float*>(wrow(f, f.cat_dv)), pv(sl.down_v), bytes, cudaMemcpyDeviceToDevice, st()));
+    }
+  }
 
   bool gpt2() const { return c_.family == Family::Gpt2; }
   cudaStream_t st() const { return stream_->get(); }
@@ -770,7 +835,7 @@ class TrainGraph {
       Acts& a = acts_[l];
       for (auto* b : {&a.x_mid, &a.h, &a.h2}) b->reserve(N * H);
       for (auto* b : {&a.mean1, &a.rstd1, &a.mean2, &a.rstd2}) b->reserve(N);
-      a.q.reserve(N * Dq);
+      a.y.reserve(N * static_cast<std::size_t>(f.cat_base));
       a.attn.reserve(N * Dq);
       a.k.reserve(N * Dkv);
       a.v.reserve(N * Dkv);
@@ -783,8 +848,6 @@ class TrainGraph {
         a.k_rstd.reserve(N * nkv);
       }
       if (f.mla) {
-        a.ck.reserve(N * static_cast<std::size_t>(f.d_latent));
-        a.cv.reserve(N * static_cast<std::size_t>(f.d_latent));
         if (lo.recon_alpha > 0) {
           a.rk.reserve(N * Dkv);
           a.rv.reserve(N * Dkv);
@@ -802,14 +865,16 @@ class TrainGraph {
       dkh_.reserve(N * Dq);
       dvh_.reserve(N * Dq);
     }
-    dq_.reserve(N * Dq);
+    int ycols = 0;
+    for (const auto& f : layers_) ycols = std::max(ycols, f.ycols);
+    dcat_.reserve(N * static_cast<std::size_t>(ycols));
     dk_.reserve(N * Dkv);
     dv_.reserve(N * Dkv);
     da_.reserve(N * I);
     dgu_.reserve(N * gu_w);
     int dl = 0;
     for (const auto& f : layers_) dl = std::max(dl, f.d_latent);
-    dc_.reserve(N * static_cast<std::size_t>(std::max(dl, 1)));
+    gdown_.reserve(2 * static_cast<std::size_t>(std::max(dl, 1)) * H);
     dP_.reserve(P);  // one layer's dP for every sequence: the batched GEMMs cover all of them at once
     plan_attention();
   }
@@ -899,8 +964,8 @@ class TrainGraph {
     std::vector<const void*> key;
     for (int o : off_) key.push_back(reinterpret_cast<const void*>(static_cast<std::intptr_t>(o)));
     for (const auto& a : acts_)
-      for (const auto* b : {&a.q, &a.k, &a.v, &a.P, &a.attn}) key.push_back(b->data());
-    for (const auto* b : {&tmp_, &dP_, &dq_, &dk_, &dv_, &dkh_, &dvh_}) key.push_back(b->data());
+      for (const auto* b : {&a.y, &a.k, &a.v, &a.P, &a.attn}) key.push_back(b->data());
+    for (const auto* b : {&tmp_, &dP_, &dcat_, &dk_, &dv_, &dkh_, &dvh_}) key.push_back(b->data());
     if (key == attn_key_) return;
     attn_key_ = std::move(key);
     poff_.assign(off_.size(), 0);
@@ -920,12 +985,14 @@ class TrainGraph {
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       Acts& a = acts_[l];
       AttnLayer& al = attn_[l];
-      const AttnOperand K{a.k.data(), Dkv, group}, V{a.v.data(), Dkv, group}, Q{a.q.data(), Dq}, P{a.P.data()}, O{a.attn.data(), Dq};
+      // q and dq live in the fused projection's buffers: Acts::y (ld cat_base) and dcat_ (ld ycols).
+      const AttnOperand K{a.k.data(), Dkv, group}, V{a.v.data(), Dkv, group}, Q{a.y.data(), layers_[l].cat_base}, P{a.P.data()},
+          O{a.attn.data(), Dq};
       emit_attention(AttnKind::Scores, K, Q, P, by_len, al.calls[kFwdScores], ptrs);
       emit_attention(AttnKind::Out, V, P, O, by_len, al.calls[kFwdOut], ptrs);
       emit_attention(AttnKind::Scores, V, dO, dP, by_len, al.calls[kBwdScores], ptrs);
       emit_attention(AttnKind::Weighted, dO, P, dV, by_len, al.calls[kBwdV], ptrs);
-      emit_attention(AttnKind::Out, K, dP, {dq_.data(), Dq}, by_len, al.calls[kBwdQ], ptrs);
+      emit_attention(AttnKind::Out, K, dP, {dcat_.data(), layers_[l].ycols}, by_len, al.calls[kBwdQ], ptrs);
       emit_attention(AttnKind::Weighted, Q, dP, dK, by_len, al.calls[kBwdK], ptrs);
     }
     attn_ptrs_.upload(ptrs, st());
@@ -949,16 +1016,16 @@ class TrainGraph {
     train_kernels::norm_bwd<<<n_tokens_, 256, 0, st()>>>(x, w.data(), mean, rstd, gpt2(), dy, dx, c_.hidden_size);
     CACHESHRINK_CUDA_LAUNCH_CHECK("norm_bwd");
   }
-  void bias(float* y, int width, const DeviceBuffer<float>& b) {
-    if (!b.empty()) cuda::add_bias<float>(y, width, n_tokens_, width, b.data(), st());
-  }
-  void axpy(float a, const float* x, float* y, long long n) {
-    train_kernels::axpy<<<grid_for(n, 256), 256, 0, st()>>>(a, x, y, n);
-    CACHESHRINK_CUDA_LAUNCH_CHECK("axpy");
+  void bias(float* y, int width, const DeviceBuffer<float>& b, int ld = 0) {
+    if (!b.empty()) cuda::add_bias<float>(y, ld > 0 ? ld : width, n_tokens_, width, b.data(), st());
   }
   void sq_sum(const float* x, long long n, double* acc) {
     train_kernels::sq_sum<<<std::min(grid_for(n, 256), 1024u), 256, 0, st()>>>(x, n, acc);
     CACHESHRINK_CUDA_LAUNCH_CHECK("sq_sum");
+  }
+  void axpy(float a, const float* x, float* y, long long n) {
+    train_kernels::axpy<<<grid_for(n, 256), 256, 0, st()>>>(a, x, y, n);
+    CACHESHRINK_CUDA_LAUNCH_CHECK("axpy");
   }
   void rope(float* y, int ld, int heads, bool inverse) {
     if (c_.uses_rope())
@@ -970,6 +1037,7 @@ class TrainGraph {
     const int I = c_.intermediate_size, B = static_cast<int>(off_.size()) - 1;
     const float eps = static_cast<float>(c_.norm_eps), scale = 1.0f / std::sqrt(static_cast<float>(hd));
     cuda::embedding<float>(d_ids_.data(), d_pos_.data(), embed_.data(), gpt2() ? pos_embed_.data() : nullptr, xs_[0].data(), N, H, st());
+    if (!teacher) sync_down_copies();
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       const Frozen& f = layers_[l];
       Acts& a = acts_[l];
@@ -977,35 +1045,38 @@ class TrainGraph {
       const bool use_mla = f.mla && !teacher;
       const float* x = xs_[l].data();
       norm_forward(x, f.n1w, f.n1b, a.h.data(), a.mean1.data(), a.rstd1.data());
-      xwt(N, Dq, H, a.h.data(), H, f.wq.data(), H, a.q.data(), Dq);
-      bias(a.q.data(), Dq, f.bq);
-      if (!f.qn.empty()) head_norm(a.q.data(), a.q_pre.data(), a.q_rstd.data(), nh, f.qn);
-      rope(a.q.data(), Dq, nh, false);
+      // One GEMM for the stacked input projections (Frozen): q and the latents (the teacher: q).
+      const int yc = f.cat_base;
+      float* q = a.y.data();
+      xwt(N, use_mla ? yc : Dq, H, a.h.data(), H, f.wcat.data(), H, q, yc);
+      bias(q, Dq, f.bq, yc);
+      if (!f.qn.empty()) head_norm(q, yc, a.q_pre.data(), a.q_rstd.data(), nh, f.qn);
+      rope(q, yc, nh, false);
       if (use_mla) {
         const int dl = f.d_latent;
-        xwt(N, dl, H, a.h.data(), H, pv(sl.down_k), H, a.ck.data(), dl);
+        const float* ck = q + f.cat_dk;
         if (sl.joint) {
-          xwt(N, Dkv, dl, a.ck.data(), dl, pv(sl.up_k), dl, a.k.data(), Dkv);
-          xwt(N, Dkv, dl, a.ck.data(), dl, pv(sl.up_k) + static_cast<std::size_t>(Dkv) * dl, dl, a.v.data(), Dkv);
+          xwt(N, Dkv, dl, ck, yc, pv(sl.up_k), dl, a.k.data(), Dkv);
+          xwt(N, Dkv, dl, ck, yc, pv(sl.up_k) + static_cast<std::size_t>(Dkv) * dl, dl, a.v.data(), Dkv);
         } else {
-          xwt(N, dl, H, a.h.data(), H, pv(sl.down_v), H, a.cv.data(), dl);
-          xwt(N, Dkv, dl, a.ck.data(), dl, pv(sl.up_k), dl, a.k.data(), Dkv);
-          xwt(N, Dkv, dl, a.cv.data(), dl, pv(sl.up_v), dl, a.v.data(), Dkv);
+          xwt(N, Dkv, dl, ck, yc, pv(sl.up_k), dl, a.k.data(), Dkv);
+          xwt(N, Dkv, dl, q + f.cat_dv, yc, pv(sl.up_v), dl, a.v.data(), Dkv);
         }
         if (lo.recon_alpha > 0) {
-          // Residuals K~ - K, V~ - V (biases cancel); acc_[2] += their squared norms.
-          xwt_plus(N, Dkv, H, a.h.data(), H, f.wk.data(), H, a.k.data(), a.rk.data(), Dkv, -1.0f);
-          xwt_plus(N, Dkv, H, a.h.data(), H, f.wv.data(), H, a.v.data(), a.rv.data(), Dkv, -1.0f);
+          // Residuals K~ - K, V~ - V (biases cancel); acc_[2] += their squared norms. (Separate
+          // GEMMs: in the stacked one the targets would be kept per layer, +2 d_kv floats a token.)
+          xwt_plus(N, Dkv, H, a.h.data(), H, wrow(f, f.cat_k), H, a.k.data(), a.rk.data(), Dkv, -1.0f);
+          xwt_plus(N, Dkv, H, a.h.data(), H, wrow(f, f.cat_v), H, a.v.data(), a.rv.data(), Dkv, -1.0f);
           sq_sum(a.rk.data(), static_cast<long long>(N) * Dkv, acc_.data() + 2);
           sq_sum(a.rv.data(), static_cast<long long>(N) * Dkv, acc_.data() + 2);
         }
       } else {
-        xwt(N, Dkv, H, a.h.data(), H, f.wk.data(), H, a.k.data(), Dkv);
-        xwt(N, Dkv, H, a.h.data(), H, f.wv.data(), H, a.v.data(), Dkv);
+        xwt(N, Dkv, H, a.h.data(), H, wrow(f, f.cat_k), H, a.k.data(), Dkv);
+        xwt(N, Dkv, H, a.h.data(), H, wrow(f, f.cat_v), H, a.v.data(), Dkv);
       }
       bias(a.k.data(), Dkv, f.bk);
       bias(a.v.data(), Dkv, f.bv);
-      if (!f.kn.empty()) head_norm(a.k.data(), a.k_pre.data(), a.k_rstd.data(), nkv, f.kn);
+      if (!f.kn.empty()) head_norm(a.k.data(), Dkv, a.k_pre.data(), a.k_rstd.data(), nkv, f.kn);
       rope(a.k.data(), Dkv, nkv, false);
       // Attention: the planned batched GEMMs (shared K/V heads read in place).
       const AttnLayer& al = attn_[l];
@@ -1036,15 +1107,15 @@ class TrainGraph {
     xwt(N, c_.vocab_size, H, hf_.data(), H, head().data(), H, logits_.data(), c_.vocab_size);
   }
 
-  void head_norm(float* y, float* pre, float* rstd, int heads, const DeviceBuffer<float>& w) {
+  void head_norm(float* y, int ld, float* pre, float* rstd, int heads, const DeviceBuffer<float>& w) {
     const long long warps = static_cast<long long>(n_tokens_) * heads;
-    train_kernels::head_norm_fwd<<<grid_for(warps * 32, 256), 256, 0, st()>>>(y, pre, rstd, n_tokens_, heads, c_.head_dim, w.data(),
+    train_kernels::head_norm_fwd<<<grid_for(warps * 32, 256), 256, 0, st()>>>(y, ld, pre, rstd, n_tokens_, heads, c_.head_dim, w.data(),
                                                                               static_cast<float>(c_.norm_eps));
     CACHESHRINK_CUDA_LAUNCH_CHECK("head_norm_fwd");
   }
-  void head_norm_backward(float* dy, const float* pre, const float* rstd, int heads, const DeviceBuffer<float>& w) {
+  void head_norm_backward(float* dy, int ld, const float* pre, const float* rstd, int heads, const DeviceBuffer<float>& w) {
     const long long warps = static_cast<long long>(n_tokens_) * heads;
-    train_kernels::head_norm_bwd<<<grid_for(warps * 32, 256), 256, 0, st()>>>(dy, pre, rstd, n_tokens_, heads, c_.head_dim, w.data());
+    train_kernels::head_norm_bwd<<<grid_for(warps * 32, 256), 256, 0, st()>>>(dy, ld, pre, rstd, n_tokens_, heads, c_.head_dim, w.data());
     CACHESHRINK_CUDA_LAUNCH_CHECK("head_norm_bwd");
   }
 
@@ -1101,43 +1172,54 @@ class TrainGraph {
         train_kernels::sum_head_groups<<<grid_for(n, 256), 256, 0, st()>>>(dvh_.data(), dv_.data(), N, nkv, nh / nkv, hd);
         CACHESHRINK_CUDA_LAUNCH_CHECK("sum_head_groups");
       }
-      rope(dq_.data(), Dq, nh, true);
+      // dq sits in dcat_ (tokens, ycols) at column 0, where the fused input projection's
+      // gradient is gathered: [dq | d latents | -(reconstruction residuals)] meets the stacked
+      // [Wq; W_down...; Wk; Wv] in one GEMM at the end.
+      const int yc = f.ycols, ylc = f.cat_base;  // row strides of dcat_ and Acts::y
+      float* dq = dcat_.data();
+      const float* y = a.y.data();
+      rope(dq, yc, nh, true);
       rope(dk_.data(), Dkv, nkv, true);
-      if (!f.qn.empty()) head_norm_backward(dq_.data(), a.q_pre.data(), a.q_rstd.data(), nh, f.qn);
-      if (!f.kn.empty()) head_norm_backward(dk_.data(), a.k_pre.data(), a.k_rstd.data(), nkv, f.kn);
-      xw(N, H, Dq, dq_.data(), Dq, f.wq.data(), H, dh, H);
+      if (!f.qn.empty()) head_norm_backward(dq, yc, a.q_pre.data(), a.q_rstd.data(), nh, f.qn);
+      if (!f.kn.empty()) head_norm_backward(dk_.data(), Dkv, a.k_pre.data(), a.k_rstd.data(), nkv, f.kn);
       if (f.mla) {
         const int dl = f.d_latent;
-        if (!a.rk.empty() && recon_coef_ != 0.0f) {
-          // d recon / dK~ = coef (K~ - K) / (slots d_kv); the target K = h Wk^T depends on h too.
+        const bool recon = !a.rk.empty() && recon_coef_ != 0.0f;
+        if (recon) {
+          // d recon / dK~ = coef (K~ - K) / (slots d_kv) into dK, dV; the targets K = h Wk^T
+          // depend on h too: -that into the targets' columns of dcat_.
           const float w = static_cast<float>(recon_coef_ / (recon_slots_ * Dkv));
-          axpy(w, a.rk.data(), dk_.data(), static_cast<long long>(N) * Dkv);
-          axpy(w, a.rv.data(), dv_.data(), static_cast<long long>(N) * Dkv);
-          xw(N, H, Dkv, a.rk.data(), Dkv, f.wk.data(), H, dh, H, -w, 1.0f);
-          xw(N, H, Dkv, a.rv.data(), Dkv, f.wv.data(), H, dh, H, -w, 1.0f);
+          const long long n = static_cast<long long>(N) * Dkv;
+          train_kernels::recon_grad<<<grid_for(n, 256), 256, 0, st()>>>(a.rk.data(), Dkv, n, w, dk_.data(), dq + f.cat_k, yc);
+          train_kernels::recon_grad<<<grid_for(n, 256), 256, 0, st()>>>(a.rv.data(), Dkv, n, w, dv_.data(), dq + f.cat_v, yc);
+          CACHESHRINK_CUDA_LAUNCH_CHECK("recon_grad");
         }
+        const float* ck = y + f.cat_dk;
+        float* dck = dq + f.cat_dk;
         if (sl.joint) {
           const float* Uk = pv(sl.up_k);
           const float* Uv = Uk + static_cast<std::size_t>(Dkv) * dl;
-          xty(N, Dkv, dl, dk_.data(), Dkv, a.ck.data(), dl, pg(sl.up_k));
-          xty(N, Dkv, dl, dv_.data(), Dkv, a.ck.data(), dl, pg(sl.up_k) + static_cast<std::size_t>(Dkv) * dl);
-          xw(N, dl, Dkv, dk_.data(), Dkv, Uk, dl, dc_.data(), dl);
-          xw(N, dl, Dkv, dv_.data(), Dkv, Uv, dl, dc_.data(), dl, 1.0f, 1.0f);
-          xty(N, dl, H, dc_.data(), dl, a.h.data(), H, pg(sl.down_k));
-          xw(N, H, dl, dc_.data(), dl, pv(sl.down_k), H, dh, H, 1.0f, 1.0f);
+          xty(N, Dkv, dl, dk_.data(), Dkv, ck, ylc, pg(sl.up_k));
+          xty(N, Dkv, dl, dv_.data(), Dkv, ck, ylc, pg(sl.up_k) + static_cast<std::size_t>(Dkv) * dl);
+          xw(N, dl, Dkv, dk_.data(), Dkv, Uk, dl, dck, yc);
+          xw(N, dl, Dkv, dv_.data(), Dkv, Uv, dl, dck, yc, 1.0f, 1.0f);
         } else {
-          xty(N, Dkv, dl, dk_.data(), Dkv, a.ck.data(), dl, pg(sl.up_k));
-          xty(N, Dkv, dl, dv_.data(), Dkv, a.cv.data(), dl, pg(sl.up_v));
-          xw(N, dl, Dkv, dk_.data(), Dkv, pv(sl.up_k), dl, dc_.data(), dl);
-          xty(N, dl, H, dc_.data(), dl, a.h.data(), H, pg(sl.down_k));
-          xw(N, H, dl, dc_.data(), dl, pv(sl.down_k), H, dh, H, 1.0f, 1.0f);
-          xw(N, dl, Dkv, dv_.data(), Dkv, pv(sl.up_v), dl, dc_.data(), dl);
-          xty(N, dl, H, dc_.data(), dl, a.h.data(), H, pg(sl.down_v));
-          xw(N, H, dl, dc_.data(), dl, pv(sl.down_v), H, dh, H, 1.0f, 1.0f);
+          xty(N, Dkv, dl, dk_.data(), Dkv, ck, ylc, pg(sl.up_k));
+          xty(N, Dkv, dl, dv_.data(), Dkv, y + f.cat_dv, ylc, pg(sl.up_v));
+          xw(N, dl, Dkv, dk_.data(), Dkv, pv(sl.up_k), dl, dck, yc);
+          xw(N, dl, Dkv, dv_.data(), Dkv, pv(sl.up_v), dl, dq + f.cat_dv, yc);
         }
+        // The down projections' gradients, stacked (one GEMM), then added to each.
+        const int nd = sl.joint ? 1 : 2;
+        const long long dn = static_cast<long long>(dl) * H;
+        xty(N, nd * dl, H, dck, yc, a.h.data(), H, gdown_.data(), 1.0f, 0.0f);
+        axpy(1.0f, gdown_.data(), pg(sl.down_k), dn);
+        if (!sl.joint) axpy(1.0f, gdown_.data() + dn, pg(sl.down_v), dn);
+        xw(N, H, recon ? yc : f.cat_base, dq, yc, f.wcat.data(), H, dh, H);
       } else {
-        xw(N, H, Dkv, dk_.data(), Dkv, f.wk.data(), H, dh, H, 1.0f, 1.0f);
-        xw(N, H, Dkv, dv_.data(), Dkv, f.wv.data(), H, dh, H, 1.0f, 1.0f);
+        xw(N, H, Dq, dq, yc, f.wcat.data(), H, dh, H);
+        xw(N, H, Dkv, dk_.data(), Dkv, wrow(f, f.cat_k), H, dh, H, 1.0f, 1.0f);
+        xw(N, H, Dkv, dv_.data(), Dkv, wrow(f, f.cat_v), H, dh, H, 1.0f, 1.0f);
       }
       if (l == lmin_) break;  // nothing below needs a gradient
       norm_backward(xs_[static_cast<std::size_t>(l)].data(), f.n1w, a.mean1.data(), a.rstd1.data(), dh, dx);
@@ -1167,8 +1249,10 @@ class TrainGraph {
   DeviceBuffer<double> acc_;             // [0] sum nll, [1] sum KL, [2] sum of squared reconstruction residuals
   std::vector<DeviceBuffer<float>> xs_;  // residual stream: xs_[l] enters layer l, xs_[L] the final norm
   std::vector<Acts> acts_;
-  DeviceBuffer<float> logits_, teacher_logits_, dz_, hf_, fmean_, frstd_, tmp_, dx_, dh_, dq_, dk_, dv_, dkh_, dvh_, da_, dgu_,
-      dc_, dP_;
+  // dcat_: the fused input projection's output gradient (tokens, ycols; dq at column 0); gdown_: the
+  // stacked down projections' weight gradient of one layer before it is added to theirs.
+  DeviceBuffer<float> logits_, teacher_logits_, dz_, hf_, fmean_, frstd_, tmp_, dx_, dh_, dcat_, dk_, dv_, dkh_, dvh_, da_, dgu_,
+      gdown_, dP_;
   std::vector<std::size_t> poff_;  // each sequence's first element in a layer's P (and dP)
   std::vector<AttnLayer> attn_;    // per layer: the attention GEMM calls
   std::vector<const void*> attn_key_;  // batch offsets and buffer addresses the plan was built for

@@ -143,9 +143,24 @@ static __global__ void head_norm_bwd(float* dy, int ld, const float* pre, const 
   for (int d = lane; d < hd; d += 32) g[d] = r * w[d] * g[d] - x[d] * r * r * r * s;
 }
 
+// Boundary i (0..min(4, n)) of the causal query blocks of an n-token sequence (train_causal_blocks:
+// quarters, rounded down to multiples of 32 from n = 128).
+__host__ __device__ inline int causal_bound(int i, int n) {
+  const int nb = n < 4 ? n : 4;
+  int v = static_cast<int>(static_cast<long long>(i) * n / nb);
+  if (n >= 128 && i < nb) v = v / 32 * 32;
+  return v;
+}
+// The end of the causal block holding query i: the attention GEMMs read a row's keys [0, end).
+__device__ inline int causal_block_end(int i, int n) {
+  int b = 1;
+  while (causal_bound(b, n) <= i) ++b;
+  return causal_bound(b, n);
+}
+
 // Row softmax of scale-free scores S (rows = heads * n, each n wide, query index i = row % n),
-// in place, keys j with i - window < j <= i (window 0: causal only); masked entries become 0.
-// One warp per row.
+// in place, keys j with i - window < j <= i (window 0: causal only); masked entries up to the
+// end of the row's causal block become 0 (no GEMM reads a row past it). One warp per row.
 static __global__ void masked_softmax(float* S, long long rows, int n, int window) {
   const long long row = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
@@ -159,7 +174,8 @@ static __global__ void masked_softmax(float* S, long long rows, int n, int windo
   float sum = 0.0f;
   for (int j = a + lane; j <= i; j += 32) sum += expf(s[j] - m);
   const float inv = 1.0f / warp_sum(sum);
-  for (int j = lane; j < n; j += 32) s[j] = (j >= a && j <= i) ? expf(s[j] - m) * inv : 0.0f;
+  const int end = causal_block_end(i, n);
+  for (int j = lane; j < end; j += 32) s[j] = (j >= a && j <= i) ? expf(s[j] - m) * inv : 0.0f;
 }
 
 // Softmax backward in place on dP: dS = P (dP - sum_j P dP), rows as masked_softmax. Only the
@@ -176,7 +192,8 @@ static __global__ void softmax_bwd(const float* P, float* dP, long long rows, in
   float s = 0.0f;
   for (int j = a + lane; j <= i; j += 32) s += p[j] * d[j];
   s = warp_sum(s);
-  for (int j = lane; j < n; j += 32) d[j] = (j >= a && j <= i) ? p[j] * (d[j] - s) : 0.0f;
+  const int end = causal_block_end(i, n);
+  for (int j = lane; j < end; j += 32) d[j] = (j >= a && j <= i) ? p[j] * (d[j] - s) : 0.0f;
 }
 
 // dst (rows, nkv*hd) += sum over the group's query heads of src (rows, nh*hd).
@@ -192,6 +209,22 @@ static __global__ void sum_head_groups(const float* src, float* dst, int rows, i
     float acc = 0.0f;
     for (int g = 0; g < group; ++g) acc += s[static_cast<long long>(g) * hd];
     dst[i] += acc;
+  }
+}
+
+// RoPE in place on the heads of each row (rows, heads hd; row stride ld): one block per row, so
+// the position's cos/sin row is shared and the indexing is 32-bit. sin_t negated: the inverse.
+static __global__ void rope_rows(float* y, int ld, int heads, int hd, const int* pos, const float* cos_t, const float* sin_t) {
+  const int half = hd / 2, r = blockIdx.x;
+  float* row = y + static_cast<long long>(r) * ld;
+  const float* c = cos_t + static_cast<long long>(pos[r]) * half;
+  const float* sn = sin_t + static_cast<long long>(pos[r]) * half;
+  for (int e = threadIdx.x; e < heads * half; e += blockDim.x) {
+    const int h = e / half, k = e - h * half;
+    float* p = row + h * hd;
+    const float x1 = p[k], x2 = p[k + half], cc = c[k], ss = sn[k];
+    p[k] = x1 * cc - x2 * ss;
+    p[k + half] = x2 * cc + x1 * ss;
   }
 }
 
@@ -331,11 +364,7 @@ static __global__ void axpy(float a, const float* x, float* y, long long n) {
 inline std::vector<int> train_causal_blocks(int n) {
   const int nb = std::min(4, n);
   std::vector<int> b(static_cast<std::size_t>(nb) + 1);
-  for (int i = 0; i <= nb; ++i) {
-    int v = static_cast<int>(static_cast<long long>(i) * n / nb);
-    if (n >= 128 && i < nb) v = v / 32 * 32;
-    b[static_cast<std::size_t>(i)] = v;
-  }
+  for (int i = 0; i <= nb; ++i) b[static_cast<std::size_t>(i)] = train_kernels::causal_bound(i, n);
   return b;
 }
 
@@ -1028,9 +1057,12 @@ class TrainGraph {
     CACHESHRINK_CUDA_LAUNCH_CHECK("axpy");
   }
   void rope(float* y, int ld, int heads, bool inverse) {
-    if (c_.uses_rope())
-      cuda::rope<float>(y, ld, 0, n_tokens_, heads, c_.head_dim, d_pos_.data(), rope_cos_.data(),
-                        inverse ? rope_sin_neg_.data() : rope_sin_.data(), st());
+    if (!c_.uses_rope() || n_tokens_ == 0) return;
+    const int pairs = heads * (c_.head_dim / 2);
+    if (pairs == 0) return;
+    train_kernels::rope_rows<<<n_tokens_, std::min(256, (pairs + 31) / 32 * 32), 0, st()>>>(
+        y, ld, heads, c_.head_dim, d_pos_.data(), rope_cos_.data(), inverse ? rope_sin_neg_.data() : rope_sin_.data());
+    CACHESHRINK_CUDA_LAUNCH_CHECK("rope_rows");
   }
   void run_forward(bool teacher, const train::LossOptions& lo) {
     const int N = n_tokens_, H = c_.hidden_size, hd = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads, Dq = c_.d_q(), Dkv = c_.d_kv();

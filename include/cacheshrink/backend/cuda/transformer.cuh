@@ -239,6 +239,10 @@ class Transformer<Kind, Cuda> {
       auto& C = kc.layers[l];
       C.latent = L.mla;
       if (L.mla) {
+        if (L.d_rope > 0)
+          throw InvalidArgument("make_cache: layer " + std::to_string(l) +
+                                " is a decoupled_rope MLA layer, which the GPU decode does not run yet (the packed forward without a "
+                                "cache does)");
         if (mode == cuda::LatentDecode::Absorbed && (c_.uses_rope() || !L.k_norm.empty()))
           throw InvalidArgument("make_cache: layer " + std::to_string(l) + " cannot decode on absorbed latents: " +
                                 (c_.uses_rope() ? "RoPE rotates the reconstructed keys" : "a k-norm follows the reconstruction") +
@@ -329,16 +333,17 @@ class Transformer<Kind, Cuda> {
  private:
   struct DevLayer {
     cuda::DeviceBuffer<float> n1w, n1b, n2w, n2b, b_qkv, q_norm, k_norm, bo, b_gate, b_up, b_down;
-    // (Dq + 2 Dkv, H) = [Wq; Wk; Wv]; MLA layers: (Dq + lw, H) = [Wq; W_dk; W_dv] (joint: [Wq; W_dk]),
-    // so a decode step projects the query and both latents with one GEMM.
+    // (Dq + 2 Dkv, H) = [Wq; Wk; Wv]; MLA layers: (Dq + lw, H) = [Wq; W_dk; W_dv] (joint: [Wq; W_dk];
+    // decoupled_rope: [Wq; W_dk; W_dv; Wr], Wr the d_rope exact key rows), so a decode step
+    // projects the query and both latents with one GEMM.
     cuda::DevTensor w_qkv;
     cuda::DevTensor wo;     // (H, Dq)
     cuda::DevTensor w_gu;   // (2I, H) = [gate; up]; GPT-2: (I, H) = c_fc
     cuda::DevTensor w_down; // (H, I)
     // MLA: up projections (Dkv, d_latent) (the down projections are rows of w_qkv).
     bool mla = false, joint = false;
-    int d_latent = 0;
-    int latent_width() const { return joint ? d_latent : 2 * d_latent; }
+    int d_latent = 0, d_rope = 0;  // d_rope > 0: decoupled_rope (W_uk is (Dkv - d_rope, d_latent))
+    int latent_width() const { return joint ? d_latent : 2 * d_latent + d_rope; }
     cuda::DevTensor w_uk, w_uv;
     cuda::DeviceBuffer<float> bv_q;  // MLA: the V bias repeated per query head (absorbed decode)
     // Absorbed decode with several query heads per KV head: w_uk / w_uv repeated per query head
@@ -425,16 +430,16 @@ class Transformer<Kind, Cuda> {
       put(L.n2b, lw.norm2_b);
       if (lw.mla) {
         const MlaLayer& m = *lw.mla;
-        if (m.method != CompressionMethod::Separate && m.method != CompressionMethod::Xkv && m.method != CompressionMethod::Joint)
-          throw InvalidArgument(std::string("Transformer<Cuda>: layer ") + std::to_string(l) + " uses MLA method '" +
-                                compression_method_name(m.method) + "', which the CUDA backend does not run yet (separate, xkv, joint only)");
         L.mla = true;
         L.joint = m.method == CompressionMethod::Joint;
         L.d_latent = m.d_latent;
+        L.d_rope = m.method == CompressionMethod::DecoupledRope ? m.d_rope : 0;
         alloc(L.w_qkv, static_cast<std::size_t>(Dq + L.latent_width()) * H);
         put_at(L.w_qkv, 0, lw.wq.data(), static_cast<std::size_t>(lw.wq.size()));
         put_at(L.w_qkv, static_cast<std::size_t>(Dq) * H, m.w_down_k.data(), static_cast<std::size_t>(m.w_down_k.size()));
         if (!L.joint) put_at(L.w_qkv, static_cast<std::size_t>(Dq + L.d_latent) * H, m.w_down_v.data(), static_cast<std::size_t>(m.w_down_v.size()));
+        if (L.d_rope > 0)
+          put_at(L.w_qkv, static_cast<std::size_t>(Dq + 2 * L.d_latent) * H, m.w_rope_k.data(), static_cast<std::size_t>(m.w_rope_k.size()));
         put(L.w_uk, *m.w_up_k);
         put(L.w_uv, *m.w_up_v);
         if (lw.bv.size()) {
@@ -662,8 +667,14 @@ class Transformer<Kind, Cuda> {
         // cannot share its columns here)
         cuda::gemm_xwt<T, T>(hb, N, Dq, H, h.data(), H, L.w_qkv.template ptr<T>(), H, qkv.data(), Wqkv);
         cuda::gemm_xwt<T, T>(hb, N, lw, H, h.data(), H, L.w_qkv.template ptr<T>() + static_cast<std::size_t>(Dq) * H, H, lat.data(), lw);
-        // K~ = c_k Wuk^T, V~ = c_v Wuv^T (biases below with the fused bias)
-        cuda::gemm_xwt<T, T>(hb, N, Dkv, dl, lat.data(), lw, L.w_uk.template ptr<T>(), dl, qkv.data() + Dq, Wqkv);
+        // K~ = c_k Wuk^T, V~ = c_v Wuv^T (biases below with the fused bias); decoupled_rope:
+        // K~ = [k_r | c_k Wuk^T], k_r = h Wr^T the latents' last d_rope columns.
+        const int dr = L.d_rope;
+        if (dr > 0)
+          CACHESHRINK_CUDA_CHECK(cudaMemcpy2DAsync(qkv.data() + Dq, static_cast<std::size_t>(Wqkv) * sizeof(T), lat.data() + 2 * dl,
+                                                   static_cast<std::size_t>(lw) * sizeof(T), static_cast<std::size_t>(dr) * sizeof(T),
+                                                   static_cast<std::size_t>(N), cudaMemcpyDeviceToDevice, s));
+        cuda::gemm_xwt<T, T>(hb, N, Dkv - dr, dl, lat.data(), lw, L.w_uk.template ptr<T>(), dl, qkv.data() + Dq + dr, Wqkv);
         cuda::gemm_xwt<T, T>(hb, N, Dkv, dl, lat.data() + (L.joint ? 0 : dl), lw, L.w_uv.template ptr<T>(), dl, qkv.data() + Dq + Dkv, Wqkv);
       }
       if (!L.b_qkv.empty()) cuda::add_bias<T>(qkv.data(), Wqkv, N, Wqkv, L.b_qkv.data(), s);

@@ -11,7 +11,9 @@
 //   per MLA layer  w_down_k, w_down_v (d_latent, hidden); joint: w_down_k only
 //   per basis      w_up_k, w_up_v (d_kv, d_latent) (xkv groups share one), joint: the stacked
 //                  [Wuk; Wuv] (2 d_kv, d_latent)
-// Frozen weights are uploaded once in float32 ([W_gate; W_up] stacked for one GEMM).
+// Frozen weights are uploaded once in float32 ([W_gate; W_up] stacked for one GEMM; each layer's
+// input projections stacked as [Wq; W_down_k; W_down_v; Wk; Wv] with the down rows copied from
+// the parameters before every forward, see Frozen).
 //
 // Attention is materialised: S = scale Q K^T, a row softmax with the causal/sliding-window mask
 // writes P (kept for the backward), O = P V. Each of the six attention GEMMs (two forward, four

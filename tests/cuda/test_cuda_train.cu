@@ -2,11 +2,15 @@
 // losses, logits and every parameter's gradient, for the LM + reconstruction loss, pure LM and
 // distillation, on all seven fixtures (separate, xkv with shared bases and early layers kept,
 // joint; a sliding window shorter than the sequences; GQA, MQA, q/k norms, biases, GPT-2), and
-// whole trainer steps (graph + cuda::DeviceOptimizer) against the float64 CPU MLATrainer.
+// whole cuda::MLATrainer steps (graph + cuda::DeviceOptimizer) against the float64 CPU MLATrainer,
+// and its training loop: write-back, checkpoints that resume on the GPU and load on the CPU.
 #include <doctest/doctest.h>
 
 #include <cacheshrink/backend/cuda/optim.cuh>
 #include <cacheshrink/backend/cuda/train.cuh>
+#include <cacheshrink/backend/cuda/trainer.cuh>
+#include <filesystem>
+#include <unistd.h>
 
 #include "cuda/cuda_test_support.cuh"
 #include "cuda/train_reference.hpp"
@@ -127,7 +131,7 @@ TEST_CASE("cuda TrainGraph: gradients accumulate over calls and bad input throws
   CHECK_THROWS_WITH_AS(cuda::TrainGraph{original}, doctest::Contains("no MLA layers"), InvalidArgument);
 }
 
-TEST_CASE("cuda TrainGraph + DeviceOptimizer: three trainer steps follow the float64 CPU MLATrainer") {
+TEST_CASE("cuda MLATrainer: three steps follow the float64 CPU MLATrainer") {
   CACHESHRINK_REQUIRE_GPU();
   for (const auto& cs : {kCases[2], kCases[6], kCases[0]}) {
     const auto m = converted(cs);
@@ -138,25 +142,19 @@ TEST_CASE("cuda TrainGraph + DeviceOptimizer: three trainer steps follow the flo
     o.riemannian_lr = 1e-2;
     o.max_grad_norm = 0.05;  // small enough to clip
     const auto ref = test::reference_steps(m, seqs, o, 3);
-    cuda::TrainGraph g(m);
-    optim::AdamWOptions eo;
-    eo.lr = o.euclidean_lr;
-    eo.weight_decay = o.euclidean_weight_decay;
-    optim::RiemannianAdamOptions ro;
-    ro.lr = o.riemannian_lr;
-    ro.weight_decay = o.riemannian_weight_decay;
-    cuda::DeviceOptimizer opt(g.stream(), g.blas(), eo, ro);
-    for (auto& p : g.params()) opt.add(cuda::DeviceParam{p.name, p.value.data(), p.grad.data(), p.rows, p.cols, p.stiefel});
+    model::Model copy = m;
+    cuda::MLATrainer tr(copy, o);
+    cuda::TrainGraph& g = tr.graph();
     for (std::size_t t = 0; t < ref.stats.size(); ++t) {
       const auto& st = ref.stats[t];
-      g.zero_grad();
-      const auto lp = g.forward_backward(seqs, o.loss(), 1.0);
-      const double norm = opt.grad_norm_and_clip(o.max_grad_norm, o.clip_stiefel);
-      opt.step(st.lr_euclidean, st.lr_riemannian);
-      INFO(cs.model << " " << cs.method << " step " << t + 1 << ": loss " << lp.total << " vs " << st.loss << ", grad norm " << norm
+      const auto got = tr.step({seqs}, static_cast<long>(t), static_cast<long>(ref.stats.size()));
+      INFO(cs.model << " " << cs.method << " step " << t + 1 << ": loss " << got.loss << " vs " << st.loss << ", grad norm " << got.grad_norm
                     << " vs " << st.grad_norm);
-      CHECK(std::abs(lp.total - st.loss) <= 1e-5 * std::abs(st.loss));
-      CHECK(std::abs(norm - st.grad_norm) <= 1e-4 * st.grad_norm);
+      CHECK(std::abs(got.loss - st.loss) <= 1e-5 * std::abs(st.loss));
+      CHECK(std::abs(got.grad_norm - st.grad_norm) <= 1e-4 * st.grad_norm);
+      CHECK(got.lr_euclidean == st.lr_euclidean);
+      CHECK(got.lr_riemannian == st.lr_riemannian);
+      CHECK(got.tokens == st.tokens);
     }
     // Compare the parameters' moves. RiemannianAdam's second moment is one scalar per matrix, so
     // its update is smooth in the gradient: tight. AdamW's early steps are ~lr sign(g) per entry,
@@ -173,4 +171,73 @@ TEST_CASE("cuda TrainGraph + DeviceOptimizer: three trainer steps follow the flo
       }
     }
   }
+}
+
+TEST_CASE("cuda MLATrainer: train() writes back; a checkpoint resumes the run on the GPU and loads on the CPU") {
+  CACHESHRINK_REQUIRE_GPU();
+  const auto m = converted(kCases[2]);
+  const auto seqs = random_seqs(m.config.vocab_size, {11, 17, 11, 9, 13, 15, 12, 10}, 7);
+  const auto dir = std::filesystem::temp_directory_path() / ("cacheshrink_cuda_trainer_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  train::TrainOptions o;
+  o.recon_alpha = 0.3;
+  o.euclidean_lr = 1e-3;
+  o.riemannian_lr = 1e-2;
+  o.batch_size = 2;
+  o.epochs = 1;  // 4 steps
+  o.schedule = "linear";
+  o.warmup_steps = 1;
+  o.checkpoint_dir = dir.string();
+  o.checkpoint_every = 2;
+  o.progress = o.verbose = false;
+  // A: the whole run; checkpoints at steps 2 and 4.
+  model::Model ma = m;
+  cuda::MLATrainer a(ma, o);
+  const auto sa = a.train(seqs);
+  REQUIRE(sa.steps.size() == 4);
+  CHECK(std::filesystem::exists(dir / "step-2" / "checkpoint.json"));
+  CHECK(std::filesystem::exists(dir / "step-4" / "state.bin"));
+  CHECK(sa.final_ortho_error < 1e-5);
+  // write_back: the model holds the trained weights (moved from the conversion's).
+  const auto& la = *ma.weights.layers.back().mla;
+  const auto& l0 = *m.weights.layers.back().mla;
+  CHECK((la.w_down_k - l0.w_down_k).norm() > 1e-6 * l0.w_down_k.norm());
+  CHECK((*la.w_up_k - *l0.w_up_k).norm() > 1e-6 * l0.w_up_k->norm());
+  // B: resume from step 2 on the GPU: the last two steps and the final weights match A's.
+  train::TrainOptions ob = o;
+  ob.checkpoint_dir.clear();
+  model::Model mb = m;
+  cuda::MLATrainer b(mb, ob);
+  b.load_checkpoint(dir / "step-2");
+  std::vector<linalg::Matrix<float>> loaded;
+  for (std::size_t i = 0; i < b.graph().params().size(); ++i) loaded.push_back(b.graph().value(i));
+  const auto sb = b.train(seqs);
+  REQUIRE(sb.steps.size() == 2);
+  for (int t = 0; t < 2; ++t) {
+    INFO("resumed step " << sb.steps[static_cast<std::size_t>(t)].step << ": loss " << sb.steps[static_cast<std::size_t>(t)].loss << " vs "
+                         << sa.steps[static_cast<std::size_t>(t) + 2].loss);
+    CHECK(sb.steps[static_cast<std::size_t>(t)].step == t + 3);
+    CHECK(std::abs(sb.steps[static_cast<std::size_t>(t)].loss - sa.steps[static_cast<std::size_t>(t) + 2].loss) <=
+          1e-6 * std::abs(sa.steps[static_cast<std::size_t>(t) + 2].loss));
+  }
+  for (std::size_t l = 0; l < ma.weights.layers.size(); ++l) {
+    if (!ma.weights.layers[l].mla) continue;
+    const auto& x = *ma.weights.layers[l].mla;
+    const auto& y = *mb.weights.layers[l].mla;
+    INFO("layer " << l);
+    CHECK((x.w_down_k - y.w_down_k).norm() <= 1e-6 * x.w_down_k.norm());
+    CHECK((*x.w_up_k - *y.w_up_k).norm() <= 1e-6 * x.w_up_k->norm());
+  }
+  // The same checkpoint loads into the CPU trainer: identical parameters (same format and layout).
+  const auto cpu = test::cpu_checkpoint_values(m, ob, dir / "step-2");
+  REQUIRE(cpu.size() == loaded.size());
+  for (std::size_t i = 0; i < loaded.size(); ++i) {
+    INFO(b.graph().params()[i].name);
+    CHECK(cpu[i] == loaded[i]);
+  }
+  // A checkpoint of another model's shape is refused by name.
+  model::Model other = converted(kCases[0]);
+  cuda::MLATrainer d(other, ob);
+  CHECK_THROWS_AS(d.load_checkpoint(dir / "step-2"), FormatError);
+  std::filesystem::remove_all(dir);
 }

@@ -36,4 +36,13 @@ StepsReference reference_steps(const model::Model& m, const std::vector<std::vec
   return r;
 }
 
+std::vector<linalg::Matrix<float>> cpu_checkpoint_values(const model::Model& m, const train::TrainOptions& o, const std::filesystem::path& dir) {
+  model::Model copy = m;
+  train::MLATrainer<float> t(copy, o);
+  t.load_checkpoint(dir);
+  std::vector<linalg::Matrix<float>> v;
+  for (const auto& p : t.graph().params()) v.push_back(p.value);
+  return v;
+}
+
 }  // namespace cacheshrink::test

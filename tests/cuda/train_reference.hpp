@@ -7,6 +7,7 @@
 #include <cacheshrink/model/weights.hpp>
 #include <cacheshrink/train/graph.hpp>
 #include <cacheshrink/train/trainer.hpp>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -36,5 +37,8 @@ struct StepsReference {
 };
 /// `steps` MLATrainer<double>::step calls on the same batch (t = 0.., total = steps).
 StepsReference reference_steps(const model::Model& m, const std::vector<std::vector<int>>& seqs, const train::TrainOptions& o, int steps);
+
+/// The parameters train::MLATrainer<float> holds after load_checkpoint(dir) on model m.
+std::vector<linalg::Matrix<float>> cpu_checkpoint_values(const model::Model& m, const train::TrainOptions& o, const std::filesystem::path& dir);
 
 }  // namespace cacheshrink::test

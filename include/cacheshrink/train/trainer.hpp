@@ -28,6 +28,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <span>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -166,6 +167,192 @@ inline std::vector<std::vector<int>> encode_texts(const tokenizer::Tokenizer& to
   return seqs;
 }
 
+/// Where a run stands in its data: written into checkpoints, read back to resume.
+struct DataPosition {
+  long step = 0;
+  int epoch = 0;
+  std::size_t pos = 0;                // next sequence of the epoch's order
+  std::mt19937_64 rng_epoch_start;    // the shuffle generator at the start of that epoch
+  std::size_t sequences = 0;          // training sequences of the run (checked on resume)
+};
+
+/// Optimizer steps of a full run over n sequences.
+inline long total_steps(const TrainOptions& o, std::size_t n) {
+  const long per_epoch = static_cast<long>((n + static_cast<std::size_t>(o.batch_size) - 1) / static_cast<std::size_t>(o.batch_size));
+  const long steps = (per_epoch + o.grad_accum - 1) / o.grad_accum;
+  return std::max(1L, steps * o.epochs);
+}
+
+/// The training loop shared by MLATrainer (CPU) and cuda::MLATrainer: cuts sequences to
+/// max_length and drops those under 2 tokens, shuffles every epoch (seeded Fisher-Yates), forms
+/// grad_accum micro-batches of batch_size sequences and calls step(micro, t, total) -> StepStats;
+/// ortho() every ortho_every steps; logs and shows progress on `lead` (rank 0); calls
+/// checkpoint(DataPosition) every checkpoint_every steps when checkpoint_dir is set. Starts from
+/// `resume` when given (a checkpoint of the same data and options).
+template <class Step, class Ortho, class Checkpoint>
+TrainStats train_loop(std::vector<std::vector<int>> seqs, const TrainOptions& o, std::optional<DataPosition> resume, bool lead, Step&& step,
+                      Ortho&& ortho, Checkpoint&& checkpoint) {
+  for (auto& s : seqs)
+    if (static_cast<int>(s.size()) > o.max_length) s.resize(static_cast<std::size_t>(o.max_length));
+  std::erase_if(seqs, [](const auto& s) { return s.size() < 2; });
+  if (seqs.empty()) throw InvalidArgument("train: no training sequence with at least 2 tokens");
+  TrainStats stats;
+  stats.sequences = static_cast<int>(seqs.size());
+  const long total = total_steps(o, seqs.size());
+  const long run_steps = o.max_steps > 0 ? std::min(total, o.max_steps) : total;
+  std::mt19937_64 rng(o.seed);
+  std::vector<std::size_t> order(seqs.size());
+  long t = 0;
+  int epoch0 = 0;
+  std::size_t pos0 = 0;
+  if (resume) {
+    t = resume->step;
+    epoch0 = resume->epoch;
+    pos0 = resume->pos;
+    rng = resume->rng_epoch_start;
+    if (resume->sequences != seqs.size())
+      throw InvalidArgument("train: the checkpoint was taken with " + std::to_string(resume->sequences) + " training sequences, got " +
+                            std::to_string(seqs.size()) + " (resume with the same data and options)");
+  }
+  Progress bar("train", run_steps, "steps", o.progress && lead);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int epoch = epoch0; epoch < o.epochs && t < run_steps; ++epoch) {
+    const std::mt19937_64 rng_epoch_start = rng;
+    for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+    if (o.shuffle)
+      for (std::size_t i = order.size() - 1; i > 0; --i) {
+        const std::size_t j = static_cast<std::size_t>(rng() % (i + 1));
+        std::swap(order[i], order[j]);
+      }
+    std::size_t pos = epoch == epoch0 ? pos0 : 0;
+    while (pos < order.size() && t < run_steps) {
+      std::vector<std::vector<std::vector<int>>> micro;
+      for (int a = 0; a < o.grad_accum && pos < order.size(); ++a) {
+        std::vector<std::vector<int>> mb;
+        for (int b = 0; b < o.batch_size && pos < order.size(); ++b) mb.push_back(seqs[order[pos++]]);
+        micro.push_back(std::move(mb));
+      }
+      StepStats st = step(micro, t, total);
+      st.epoch = epoch;
+      ++t;
+      if (o.ortho_every > 0 && (t % o.ortho_every == 0 || t == run_steps)) st.ortho_error = ortho();
+      stats.tokens += st.tokens;
+      if (o.verbose && lead && (t % o.log_every == 0 || t == run_steps))
+        std::fprintf(stderr, "step %ld/%ld epoch %d loss %.4f (lm %.4f recon %.5f kl %.4f) lr %.2e/%.2e |g| %.3f%s\n", t, run_steps, epoch,
+                     st.loss, st.lm, st.recon, st.kl, st.lr_euclidean, st.lr_riemannian, st.grad_norm,
+                     st.ortho_error >= 0 ? (" ortho " + std::to_string(st.ortho_error)).c_str() : "");
+      stats.steps.push_back(st);
+      bar.update(t, static_cast<double>(stats.tokens), "tok");
+      if (lead && !o.checkpoint_dir.empty() && o.checkpoint_every > 0 && t % o.checkpoint_every == 0)
+        checkpoint(DataPosition{t, epoch, pos, rng_epoch_start, seqs.size()});
+    }
+  }
+  stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  stats.tokens_per_second = stats.seconds > 0 ? static_cast<double>(stats.tokens) / stats.seconds : 0;
+  stats.final_ortho_error = ortho();
+  return stats;
+}
+
+/// One parameter of a training checkpoint: value and optimizer state (float64 on disk, in the
+/// CPU layout). Writing reads through the pointers; reading fills them, the value's current
+/// shape being the expected one.
+template <class Scalar>
+struct CheckpointParam {
+  std::string name;
+  linalg::Matrix<Scalar>* value;
+  optim::AdamState<Scalar>* state;
+};
+
+/// Writes a checkpoint folder DIR (checkpoint.json + state.bin) via DIR.tmp renamed into place.
+template <class Scalar>
+void write_checkpoint(const std::filesystem::path& dir, const DataPosition& r, std::span<const CheckpointParam<Scalar>> ps) {
+  namespace fs = std::filesystem;
+  fs::create_directories(dir.parent_path());
+  fs::path tmp = dir;
+  tmp += ".tmp";
+  fs::remove_all(tmp);
+  fs::create_directory(tmp);
+  nlohmann::json params = nlohmann::json::array();
+  std::string bin;
+  auto put = [&](const linalg::Matrix<Scalar>& m) {
+    const linalg::Matrix<double> d = m.template cast<double>();
+    bin.append(reinterpret_cast<const char*>(d.data()), static_cast<std::size_t>(d.size()) * sizeof(double));
+  };
+  for (const auto& p : ps) {
+    const auto& st = *p.state;
+    put(*p.value);
+    if (st.step > 0) {
+      put(st.exp_avg);
+      put(st.exp_avg_sq);
+    }
+    params.push_back({{"name", p.name}, {"rows", p.value->rows()}, {"cols", p.value->cols()}, {"opt_step", st.step},
+                      {"sq_rows", st.exp_avg_sq.rows()}, {"sq_cols", st.exp_avg_sq.cols()}});
+  }
+  std::ostringstream rs;
+  rs << r.rng_epoch_start;
+  const nlohmann::json meta{{"format", "cacheshrink-train-checkpoint"}, {"step", r.step}, {"epoch", r.epoch}, {"pos", r.pos},
+                            {"sequences", r.sequences}, {"rng", rs.str()}, {"params", params}};
+  io::atomic_write(tmp / "state.bin", [&](std::ofstream& f) { f.write(bin.data(), static_cast<std::streamsize>(bin.size())); });
+  io::atomic_write(tmp / "checkpoint.json", [&](std::ofstream& f) { f << meta.dump(1) << "\n"; });
+  fs::remove_all(dir);
+  fs::rename(tmp, dir);
+}
+
+/// Reads a checkpoint folder written by write_checkpoint into ps (names and shapes must match);
+/// returns the data position to resume from.
+template <class Scalar>
+DataPosition read_checkpoint(const std::filesystem::path& dir, std::span<const CheckpointParam<Scalar>> ps) {
+  const auto meta_path = dir / "checkpoint.json";
+  auto meta = nlohmann::json::parse(io::read_text_file(meta_path), nullptr, false);
+  if (meta.is_discarded() || meta.value("format", "") != "cacheshrink-train-checkpoint")
+    throw FormatError(meta_path.string() + ": not a cacheshrink training checkpoint");
+  if (meta["params"].size() != ps.size())
+    throw FormatError(meta_path.string() + ": checkpoint has " + std::to_string(meta["params"].size()) + " parameters, the model " +
+                      std::to_string(ps.size()));
+  const std::string bin = io::read_text_file(dir / "state.bin");
+  std::size_t off = 0;
+  auto read = [&](linalg::Matrix<Scalar>& m, Eigen::Index r, Eigen::Index c) {
+    const std::size_t n = static_cast<std::size_t>(r * c);
+    if (off + n * sizeof(double) > bin.size()) throw FormatError((dir / "state.bin").string() + ": truncated");
+    linalg::Matrix<double> d(r, c);
+    std::memcpy(d.data(), bin.data() + off, n * sizeof(double));
+    off += n * sizeof(double);
+    m = d.template cast<Scalar>();
+  };
+  for (std::size_t i = 0; i < ps.size(); ++i) {
+    const auto& e = meta["params"][i];
+    auto& v = *ps[i].value;
+    if (e.value("name", "") != ps[i].name || e.value("rows", -1L) != v.rows() || e.value("cols", -1L) != v.cols())
+      throw FormatError(meta_path.string() + ": parameter " + std::to_string(i) + " is '" + e.value("name", "") +
+                        "' with another shape than the model's '" + ps[i].name + "'");
+    auto& st = *ps[i].state;
+    read(v, v.rows(), v.cols());
+    st.step = e.value("opt_step", 0L);
+    if (st.step > 0) {
+      read(st.exp_avg, v.rows(), v.cols());
+      read(st.exp_avg_sq, e.value("sq_rows", 1L), e.value("sq_cols", 1L));
+    }
+  }
+  DataPosition r;
+  r.step = meta.value("step", 0L);
+  r.epoch = meta.value("epoch", 0);
+  r.pos = meta.value("pos", std::size_t{0});
+  r.sequences = meta.value("sequences", std::size_t{0});
+  std::istringstream rs(meta.value("rng", std::string()));
+  rs >> r.rng_epoch_start;
+  if (!rs) throw FormatError(meta_path.string() + ": bad rng state");
+  return r;
+}
+
+/// Keeps the last `keep` of the checkpoint folders written in this run (oldest removed).
+inline void prune_checkpoints(std::vector<std::filesystem::path>& written, int keep) {
+  while (static_cast<int>(written.size()) > keep) {
+    std::error_code ec;
+    std::filesystem::remove_all(written.front(), ec);
+    written.erase(written.begin());
+  }
+}
+
 /// Comm_: dist::Single (one process) or a communicator (dist::Mpi, dist::Nccl) for data-parallel
 /// training: micro-batches are split over the ranks and gradients summed (data_parallel.hpp);
 /// only rank 0 logs and writes checkpoints. Every rank passes the same model, options and data.
@@ -207,11 +394,7 @@ class MLATrainer {
   optim::RiemannianAdam<Scalar>& riemannian_optimizer() { return radam_; }
 
   /// Optimizer steps of a full run over n sequences.
-  long total_steps(std::size_t n) const {
-    const long per_epoch = static_cast<long>((n + static_cast<std::size_t>(o_.batch_size) - 1) / static_cast<std::size_t>(o_.batch_size));
-    const long steps = (per_epoch + o_.grad_accum - 1) / o_.grad_accum;
-    return std::max(1L, steps * o_.epochs);
-  }
+  long total_steps(std::size_t n) const { return train::total_steps(o_, n); }
 
   /// One optimizer step over the given micro-batches (each a list of sequences) at step index
   /// t (0-based, for the schedules) of a run of total_steps steps. Returns its stats.
@@ -272,66 +455,11 @@ class MLATrainer {
 
   /// Trains on token sequences (each cut to max_length) and writes the result into the model.
   TrainStats train(std::vector<std::vector<int>> seqs) {
-    for (auto& s : seqs)
-      if (static_cast<int>(s.size()) > o_.max_length) s.resize(static_cast<std::size_t>(o_.max_length));
-    std::erase_if(seqs, [](const auto& s) { return s.size() < 2; });
-    if (seqs.empty()) throw InvalidArgument("train: no training sequence with at least 2 tokens");
-    TrainStats stats;
-    stats.sequences = static_cast<int>(seqs.size());
-    const long total = total_steps(seqs.size());
-    const long run_steps = o_.max_steps > 0 ? std::min(total, o_.max_steps) : total;
-    std::mt19937_64 rng(o_.seed);
-    std::vector<std::size_t> order(seqs.size());
-    long t = 0;
-    int epoch0 = 0;
-    std::size_t pos0 = 0;
-    if (resume_) {
-      t = resume_->step;
-      epoch0 = resume_->epoch;
-      pos0 = resume_->pos;
-      rng = resume_->rng_epoch_start;
-      if (resume_->sequences != seqs.size())
-        throw InvalidArgument("train: the checkpoint was taken with " + std::to_string(resume_->sequences) + " training sequences, got " +
-                              std::to_string(seqs.size()) + " (resume with the same data and options)");
-      resume_.reset();
-    }
-    Progress bar("train", run_steps, "steps", o_.progress && comm_.rank() == 0);
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int epoch = epoch0; epoch < o_.epochs && t < run_steps; ++epoch) {
-      const std::mt19937_64 rng_epoch_start = rng;
-      for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
-      if (o_.shuffle)
-        for (std::size_t i = order.size() - 1; i > 0; --i) {
-          const std::size_t j = static_cast<std::size_t>(rng() % (i + 1));
-          std::swap(order[i], order[j]);
-        }
-      std::size_t pos = epoch == epoch0 ? pos0 : 0;
-      while (pos < order.size() && t < run_steps) {
-        std::vector<std::vector<std::vector<int>>> micro;
-        for (int a = 0; a < o_.grad_accum && pos < order.size(); ++a) {
-          std::vector<std::vector<int>> mb;
-          for (int b = 0; b < o_.batch_size && pos < order.size(); ++b) mb.push_back(seqs[order[pos++]]);
-          micro.push_back(std::move(mb));
-        }
-        StepStats st = step(micro, t, total);
-        st.epoch = epoch;
-        ++t;
-        if (o_.ortho_every > 0 && (t % o_.ortho_every == 0 || t == run_steps)) st.ortho_error = ortho_error();
-        stats.tokens += st.tokens;
-        if (o_.verbose && comm_.rank() == 0 && (t % o_.log_every == 0 || t == run_steps))
-          std::fprintf(stderr, "step %ld/%ld epoch %d loss %.4f (lm %.4f recon %.5f kl %.4f) lr %.2e/%.2e |g| %.3f%s\n", t, run_steps, epoch,
-                       st.loss, st.lm, st.recon, st.kl, st.lr_euclidean, st.lr_riemannian, st.grad_norm,
-                       st.ortho_error >= 0 ? (" ortho " + std::to_string(st.ortho_error)).c_str() : "");
-        stats.steps.push_back(st);
-        bar.update(t, static_cast<double>(stats.tokens), "tok");
-        if (comm_.rank() == 0 && !o_.checkpoint_dir.empty() && o_.checkpoint_every > 0 && t % o_.checkpoint_every == 0)
-          save_checkpoint_at(std::filesystem::path(o_.checkpoint_dir) / ("step-" + std::to_string(t)),
-                             {t, epoch, pos, rng_epoch_start, seqs.size()});
-      }
-    }
-    stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    stats.tokens_per_second = stats.seconds > 0 ? static_cast<double>(stats.tokens) / stats.seconds : 0;
-    stats.final_ortho_error = ortho_error();
+    TrainStats stats = train_loop(
+        std::move(seqs), o_, resume_, comm_.rank() == 0, [&](const auto& micro, long t, long total) { return step(micro, t, total); },
+        [&] { return ortho_error(); },
+        [&](const DataPosition& at) { save_checkpoint_at(std::filesystem::path(o_.checkpoint_dir) / ("step-" + std::to_string(at.step)), at); });
+    resume_.reset();  // consumed (kept if the run threw: a retry starts from the checkpoint again)
     write_back();
     return stats;
   }
@@ -342,99 +470,22 @@ class MLATrainer {
   /// Loads a checkpoint written during train() (DIR/step-N): parameters, optimizer states and
   /// the data position; the next train() call with the same sequences and options continues
   /// the same trajectory.
-  void load_checkpoint(const std::filesystem::path& dir) {
-    const auto meta_path = dir / "checkpoint.json";
-    auto meta = nlohmann::json::parse(io::read_text_file(meta_path), nullptr, false);
-    if (meta.is_discarded() || meta.value("format", "") != "cacheshrink-train-checkpoint")
-      throw FormatError(meta_path.string() + ": not a cacheshrink training checkpoint");
-    auto& ps = g_.params();
-    if (meta["params"].size() != ps.size())
-      throw FormatError(meta_path.string() + ": checkpoint has " + std::to_string(meta["params"].size()) + " parameters, the model " +
-                        std::to_string(ps.size()));
-    const std::string bin = io::read_text_file(dir / "state.bin");
-    std::size_t off = 0;
-    auto read = [&](Mat& m, Eigen::Index r, Eigen::Index c) {
-      const std::size_t n = static_cast<std::size_t>(r * c);
-      if (off + n * sizeof(double) > bin.size()) throw FormatError((dir / "state.bin").string() + ": truncated");
-      linalg::Matrix<double> d(r, c);
-      std::memcpy(d.data(), bin.data() + off, n * sizeof(double));
-      off += n * sizeof(double);
-      m = d.template cast<Scalar>();
-    };
-    std::size_t ie = 0, ir = 0;
-    for (std::size_t i = 0; i < ps.size(); ++i) {
-      const auto& e = meta["params"][i];
-      auto& p = ps[i];
-      if (e.value("name", "") != p.name || e.value("rows", -1L) != p.value.rows() || e.value("cols", -1L) != p.value.cols())
-        throw FormatError(meta_path.string() + ": parameter " + std::to_string(i) + " is '" + e.value("name", "") +
-                          "' with another shape than the model's '" + p.name + "'");
-      auto& st = p.stiefel ? radam_.param(ir++).state : adamw_.param(ie++).state;
-      read(p.value, p.value.rows(), p.value.cols());
-      st.step = e.value("opt_step", 0L);
-      if (st.step > 0) {
-        read(st.exp_avg, p.value.rows(), p.value.cols());
-        read(st.exp_avg_sq, e.value("sq_rows", 1L), e.value("sq_cols", 1L));
-      }
-    }
-    Resume r;
-    r.step = meta.value("step", 0L);
-    r.epoch = meta.value("epoch", 0);
-    r.pos = meta.value("pos", std::size_t{0});
-    r.sequences = meta.value("sequences", std::size_t{0});
-    std::istringstream rs(meta.value("rng", std::string()));
-    rs >> r.rng_epoch_start;
-    if (!rs) throw FormatError(meta_path.string() + ": bad rng state");
-    resume_ = r;
-  }
+  void load_checkpoint(const std::filesystem::path& dir) { resume_ = read_checkpoint<Scalar>(dir, checkpoint_params()); }
 
  private:
-  struct Resume {
-    long step = 0;
-    int epoch = 0;
-    std::size_t pos = 0;
-    std::mt19937_64 rng_epoch_start;
-    std::size_t sequences = 0;
-  };
+  /// The parameters with their optimizer states, in the graph's order (the checkpoint's).
+  std::vector<CheckpointParam<Scalar>> checkpoint_params() {
+    std::vector<CheckpointParam<Scalar>> ps;
+    std::size_t ie = 0, ir = 0;
+    for (auto& p : g_.params()) ps.push_back({p.name, &p.value, p.stiefel ? &radam_.param(ir++).state : &adamw_.param(ie++).state});
+    return ps;
+  }
 
   /// Writes DIR (via a temporary folder renamed into place) and prunes old step-N folders.
-  void save_checkpoint_at(const std::filesystem::path& dir, const Resume& r) {
-    namespace fs = std::filesystem;
-    fs::create_directories(dir.parent_path());
-    fs::path tmp = dir;
-    tmp += ".tmp";
-    fs::remove_all(tmp);
-    fs::create_directory(tmp);
-    nlohmann::json params = nlohmann::json::array();
-    std::string bin;
-    auto put = [&](const Mat& m) {
-      const linalg::Matrix<double> d = m.template cast<double>();
-      bin.append(reinterpret_cast<const char*>(d.data()), static_cast<std::size_t>(d.size()) * sizeof(double));
-    };
-    std::size_t ie = 0, ir = 0;
-    for (const auto& p : g_.params()) {
-      const auto& st = p.stiefel ? radam_.param(ir++).state : adamw_.param(ie++).state;
-      put(p.value);
-      if (st.step > 0) {
-        put(st.exp_avg);
-        put(st.exp_avg_sq);
-      }
-      params.push_back({{"name", p.name}, {"rows", p.value.rows()}, {"cols", p.value.cols()}, {"opt_step", st.step},
-                        {"sq_rows", st.exp_avg_sq.rows()}, {"sq_cols", st.exp_avg_sq.cols()}});
-    }
-    std::ostringstream rs;
-    rs << r.rng_epoch_start;
-    const nlohmann::json meta{{"format", "cacheshrink-train-checkpoint"}, {"step", r.step}, {"epoch", r.epoch}, {"pos", r.pos},
-                              {"sequences", r.sequences}, {"rng", rs.str()}, {"params", params}};
-    io::atomic_write(tmp / "state.bin", [&](std::ofstream& f) { f.write(bin.data(), static_cast<std::streamsize>(bin.size())); });
-    io::atomic_write(tmp / "checkpoint.json", [&](std::ofstream& f) { f << meta.dump(1) << "\n"; });
-    fs::remove_all(dir);
-    fs::rename(tmp, dir);
+  void save_checkpoint_at(const std::filesystem::path& dir, const DataPosition& r) {
+    write_checkpoint<Scalar>(dir, r, checkpoint_params());
     checkpoints_.push_back(dir);
-    while (static_cast<int>(checkpoints_.size()) > o_.keep_last_checkpoints) {
-      std::error_code ec;
-      fs::remove_all(checkpoints_.front(), ec);
-      checkpoints_.erase(checkpoints_.begin());
-    }
+    prune_checkpoints(checkpoints_, o_.keep_last_checkpoints);
   }
 
   model::Model& m_;
@@ -442,7 +493,7 @@ class MLATrainer {
   Graph g_;
   optim::AdamW<Scalar> adamw_;
   optim::RiemannianAdam<Scalar> radam_;
-  std::optional<Resume> resume_;
+  std::optional<DataPosition> resume_;
   std::vector<std::filesystem::path> checkpoints_;
   Comm comm_;
 };

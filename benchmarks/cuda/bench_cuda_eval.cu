@@ -15,6 +15,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "flash_case.cuh"
 #include "shapes.hpp"
 
 using namespace cacheshrink;
@@ -73,35 +74,17 @@ void part_7b(const Args& a) {
 /// The flash attention kernel alone at 7B head shapes: achieved TFLOP/s (causal pairs only).
 void part_attention(const Args& a) {
   for (auto [nh, nkv, T, B] : {std::tuple{32, 32, 1024, 4}, {32, 32, 4096, 1}, {28, 4, 4096, 1}}) {
-    const int hd = 128, Dq = nh * hd, Dkv = nkv * hd, ld = Dq + 2 * Dkv, N = B * T;
-    cuda::DeviceBuffer<__nv_bfloat16> qkv(static_cast<std::size_t>(N) * ld), out(static_cast<std::size_t>(N) * Dq);
-    cuda::fill_uniform(qkv.data(), static_cast<long long>(qkv.size()), 7, 1.0f, nullptr);
-    std::vector<int> off{0};
-    for (int b = 0; b < B; ++b) off.push_back(off.back() + T);
-    auto plan = cuda::AttentionPlan::from_offsets(off);
-    cuda::DeviceBuffer<int4> tiles;
-    tiles.upload(plan.tiles);
-    cuda::AttentionArgs<__nv_bfloat16> at;
-    at.q = qkv.data();
-    at.k = qkv.data() + Dq;
-    at.v = qkv.data() + Dq + Dkv;
-    at.out = out.data();
-    at.ldq = at.ldkv = ld;
-    at.ldo = Dq;
-    at.rows = N;
-    at.n_heads = nh;
-    at.n_kv_heads = nkv;
-    at.head_dim = hd;
-    at.scale = 0.088388f;
-    for (int w = 0; w < 3; ++w) cuda::flash_attention(at, tiles.data(), static_cast<int>(plan.tiles.size()), nullptr);
+    const int hd = 128;
+    bench::FlashCase fc(nh, nkv, T, B, nullptr);
+    for (int w = 0; w < 3; ++w) fc.run(nullptr);
     cuda::Event e0, e1;
     e0.record(nullptr);
     const int it = 20;
-    for (int i = 0; i < it; ++i) cuda::flash_attention(at, tiles.data(), static_cast<int>(plan.tiles.size()), nullptr);
+    for (int i = 0; i < it; ++i) fc.run(nullptr);
     e1.record(nullptr);
     e1.synchronize();
     const double ms = e1.elapsed_since(e0) / it;
-    const double flops = 4.0 * B * (static_cast<double>(T) * (T + 1) / 2) * hd * nh;
+    const double flops = fc.flops();
     std::printf("flash_attn_bf16 nh=%d nkv=%d hd=%d B=%d T=%d: %.3f ms  %.1f TFLOP/s\n", nh, nkv, hd, B, T, ms, flops / ms / 1e9);
     std::fflush(stdout);
     rows.push_back({{"part", "attention"}, {"n_heads", nh}, {"n_kv_heads", nkv}, {"batch", B}, {"seq_len", T}, {"ms", ms}, {"tflops", flops / ms / 1e9}});

@@ -10,11 +10,12 @@
 #include <benchmark/benchmark.h>
 #include <cuda_bf16.h>
 
-#include <cacheshrink/backend/cuda/attention.cuh>
 #include <cacheshrink/backend/cuda/tuned_gemm.cuh>
 #include <cstdio>
 #include <tuple>
 #include <vector>
+
+#include "flash_case.cuh"
 
 using namespace cacheshrink;
 
@@ -58,30 +59,11 @@ const std::vector<std::tuple<int, int, int, int>> kAttnShapes = {{32, 32, 1024, 
 
 void BM_FlashAttention(benchmark::State& state) {
   const auto [nh, nkv, T, B] = kAttnShapes[static_cast<std::size_t>(state.range(0))];
-  const int hd = 128, Dq = nh * hd, Dkv = nkv * hd, ld = Dq + 2 * Dkv, N = B * T;
   cuda::Stream st;
-  cuda::DeviceBuffer<__nv_bfloat16> qkv(static_cast<std::size_t>(N) * ld), out(static_cast<std::size_t>(N) * Dq);
-  cuda::fill_uniform(qkv.data(), static_cast<long long>(qkv.size()), 7, 1.0f, st.get());
-  std::vector<int> off{0};
-  for (int b = 0; b < B; ++b) off.push_back(off.back() + T);
-  const auto plan = cuda::AttentionPlan::from_offsets(off);
-  cuda::DeviceBuffer<int4> tiles;
-  tiles.upload(plan.tiles, st.get());
-  cuda::AttentionArgs<__nv_bfloat16> at;
-  at.q = qkv.data();
-  at.k = qkv.data() + Dq;
-  at.v = qkv.data() + Dq + Dkv;
-  at.out = out.data();
-  at.ldq = at.ldkv = ld;
-  at.ldo = Dq;
-  at.rows = N;
-  at.n_heads = nh;
-  at.n_kv_heads = nkv;
-  at.head_dim = hd;
-  at.scale = 0.088388f;
-  auto run = [&] { cuda::flash_attention(at, tiles.data(), static_cast<int>(plan.tiles.size()), st.get()); };
+  bench::FlashCase fc(nh, nkv, T, B, st.get());
+  auto run = [&] { fc.run(st.get()); };
   run();
-  const double flops = 4.0 * B * (static_cast<double>(T) * (T + 1) / 2) * hd * nh;
+  const double flops = fc.flops();
   double total = 0;
   for (auto _ : state) {
     const double ms = time_ms(st.get(), 5, run);

@@ -3,7 +3,7 @@
 // plain HF model converted first with --ratio/--method) on a text file, then save it.
 //
 //   cacheshrink train --model DIR --data FILE --recon-alpha 0.3 [--recon-norm tokens|padded] [--distill] [--epochs 3]
-//       [--batch-size 4] [--max-length 512] [--euclidean-lr ..] [--riemannian-lr ..] --out DIR2
+//       [--batch-size 4] [--max-length 512] [--euclidean-lr ..] [--riemannian-lr ..] [--device cpu|cuda [--tf32]] --out DIR2
 //
 // --plot-loss FILE.svg draws the per-step curves (pipeline/loss_plot.hpp); `cacheshrink plot-loss
 // STATS.json --out FILE.svg` draws them from a stats file written earlier. --json prints a summary.
@@ -24,6 +24,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "cli_cuda.hpp"
 #include "cli_dist.hpp"
 
 namespace cacheshrink::cli {
@@ -36,6 +37,8 @@ struct TrainCommand {
   std::string calibration;
   int n_calib = 128, calib_len = 512;
   bool no_calibration = false, overwrite = false, quiet = false;
+  std::string device = "cpu";  // --device cpu|cuda
+  bool tf32 = false;
   std::string plot_loss;  // --plot-loss FILE.svg
   int plot_smooth = 0;
   bool json = false;
@@ -46,6 +49,10 @@ struct TrainCommand {
 /// Runs the training command; returns the process exit status.
 inline int run_train(TrainCommand& c) {
   namespace fs = std::filesystem;
+  const bool gpu = c.device == "cuda";  // checked before any conversion work
+  if (c.tf32 && !gpu) throw InvalidArgument("--tf32 applies to --device cuda");
+  if (gpu && comm().size() > 1) throw InvalidArgument("--device cuda trains in one process on one GPU; run it without mpirun");
+  if (gpu) require_gpu();
   auto m = pipeline::load_any(c.model_dir);
   bool has_mla = false;
   for (const auto& lw : m.weights.layers) has_mla = has_mla || lw.mla.has_value();
@@ -77,13 +84,22 @@ inline int run_train(TrainCommand& c) {
   const auto seqs = train::encode_texts(tok, texts, c.o.max_length);
   c.o.progress = !c.quiet;
   c.o.verbose = !c.quiet;
-  train::MLATrainer<float, dist::AnyComm> tr(m, c.o, comm());  // mpirun: data parallel (docs/scaling.md)
-  if (!c.quiet && !c.json)
-    std::printf("training on %zu sequences (%zu paragraphs of %s), %ld steps, loss %s\n", seqs.size(), texts.size(), c.data.c_str(),
-                tr.total_steps(seqs.size()),
-                c.o.distill ? "distillation" : (c.o.recon_alpha > 0 ? "LM + reconstruction" : "LM"));
-  if (!c.resume.empty()) tr.load_checkpoint(c.resume);
-  const auto stats = tr.train(seqs);
+  auto report = [&](long steps) {
+    if (!c.quiet && !c.json)
+      std::printf("training on %zu sequences (%zu paragraphs of %s), %ld steps, loss %s%s\n", seqs.size(), texts.size(), c.data.c_str(), steps,
+                  c.o.distill ? "distillation" : (c.o.recon_alpha > 0 ? "LM + reconstruction" : "LM"),
+                  gpu ? (c.tf32 ? ", on the GPU (TF32)" : ", on the GPU") : "");
+  };
+  train::TrainStats stats;
+  if (gpu) {
+    report(train::total_steps(c.o, seqs.size()));
+    stats = train_on_gpu(m, c.o, seqs, c.resume, c.tf32);
+  } else {
+    train::MLATrainer<float, dist::AnyComm> tr(m, c.o, comm());  // mpirun: data parallel (docs/scaling.md)
+    report(tr.total_steps(seqs.size()));
+    if (!c.resume.empty()) tr.load_checkpoint(c.resume);
+    stats = tr.train(seqs);
+  }
   if (comm().rank() != 0) return 0;  // rank 0 saves and reports
   pipeline::SaveOptions so;
   so.store_original_weights = c.co.store_original_weights;
@@ -157,6 +173,10 @@ inline CLI::App* add_train_command(CLI::App& app) {
   t->add_option("--checkpoint-every", c->o.checkpoint_every, "Checkpoint every N steps (0: never)")->capture_default_str();
   t->add_option("--keep-checkpoints", c->o.keep_last_checkpoints, "Keep the last N checkpoints")->capture_default_str();
   t->add_option("--resume", c->resume, "Resume from a checkpoint folder (same model, data and options)");
+  t->add_option("--device", c->device, "cpu | cuda (one GPU: cuda::MLATrainer, float32; checkpoints interchangeable with cpu)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  t->add_flag("--tf32", c->tf32, "--device cuda: the training graph's GEMMs on TF32 tensor cores (the optimizer stays float32)");
   t->add_option("--stats", c->stats, "Write the training stats JSON here (default: OUT/train_stats.json)");
   t->add_option("--plot-loss", c->plot_loss, "Write the loss curves (losses, learning rates, gradient norm per step) to this SVG file");
   t->add_option("--plot-smooth", c->plot_smooth, "--plot-loss: also draw the mean of the total loss over the last N steps (0: off)")

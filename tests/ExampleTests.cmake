@@ -50,6 +50,15 @@ if(TARGET cacheshrink_cli)
   set_tests_properties(cli_train_plot_loss PROPERTIES
     PASS_REGULAR_EXPRESSION "\"loss_plot\": \"cli_loss.svg\".*\"steps\": 4.*\n7\nloss plot: cli_loss2.svg \\(4 steps, loss [0-9.]+ -> [0-9.]+\\)\n6\n"
     FAIL_REGULAR_EXPRESSION "error:|warning:")
+  # train --device cuda: trains on a GPU (4 steps, as above) or, without one or without the CUDA
+  # backend, stops before any conversion work with an error naming the option.
+  add_test(NAME cli_train_device_cuda COMMAND ${CMAKE_COMMAND} -E env sh -c
+    "rm -rf cli_ft_gpu && $<TARGET_FILE:cacheshrink_cli> train --model ${CACHESHRINK_FIXTURES_DIR}/models/tiny-llama3 --ratio 2 --calibration-samples 8 --data ${CACHESHRINK_FIXTURES_DIR}/data/wikitext2_valid.txt --paragraphs 16 --epochs 1 --max-length 64 --warmup-steps 1 --recon-alpha 0.3 --out cli_ft_gpu --device cuda --json --quiet 2>&1")
+  set_tests_properties(cli_train_device_cuda PROPERTIES
+    PASS_REGULAR_EXPRESSION "^error: --device cuda: (no CUDA device is visible|this cacheshrink was built without the CUDA backend)|\"steps\": 4")
+  add_test(NAME cli_train_tf32_needs_cuda COMMAND $<TARGET_FILE:cacheshrink_cli> train --model ${CACHESHRINK_FIXTURES_DIR}/models/tiny-llama3
+    --data ${CACHESHRINK_FIXTURES_DIR}/data/wikitext2_valid.txt --out never --tf32)
+  set_tests_properties(cli_train_tf32_needs_cuda PROPERTIES PASS_REGULAR_EXPRESSION "error: --tf32 applies to --device cuda")
   # plot-loss refuses a JSON file that is not training stats, naming it.
   add_test(NAME cli_plot_loss_bad_input COMMAND $<TARGET_FILE:cacheshrink_cli> plot-loss ${CACHESHRINK_FIXTURES_DIR}/models/tiny-llama3/config.json --out never.svg)
   set_tests_properties(cli_plot_loss_bad_input PROPERTIES PASS_REGULAR_EXPRESSION "error: .*config.json: expected a JSON object with a \"steps\" array")

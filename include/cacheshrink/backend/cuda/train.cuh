@@ -12,8 +12,8 @@
 //   per basis      w_up_k, w_up_v (d_kv, d_latent) (xkv groups share one), joint: the stacked
 //                  [Wuk; Wuv] (2 d_kv, d_latent)
 // Frozen weights are uploaded once in float32 ([W_gate; W_up] stacked for one GEMM; each layer's
-// input projections stacked as [Wq; W_down_k; W_down_v; Wk; Wv] with the down rows copied from
-// the parameters before every forward, see Frozen).
+// input projections stacked as [Wq; W_down_k; W_down_v; Wk; Wv], the down rows being the down
+// projection parameters' storage, see Frozen).
 //
 // Attention is materialised: S = scale Q K^T, a row softmax with the causal/sliding-window mask
 // writes P (kept for the backward), O = P V. Each of the six attention GEMMs (two forward, four
@@ -374,12 +374,24 @@ class TrainGraph {
  public:
   using MatR = MatrixR<float>;
 
+  /// Device memory a parameter's value lives in: its own buffer, or (the down projections) rows
+  /// of its layer's stacked input projection (Frozen::wcat), so the forward's one GEMM reads the
+  /// current values with no copy.
+  struct ValueView {
+    float* p = nullptr;
+    std::size_t n = 0;
+    float* data() const { return p; }
+    std::size_t size() const { return n; }
+    bool empty() const { return n == 0; }
+  };
   /// A trainable matrix: device value and gradient, row-major (rows, cols).
   struct Param {
     std::string name;
     int rows = 0, cols = 0;
     bool stiefel = false;
-    DeviceBuffer<float> value, grad;
+    ValueView value;
+    DeviceBuffer<float> grad;
+    DeviceBuffer<float> own;  // value's storage unless it is a view into the stacked projection
   };
   using Slots = train::TrainGraph<float>::Slots;
 
@@ -428,7 +440,7 @@ class TrainGraph {
       up(f.wd, lw.w_down);
       upv(f.bd, lw.b_down);
       f.has_original_kv = lw.wk.rows() == dkv && lw.wv.rows() == dkv;
-      {  // the stacked input projection; the down projections' rows are filled by sync_down_copies
+      {  // the stacked input projection; the down projections' rows are their parameters' storage (add below)
         const int dl = lw.mla ? lw.mla->d_latent : 0;
         layout_cat(f, dl, lw.mla && lw.mla->method == CompressionMethod::Joint);
         MatrixRf cat = MatrixRf::Zero(cat_rows(f), c_.hidden_size);
@@ -454,7 +466,8 @@ class TrainGraph {
       auto& sl = slots_[static_cast<std::size_t>(l)];
       const std::string p = "layers." + std::to_string(l) + ".";
       if (lmin_ < 0) lmin_ = l;
-      sl.down_k = add(p + "w_down_k", a.w_down_k, false);
+      float* const wrows = f.wcat.data();  // the down projections live in the stacked matrix
+      sl.down_k = add(p + "w_down_k", a.w_down_k, false, wrows + static_cast<std::size_t>(f.cat_dk) * c_.hidden_size);
       if (a.method == CompressionMethod::Joint) {
         sl.joint = true;
         MatrixRf u(2 * dkv, a.d_latent);
@@ -462,7 +475,7 @@ class TrainGraph {
         sl.up_k = add(p + "w_up_kv", u, true);
         continue;
       }
-      sl.down_v = add(p + "w_down_v", a.w_down_v, false);
+      sl.down_v = add(p + "w_down_v", a.w_down_v, false, wrows + static_cast<std::size_t>(f.cat_dv) * c_.hidden_size);
       auto it = up_index.find(a.w_up_k.get());
       if (it != up_index.end()) {
         sl.up_k = it->second;
@@ -542,26 +555,30 @@ class TrainGraph {
       ++n_mla_;
       auto& sl = slots_[l];
       const std::string p = "layers." + std::to_string(l) + ".";
-      auto param = [&](std::string name, int rows, int cols, bool stiefel) {
+      // A parameter in its own buffer (Stiefel: identity columns) or, row >= 0, the stacked
+      // matrix's rows from `row` on (a down projection, random).
+      auto param = [&](std::string name, int rows, int cols, bool stiefel, int row = -1) {
         Param q;
         q.name = std::move(name);
         q.rows = rows;
         q.cols = cols;
         q.stiefel = stiefel;
+        const std::size_t n = static_cast<std::size_t>(rows) * cols;
         if (stiefel) {
-          q.value.resize(static_cast<std::size_t>(rows) * cols);
-          const long long n = static_cast<long long>(rows) * cols;
-          train_kernels::identity_columns<<<grid_for(n, 256), 256, 0, st()>>>(q.value.data(), rows, cols);
+          q.own.resize(n);
+          q.value = {q.own.data(), n};
+          train_kernels::identity_columns<<<grid_for(static_cast<long long>(n), 256), 256, 0, st()>>>(q.value.data(), rows, cols);
           CACHESHRINK_CUDA_LAUNCH_CHECK("identity_columns");
         } else {
-          rnd(q.value, static_cast<std::size_t>(rows) * cols, a);
+          q.value = {f.wcat.data() + static_cast<std::size_t>(row) * H, n};
+          cuda::fill_uniform<float>(q.value.data(), static_cast<long long>(n), seed++, a, st());
         }
-        q.grad.resize(q.value.size());
+        q.grad.resize(n);
         params_.push_back(std::move(q));
         return static_cast<int>(params_.size()) - 1;
       };
-      sl.down_k = param(p + "w_down_k", d_latent, static_cast<int>(H), false);
-      sl.down_v = param(p + "w_down_v", d_latent, static_cast<int>(H), false);
+      sl.down_k = param(p + "w_down_k", d_latent, static_cast<int>(H), false, f.cat_dk);
+      sl.down_v = param(p + "w_down_v", d_latent, static_cast<int>(H), false, f.cat_dv);
       sl.up_k = param(p + "w_up_k", Dkv, d_latent, true);
       sl.up_v = param(p + "w_up_v", Dkv, d_latent, true);
     }
@@ -615,7 +632,8 @@ class TrainGraph {
     Param& p = params_.at(i);
     if (v.rows() != p.rows || v.cols() != p.cols) throw InvalidArgument("cuda train: set_value of " + p.name + ": wrong shape");
     const MatR r = v;
-    p.value.upload(r.data(), static_cast<std::size_t>(r.size()), stream());
+    CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(p.value.data(), r.data(), p.value.size() * sizeof(float), cudaMemcpyHostToDevice, stream()));
+    stream_->synchronize();
   }
 
   /// Copies the current compression parameters into m's MLA weights (train::TrainGraph::write_back's
@@ -733,8 +751,8 @@ class TrainGraph {
   // normed input makes every projection of it (and one GEMM, K = the stacked rows, takes their
   // gradients back): [Wq; W_down_k; W_down_v; Wk; Wv] for an MLA layer (W_down_v absent when joint;
   // the original Wk, Wv present when kept, for the reconstruction targets and the teacher), [Wq;
-  // Wk; Wv] for a plain one. The down projections' rows are copies of the trainable parameters,
-  // refreshed at the start of every student forward (sync_down_copies).
+  // Wk; Wv] for a plain one. The down projections' rows are the trainable parameters' own storage
+  // (Param::value views them), so the optimizer's updates are what the next forward reads.
   struct Frozen {
     DeviceBuffer<float> n1w, n1b, n2w, n2b, wcat, wo, bq, bk, bv, bo, qn, kn, wgu, bgu, wd, bd;
     bool mla = false, has_original_kv = false;
@@ -768,19 +786,6 @@ class TrainGraph {
   }
   int cat_rows(const Frozen& f) const { return std::max({f.ycols, f.cat_v + c_.d_kv(), f.cat_base}); }
   const float* wrow(const Frozen& f, int row) const { return f.wcat.data() + static_cast<std::size_t>(row) * c_.hidden_size; }
-  // Copies the down projections' current values into the stacked matrices.
-  void sync_down_copies() {
-    const std::size_t H = c_.hidden_size;
-    for (std::size_t l = 0; l < layers_.size(); ++l) {
-      const Frozen& f = layers_[l];
-      if (!f.mla) continue;
-      const Slots& sl = slots_[l];
-      const std::size_t bytes = static_cast<std::size_t>(f.d_latent) * H * sizeof(float);
-      CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(const_cast<float*>(wrow(f, f.cat_dk)), pv(sl.down_k), bytes, cudaMemcpyDeviceToDevice, st()));
-      if (f.cat_dv >= 0)
-        CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(const_cast<float*>(wrow(f, f.cat_dv)), pv(sl.down_v), bytes, cudaMemcpyDeviceToDevice, st()));
-    }
-  }
 
   bool gpt2() const { return c_.family == Family::Gpt2; }
   cudaStream_t st() const { return stream_->get(); }
@@ -812,19 +817,30 @@ class TrainGraph {
   void upv(DeviceBuffer<float>& d, const VectorXf& v) {
     if (v.size()) d.upload(v.data(), static_cast<std::size_t>(v.size()), st());
   }
-  int add(std::string name, const MatrixRf& v, bool stiefel) {
+  // Adds a parameter with value v, stored at `at` (device memory of v's size) or in its own buffer.
+  int add(std::string name, const MatrixRf& v, bool stiefel, float* at = nullptr) {
     Param p;
     p.name = std::move(name);
     p.rows = static_cast<int>(v.rows());
     p.cols = static_cast<int>(v.cols());
     p.stiefel = stiefel;
-    p.value.upload(v.data(), static_cast<std::size_t>(v.size()), st());
+    const std::size_t n = static_cast<std::size_t>(v.size());
+    if (at == nullptr) {
+      p.own.resize(n);
+      at = p.own.data();
+    }
+    p.value = {at, n};
+    if (n) {
+      CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(at, v.data(), n * sizeof(float), cudaMemcpyHostToDevice, st()));
+      stream_->synchronize();
+    }
     p.grad.resize(static_cast<std::size_t>(v.size()));
     CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(p.grad.data(), 0, p.grad.size() * sizeof(float), st()));
     params_.push_back(std::move(p));
     return static_cast<int>(params_.size()) - 1;
   }
-  linalg::Matrix<float> fetch(const DeviceBuffer<float>& d, const Param& p) const {
+  template <class Buf>
+  linalg::Matrix<float> fetch(const Buf& d, const Param& p) const {
     MatR r(p.rows, p.cols);
     CACHESHRINK_CUDA_CHECK(
         cudaMemcpyAsync(r.data(), d.data(), static_cast<std::size_t>(r.size()) * sizeof(float), cudaMemcpyDeviceToHost, st()));
@@ -1101,7 +1117,6 @@ class TrainGraph {
     const int I = c_.intermediate_size, B = static_cast<int>(off_.size()) - 1;
     const float eps = static_cast<float>(c_.norm_eps), scale = 1.0f / std::sqrt(static_cast<float>(hd));
     cuda::embedding<float>(d_ids_.data(), d_pos_.data(), embed_.data(), gpt2() ? pos_embed_.data() : nullptr, xs_[0].data(), N, H, st());
-    if (!teacher) sync_down_copies();
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       const Frozen& f = layers_[l];
       Acts& a = acts_[l];

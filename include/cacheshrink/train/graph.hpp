@@ -91,6 +91,39 @@ inline std::vector<std::vector<int>> pack_padded(std::span<const int> ids, std::
   return seqs;
 }
 
+/// Writes a training graph's compression parameters into m's MLA weights (float): slots[l] are
+/// layer l's parameter indices (TrainGraph::Slots), value(i) parameter i as a float matrix. The up
+/// projections get fresh shared objects (one per xkv group, shared again by its layers), so copies
+/// of the model made before training keep their own bases. Shared by TrainGraph and
+/// cuda::TrainGraph.
+template <class SlotsT, class Value>
+void write_back_mla(model::Model& m, const std::vector<SlotsT>& slots, int dkv, Value&& value) {
+  std::map<int, std::pair<std::shared_ptr<MatrixRf>, std::shared_ptr<MatrixRf>>> ups;
+  for (std::size_t l = 0; l < slots.size() && l < m.weights.layers.size(); ++l) {
+    auto& lw = m.weights.layers[l];
+    const SlotsT& sl = slots[l];
+    if (!lw.mla || sl.down_k < 0) continue;
+    auto& a = *lw.mla;
+    a.w_down_k = value(sl.down_k);
+    auto it = ups.find(sl.up_k);
+    if (it == ups.end()) {
+      std::shared_ptr<MatrixRf> uk, uv;
+      if (sl.joint) {
+        const linalg::Matrix<float> u = value(sl.up_k);
+        uk = std::make_shared<MatrixRf>(u.topRows(dkv));
+        uv = std::make_shared<MatrixRf>(u.bottomRows(dkv));
+      } else {
+        uk = std::make_shared<MatrixRf>(value(sl.up_k));
+        uv = std::make_shared<MatrixRf>(value(sl.up_v));
+      }
+      it = ups.emplace(sl.up_k, std::make_pair(uk, uv)).first;
+    }
+    a.w_up_k = it->second.first;
+    a.w_up_v = it->second.second;
+    if (!sl.joint) a.w_down_v = value(sl.down_v);
+  }
+}
+
 template <linalg::RealScalar Scalar_>
 class TrainGraph {
  public:
@@ -233,35 +266,10 @@ class TrainGraph {
     for (auto& p : params_) p.grad.setZero();
   }
 
-  /// Writes the current parameter values back into the model's MLA weights (float). The up
-  /// projections get fresh shared objects (one per xkv group, shared again by its layers), so
-  /// copies of the model made before training keep their own bases.
+  /// Writes the current parameter values back into the model's MLA weights (write_back_mla).
   void write_back(model::Model& m) const {
-    const int dkv = c_.d_kv();
-    std::map<int, std::pair<std::shared_ptr<MatrixRf>, std::shared_ptr<MatrixRf>>> ups;
-    for (int l = 0; l < c_.n_layers; ++l) {
-      auto& lw = m.weights.layers[static_cast<std::size_t>(l)];
-      if (!lw.mla) continue;
-      const auto& sl = slots_[static_cast<std::size_t>(l)];
-      auto& a = *lw.mla;
-      a.w_down_k = params_[static_cast<std::size_t>(sl.down_k)].value.template cast<float>();
-      auto it = ups.find(sl.up_k);
-      if (it == ups.end()) {
-        std::shared_ptr<MatrixRf> uk, uv;
-        if (sl.joint) {
-          const Mat& u = params_[static_cast<std::size_t>(sl.up_k)].value;
-          uk = std::make_shared<MatrixRf>(u.topRows(dkv).template cast<float>());
-          uv = std::make_shared<MatrixRf>(u.bottomRows(dkv).template cast<float>());
-        } else {
-          uk = std::make_shared<MatrixRf>(params_[static_cast<std::size_t>(sl.up_k)].value.template cast<float>());
-          uv = std::make_shared<MatrixRf>(params_[static_cast<std::size_t>(sl.up_v)].value.template cast<float>());
-        }
-        it = ups.emplace(sl.up_k, std::make_pair(uk, uv)).first;
-      }
-      a.w_up_k = it->second.first;
-      a.w_up_v = it->second.second;
-      if (!sl.joint) a.w_down_v = params_[static_cast<std::size_t>(sl.down_v)].value.template cast<float>();
-    }
+    write_back_mla(m, slots_, c_.d_kv(),
+                   [&](int i) -> linalg::Matrix<float> { return params_[static_cast<std::size_t>(i)].value.template cast<float>(); });
   }
 
   /// Teacher logits: the same model with the original K/V projections everywhere (no storage

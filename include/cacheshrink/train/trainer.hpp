@@ -167,6 +167,15 @@ inline std::vector<std::vector<int>> encode_texts(const tokenizer::Tokenizer& to
   return seqs;
 }
 
+/// A trainer's check at construction: the reconstruction and distillation losses need the
+/// original K/V projections of every MLA layer (`has`).
+inline void require_original_kv(const TrainOptions& o, bool has) {
+  if ((o.recon_alpha > 0 || o.distill) && !has)
+    throw InvalidArgument(std::string(o.distill ? "distillation" : "reconstruction") +
+                          " loss needs the original k_proj/v_proj weights of every MLA layer, but the model lacks them (a saved MLA "
+                          "model keeps them only when saved with --store-original-weights; or convert and train in one run)");
+}
+
 /// Where a run stands in its data: written into checkpoints, read back to resume.
 struct DataPosition {
   long step = 0;
@@ -367,10 +376,7 @@ class MLATrainer {
   /// `m` is updated in place (its MLA weights) at the end of train() and by write_back().
   MLATrainer(model::Model& m, TrainOptions o, Comm comm = {}) : m_(m), o_(std::move(o)), g_(m), comm_(std::move(comm)) {
     o_.validate();
-    if ((o_.recon_alpha > 0 || o_.distill) && !g_.has_original_kv())
-      throw InvalidArgument(std::string(o_.distill ? "distillation" : "reconstruction") +
-                            " loss needs the original k_proj/v_proj weights of every MLA layer, but the model lacks them (a saved MLA "
-                            "model keeps them only when saved with --store-original-weights; or convert and train in one run)");
+    require_original_kv(o_, g_.has_original_kv());
     optim::AdamWOptions ao;
     ao.lr = o_.euclidean_lr;
     ao.weight_decay = o_.euclidean_weight_decay;

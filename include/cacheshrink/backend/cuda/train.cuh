@@ -636,34 +636,10 @@ class TrainGraph {
     stream_->synchronize();
   }
 
-  /// Copies the current compression parameters into m's MLA weights (train::TrainGraph::write_back's
-  /// mapping: xkv groups keep one shared up-projection pair, joint's stacked [Wuk; Wuv] is split).
+  /// Copies the current compression parameters into m's MLA weights (train::write_back_mla, as the
+  /// CPU graph).
   void write_back(model::Model& m) const {
-    const int dkv = c_.d_kv();
-    std::map<int, std::pair<std::shared_ptr<MatrixRf>, std::shared_ptr<MatrixRf>>> ups;
-    for (std::size_t l = 0; l < layers_.size() && l < m.weights.layers.size(); ++l) {
-      auto& lw = m.weights.layers[l];
-      if (!lw.mla || !layers_[l].mla) continue;
-      const Slots& sl = slots_[l];
-      auto& a = *lw.mla;
-      a.w_down_k = MatrixRf(value(static_cast<std::size_t>(sl.down_k)));
-      auto it = ups.find(sl.up_k);
-      if (it == ups.end()) {
-        std::shared_ptr<MatrixRf> uk, uv;
-        if (sl.joint) {
-          const linalg::Matrix<float> u = value(static_cast<std::size_t>(sl.up_k));
-          uk = std::make_shared<MatrixRf>(u.topRows(dkv));
-          uv = std::make_shared<MatrixRf>(u.bottomRows(dkv));
-        } else {
-          uk = std::make_shared<MatrixRf>(value(static_cast<std::size_t>(sl.up_k)));
-          uv = std::make_shared<MatrixRf>(value(static_cast<std::size_t>(sl.up_v)));
-        }
-        it = ups.emplace(sl.up_k, std::make_pair(uk, uv)).first;
-      }
-      a.w_up_k = it->second.first;
-      a.w_up_v = it->second.second;
-      if (!sl.joint) a.w_down_v = MatrixRf(value(static_cast<std::size_t>(sl.down_v)));
-    }
+    train::write_back_mla(m, slots_, c_.d_kv(), [&](int i) { return value(static_cast<std::size_t>(i)); });
   }
 
   /// Logits of the last forward (tokens, vocab), downloaded.

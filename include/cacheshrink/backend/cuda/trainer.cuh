@@ -29,10 +29,7 @@ class MLATrainer {
   /// `m` is updated in place (its MLA weights) at the end of train() and by write_back().
   MLATrainer(model::Model& m, train::TrainOptions o)
       : m_(m), o_(validated(std::move(o))), g_(m), opt_(g_.stream(), g_.blas(), adamw_options(o_), radam_options(o_)) {
-    if ((o_.recon_alpha > 0 || o_.distill) && !g_.has_original_kv())
-      throw InvalidArgument(std::string(o_.distill ? "distillation" : "reconstruction") +
-                            " loss needs the original k_proj/v_proj weights of every MLA layer, but the model lacks them (a saved MLA "
-                            "model keeps them only when saved with --store-original-weights; or convert and train in one run)");
+    train::require_original_kv(o_, g_.has_original_kv());
     for (auto& p : g_.params()) opt_.add(DeviceParam{p.name, p.value.data(), p.grad.data(), p.rows, p.cols, p.stiefel});
   }
   MLATrainer(const MLATrainer&) = delete;
@@ -114,7 +111,12 @@ class MLATrainer {
   /// optimizer states and the data position; the next train() with the same sequences and
   /// options continues the same trajectory.
   void load_checkpoint(const std::filesystem::path& dir) {
-    Host h = download();
+    Host h;  // shaped like the parameters (read_checkpoint checks the shapes), filled from the files
+    for (const auto& p : g_.params()) {
+      h.names.push_back(p.name);
+      h.values.emplace_back(p.rows, p.cols);
+      h.states.emplace_back();
+    }
     const train::DataPosition at = train::read_checkpoint<float>(dir, h.params());
     for (std::size_t i = 0; i < h.values.size(); ++i) {
       g_.set_value(i, h.values[i]);

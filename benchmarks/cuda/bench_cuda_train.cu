@@ -15,11 +15,14 @@
 //
 //   bench_cuda_train [--shapes llama2,qwen25] [--batch 4] [--seq 512] [--steps 5] [--warmup 2]
 //                    [--recon-alpha 0.3] [--modes fp32,tf32] [--gemm-tuning on|off|both] [--gemm-profile]
-//                    [--gemm-candidates 8] [--gemm-splitk] [--json PATH]
+//                    [--stage-profile] [--gemm-candidates 8] [--gemm-splitk] [--json PATH]
 // --gemm-tuning: cuda::TunedGemm's timed kernel choice for the graph's GEMMs (on, the default),
 // cublasLt's first heuristic choice (off), or both, one after the other.
 // --gemm-profile: after the timings, one more forward + backward with every graph GEMM bracketed
 // by CUDA events; prints each shape's calls, time and TFLOP/s (a diagnostic, not in the JSON).
+// --stage-profile: one more forward + backward cut into named stages (every kernel and GEMM kind,
+// summed over layers) by CUDA events recorded between them; prints each stage's time and share
+// (a diagnostic, not in the JSON; the marks cost a little host time).
 // --gemm-candidates, --gemm-splitk: how wide the timed search is (cuda::TunedGemm::set_search).
 #include <cacheshrink/backend/cuda/optim.cuh>
 #include <cacheshrink/backend/cuda/train.cuh>
@@ -41,7 +44,7 @@ struct Args {
   double recon_alpha = 0.3;
   std::vector<std::string> modes = {"fp32", "tf32"};
   std::vector<bool> tunings = {true};  // cuda::TunedGemm kernel choice: timed (on) / heuristic (off)
-  bool gemm_profile = false;
+  bool gemm_profile = false, stage_profile = false;
   int gemm_candidates = cuda::TunedGemm::kCandidates;
   bool gemm_splitk = false;
   std::string json;
@@ -106,90 +109,108 @@ nlohmann::json run(const std::string& shape, const Args& a) {
   const auto blocks = cuda::train_causal_blocks(a.seq);
   double score_entries = 0;  // per head and sequence
   for (std::size_t i = 0; i + 1 < blocks.size(); ++i) score_entries += static_cast<double>(blocks[i + 1]) * (blocks[i + 1] - blocks[i]);
-  const double fwd_flops = 2 * N * (c.n_layers * per_layer + H * c.vocab_size) + c.n_layers * 4.0 * c.n_heads * c.head_dim * score_entries * a.batch;
+  const double fwd_flops =
+      2 * N * (c.n_layers * per_layer + H * c.vocab_size) + c.n_layers * 4.0 * c.n_heads * c.head_dim * score_entries * a.batch;
   nlohmann::json out = nlohmann::json::array();
   for (const auto& mode : a.modes)
     for (const bool tuning : a.tunings) {
-    g.set_tf32(mode == "tf32");
-    g.set_gemm_tuning(tuning);
-    g.set_gemm_search(a.gemm_candidates, a.gemm_splitk);
-    train::LossParts last;
-    auto step = [&] {
-      g.zero_grad();
-      last = g.forward_backward(seqs, lo, 1.0);
-      opt.grad_norm_and_clip(1.0, false);
-      opt.step(1e-5, 1e-4);
-    };
-    for (int i = 0; i < a.warmup; ++i) step();
-    cuda::Event e0, e1;
-    auto timed = [&](auto&& f) {
-      e0.record(g.stream());
-      for (int i = 0; i < a.steps; ++i) f();
-      e1.record(g.stream());
-      e1.synchronize();
-      return e1.elapsed_since(e0) / a.steps;
-    };
-    const double step_ms = timed(step);
-    const std::size_t after = used_bytes();
-    const double fwd_ms = timed([&] { g.forward_backward(seqs, lo, 0.0); });
-    const double fb_ms = timed([&] {
-      g.zero_grad();
-      g.forward_backward(seqs, lo, 1.0);
-    });
-    const double opt_ms = timed([&] {
-      opt.grad_norm_and_clip(1.0, false);
-      opt.step(1e-5, 1e-4);
-    });
-    if (a.gemm_profile) {
-      // One more step (forward + backward) with every graph GEMM timed by CUDA events.
-      g.set_gemm_profile(true);
-      g.zero_grad();
-      g.forward_backward(seqs, lo, 1.0);
-      double total = 0, flops = 0;
-      std::printf("%-8s %s GEMM profile of one forward + backward (cuBLAS column-major view; attention's batched GEMMs excluded):\n",
-                  shape.c_str(), mode.c_str());
-      for (const auto& r : g.gemm_profile()) {
-        total += r.ms;
-        flops += 2.0 * r.m * r.n * static_cast<double>(r.k) * r.calls;
-        std::printf("  %c%c m %6d n %6d k %6d beta%s calls %4d  %8.3f ms  %6.1f TFLOP/s  (algo %d tile %d split-K %d)\n", r.ta, r.tb, r.m, r.n,
-                    r.k, r.beta0 ? "=0 " : "!=0", r.calls, r.ms, r.tflops(), r.algo_id, r.tile_id, r.splitk);
+      g.set_tf32(mode == "tf32");
+      g.set_gemm_tuning(tuning);
+      g.set_gemm_search(a.gemm_candidates, a.gemm_splitk);
+      train::LossParts last;
+      auto step = [&] {
+        g.zero_grad();
+        last = g.forward_backward(seqs, lo, 1.0);
+        opt.grad_norm_and_clip(1.0, false);
+        opt.step(1e-5, 1e-4);
+      };
+      for (int i = 0; i < a.warmup; ++i) step();
+      cuda::Event e0, e1;
+      auto timed = [&](auto&& f) {
+        e0.record(g.stream());
+        for (int i = 0; i < a.steps; ++i) f();
+        e1.record(g.stream());
+        e1.synchronize();
+        return e1.elapsed_since(e0) / a.steps;
+      };
+      const double step_ms = timed(step);
+      const std::size_t after = used_bytes();
+      const double fwd_ms = timed([&] { g.forward_backward(seqs, lo, 0.0); });
+      const double fb_ms = timed([&] {
+        g.zero_grad();
+        g.forward_backward(seqs, lo, 1.0);
+      });
+      const double opt_ms = timed([&] {
+        opt.grad_norm_and_clip(1.0, false);
+        opt.step(1e-5, 1e-4);
+      });
+      if (a.gemm_profile) {
+        // One more step (forward + backward) with every graph GEMM timed by CUDA events.
+        g.set_gemm_profile(true);
+        g.zero_grad();
+        g.forward_backward(seqs, lo, 1.0);
+        double total = 0, flops = 0;
+        std::printf("%-8s %s GEMM profile of one forward + backward (cuBLAS column-major view; attention's batched GEMMs excluded):\n",
+                    shape.c_str(), mode.c_str());
+        for (const auto& r : g.gemm_profile()) {
+          total += r.ms;
+          flops += 2.0 * r.m * r.n * static_cast<double>(r.k) * r.calls;
+          std::printf("  %c%c m %6d n %6d k %6d beta%s calls %4d  %8.3f ms  %6.1f TFLOP/s  (algo %d tile %d split-K %d)\n", r.ta, r.tb, r.m,
+                      r.n, r.k, r.beta0 ? "=0 " : "!=0", r.calls, r.ms, r.tflops(), r.algo_id, r.tile_id, r.splitk);
+        }
+        std::printf("  total %.2f ms, %.1f TFLOP/s\n", total, flops / (total * 1e9));
+        g.set_gemm_profile(false);
       }
-      std::printf("  total %.2f ms, %.1f TFLOP/s\n", total, flops / (total * 1e9));
-      g.set_gemm_profile(false);
-    }
-    const double tokens = static_cast<double>(a.batch) * a.seq;
-    // The MLP up-projection's shape: (tokens x hidden) x (hidden x intermediate).
-    const double sgemm = sgemm_rate(static_cast<int>(I), a.batch * a.seq, static_cast<int>(H), mode == "tf32");
-    const double tps = tokens / (step_ms / 1000.0);
-    std::printf(
-        "%-8s %s%s B=%d T=%d d_latent=%d: step %.1f ms (%.0f tok/s) = fwd+bwd %.1f + optimizer %.1f; forward alone %.1f ms (step/forward "
-        "%.2fx); loss %.4f (lm %.4f, recon %.5f); device memory %.2f GiB (activations %.2f GiB); forward %.1f TFLOP/s, SGEMM %.1f "
-        "TFLOP/s\n",
-        shape.c_str(), mode.c_str(), tuning ? "" : " (heuristic GEMMs)", a.batch, a.seq, d_latent, step_ms, tps, fb_ms, opt_ms, fwd_ms, step_ms / fwd_ms, last.total, last.lm,
-        last.recon, static_cast<double>(after - before) / (1u << 30), static_cast<double>(g.activation_bytes()) / (1u << 30),
-        fwd_flops / (fwd_ms * 1e-3) / 1e12, sgemm);
-    std::fflush(stdout);
-    out.push_back({{"shape", shape},
-                   {"dtype", "float32"},
-                   {"batch", a.batch},
-                   {"seq", a.seq},
-                   {"d_latent", d_latent},
-                   {"recon_alpha", a.recon_alpha},
-                   {"step_ms", step_ms},
-                   {"tokens_per_s", tps},
-                   {"forward_backward_ms", fb_ms},
-                   {"optimizer_ms", opt_ms},
-                   {"forward_ms", fwd_ms},
-                   {"device_bytes", after - before},
-                   {"activation_bytes", g.activation_bytes()},
-                   {"trainable_params", param_floats},
-                   {"loss", last.total},
-                   {"lm", last.lm},
-                   {"recon", last.recon},
-                   {"math", mode},
-                   {"gemm_tuning", tuning},
-                   {"forward_tflops", fwd_flops / (fwd_ms * 1e-3) / 1e12},
-                   {"sgemm_tflops", sgemm}});
+      if (a.stage_profile) {
+        g.set_stage_profile(true);
+        e0.record(g.stream());
+        g.zero_grad();
+        g.forward_backward(seqs, lo, 1.0);
+        e1.record(g.stream());
+        e1.synchronize();
+        const double whole = e1.elapsed_since(e0);
+        const auto rows = g.stage_profile();
+        double total = 0;
+        for (const auto& r : rows) total += r.ms;
+        std::printf("%-8s %s stage profile of one forward + backward (%.2f ms between the first and last mark, %.2f ms the whole call):\n",
+                    shape.c_str(), mode.c_str(), total, whole);
+        for (const auto& r : rows)
+          std::printf("  %-28s calls %4d  %8.3f ms  %5.1f%%\n", r.name.c_str(), r.calls, r.ms, 100.0 * r.ms / total);
+        g.set_stage_profile(false);
+      }
+      const double tokens = static_cast<double>(a.batch) * a.seq;
+      // The MLP up-projection's shape: (tokens x hidden) x (hidden x intermediate).
+      const double sgemm = sgemm_rate(static_cast<int>(I), a.batch * a.seq, static_cast<int>(H), mode == "tf32");
+      const double tps = tokens / (step_ms / 1000.0);
+      std::printf(
+          "%-8s %s%s B=%d T=%d d_latent=%d: step %.1f ms (%.0f tok/s) = fwd+bwd %.1f + optimizer %.1f; forward alone %.1f ms (step/forward "
+          "%.2fx); loss %.4f (lm %.4f, recon %.5f); device memory %.2f GiB (activations %.2f GiB); forward %.1f TFLOP/s, SGEMM %.1f "
+          "TFLOP/s\n",
+          shape.c_str(), mode.c_str(), tuning ? "" : " (heuristic GEMMs)", a.batch, a.seq, d_latent, step_ms, tps, fb_ms, opt_ms, fwd_ms,
+          step_ms / fwd_ms, last.total, last.lm, last.recon, static_cast<double>(after - before) / (1u << 30),
+          static_cast<double>(g.activation_bytes()) / (1u << 30), fwd_flops / (fwd_ms * 1e-3) / 1e12, sgemm);
+      std::fflush(stdout);
+      out.push_back({{"shape", shape},
+                     {"dtype", "float32"},
+                     {"batch", a.batch},
+                     {"seq", a.seq},
+                     {"d_latent", d_latent},
+                     {"recon_alpha", a.recon_alpha},
+                     {"step_ms", step_ms},
+                     {"tokens_per_s", tps},
+                     {"forward_backward_ms", fb_ms},
+                     {"optimizer_ms", opt_ms},
+                     {"forward_ms", fwd_ms},
+                     {"device_bytes", after - before},
+                     {"activation_bytes", g.activation_bytes()},
+                     {"trainable_params", param_floats},
+                     {"loss", last.total},
+                     {"lm", last.lm},
+                     {"recon", last.recon},
+                     {"math", mode},
+                     {"gemm_tuning", tuning},
+                     {"forward_tflops", fwd_flops / (fwd_ms * 1e-3) / 1e12},
+                     {"sgemm_tflops", sgemm}});
     }
   return out;
 }
@@ -243,12 +264,14 @@ int main(int argc, char** argv) {
     else if (k == "--recon-alpha") a.recon_alpha = std::stod(val());
     else if (k == "--json") a.json = val();
     else if (k == "--gemm-profile") a.gemm_profile = true;
+    else if (k == "--stage-profile") a.stage_profile = true;
     else if (k == "--gemm-candidates") a.gemm_candidates = std::stoi(val());
     else if (k == "--gemm-splitk") a.gemm_splitk = true;
     else {
       std::fprintf(stderr,
                    "usage: bench_cuda_train [--shapes llama2,qwen25] [--batch 4] [--seq 512] [--steps 5] [--warmup 2] [--recon-alpha 0.3] "
-                   "[--modes fp32,tf32] [--gemm-tuning on|off|both] [--gemm-profile] [--gemm-candidates N] [--gemm-splitk] [--json PATH]\n");
+                   "[--modes fp32,tf32] [--gemm-tuning on|off|both] [--gemm-profile] [--stage-profile] [--gemm-candidates N] "
+                   "[--gemm-splitk] [--json PATH]\n");
       return 2;
     }
   }

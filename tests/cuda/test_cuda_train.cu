@@ -5,12 +5,12 @@
 // whole cuda::MLATrainer steps (graph + cuda::DeviceOptimizer) against the float64 CPU MLATrainer,
 // and its training loop: write-back, checkpoints that resume on the GPU and load on the CPU.
 #include <doctest/doctest.h>
+#include <unistd.h>
 
 #include <cacheshrink/backend/cuda/optim.cuh>
 #include <cacheshrink/backend/cuda/train.cuh>
 #include <cacheshrink/backend/cuda/trainer.cuh>
 #include <filesystem>
-#include <unistd.h>
 
 #include "cuda/cuda_test_support.cuh"
 #include "cuda/train_reference.hpp"
@@ -41,8 +41,8 @@ void compare(const TrainCase& cs, const train::LossOptions& lo, const char* what
   const auto ld = dev.forward_backward(seqs, lo, 1.0);
   const auto& lr = ref.loss;
   const std::string tag = std::string(cs.model) + " " + cs.method + " " + what;  // const char* would print as a pointer
-  INFO(tag << ": total " << ld.total << " vs " << lr.total << ", lm " << ld.lm << " vs " << lr.lm
-                << ", recon " << ld.recon << " vs " << lr.recon << ", kl " << ld.kl << " vs " << lr.kl);
+  INFO(tag << ": total " << ld.total << " vs " << lr.total << ", lm " << ld.lm << " vs " << lr.lm << ", recon " << ld.recon << " vs "
+           << lr.recon << ", kl " << ld.kl << " vs " << lr.kl);
   CHECK(ld.tokens == lr.tokens);
   CHECK(ld.predicted == lr.predicted);
   CHECK(std::abs(ld.total - lr.total) <= 1e-5 * std::abs(lr.total));
@@ -92,8 +92,10 @@ TEST_CASE("cuda TrainGraph: pure LM, padded reconstruction normalisation and dis
     compare(cs, lm, "lm");
     // Reconstruction alone: the W_down gradients are second order here (each layer's own term
     // vanishes at the initialisation, what remains flows through the layers above) and come out
-    // of a cancellation, so float32 keeps fewer digits of them.
-    compare(cs, padded, "recon 1.0 padded", 1e-3);
+    // of a cancellation, so float32 keeps fewer digits of them (tiny-gpt2's layer-3 W_down_k, a
+    // gradient of at most 1e-9: 1.6e-3 since the residual K~ - K is formed from the float32
+    // targets of the stacked input projection, not inside one GEMM).
+    compare(cs, padded, "recon 1.0 padded", 3e-3);
     compare(cs, kd, "distill");
   }
 }
@@ -148,8 +150,8 @@ TEST_CASE("cuda MLATrainer: three steps follow the float64 CPU MLATrainer") {
     for (std::size_t t = 0; t < ref.stats.size(); ++t) {
       const auto& st = ref.stats[t];
       const auto got = tr.step({seqs}, static_cast<long>(t), static_cast<long>(ref.stats.size()));
-      INFO(cs.model << " " << cs.method << " step " << t + 1 << ": loss " << got.loss << " vs " << st.loss << ", grad norm " << got.grad_norm
-                    << " vs " << st.grad_norm);
+      INFO(cs.model << " " << cs.method << " step " << t + 1 << ": loss " << got.loss << " vs " << st.loss << ", grad norm "
+                    << got.grad_norm << " vs " << st.grad_norm);
       CHECK(std::abs(got.loss - st.loss) <= 1e-5 * std::abs(st.loss));
       CHECK(std::abs(got.grad_norm - st.grad_norm) <= 1e-4 * st.grad_norm);
       CHECK(got.lr_euclidean == st.lr_euclidean);

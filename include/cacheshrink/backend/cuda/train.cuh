@@ -58,6 +58,128 @@ namespace train_kernels {
 // The kernels are `static`: a plain __global__ function defined in a header gets one host stub per
 // translation unit that includes it, and two such units in one program fail to link.
 
+// Vectorised element access: W = 4 moves 16-byte float4s (the caller checks alignment: widths
+// and row strides multiples of 4, buffers 256-byte aligned), W = 1 plain floats. The bandwidth-
+// bound kernels below are templated on it, so the tested W = 4 path and the W = 1 fallback
+// share their code.
+template <int W>
+__device__ __forceinline__ void ldv(const float* p, float (&r)[W]) {
+  if constexpr (W == 4) {
+    const float4 t = *reinterpret_cast<const float4*>(p);
+    r[0] = t.x, r[1] = t.y, r[2] = t.z, r[3] = t.w;
+  } else {
+#pragma unroll
+    for (int e = 0; e < W; ++e) r[e] = p[e];
+  }
+}
+template <int W>
+__device__ __forceinline__ void stv(float* p, const float (&r)[W]) {
+  if constexpr (W == 4) *reinterpret_cast<float4*>(p) = make_float4(r[0], r[1], r[2], r[3]);
+  else {
+#pragma unroll
+    for (int e = 0; e < W; ++e) p[e] = r[e];
+  }
+}
+// Grid for (rows, width) elementwise kernels in vectors of W: x over a row's vectors, y over rows
+// (the kernels stride rows by gridDim.y, so more than 65535 rows are fine).
+inline dim3 vec_grid(int rows, int width, int W, int threads = 256) {
+  const int v = (width / W + threads - 1) / threads;
+  return dim3(static_cast<unsigned>(std::max(v, 1)), static_cast<unsigned>(std::clamp(rows, 1, 65535)));
+}
+
+// Norm forward with the row held in registers (one 128-thread block per row, H <= 128 * W * C):
+// x is read once. Same math as norm_fwd below (the fallback for wider or unaligned rows).
+template <int W, int C>
+static __global__ void __launch_bounds__(128)
+    norm_fwd_reg(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b, bool layer, float eps,
+                 float* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd, int H) {
+  const long long off = static_cast<long long>(blockIdx.x) * H;
+  float v[C][W];
+  const float inv_n = 1.0f / static_cast<float>(H);
+  float s = 0.0f;
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const int c = (k * 128 + static_cast<int>(threadIdx.x)) * W;
+    if (c < H) {
+      ldv<W>(x + off + c, v[k]);
+#pragma unroll
+      for (int e = 0; e < W; ++e) s += v[k][e];
+    }
+  }
+  float mu = 0.0f;
+  if (layer) mu = block_sum(s) * inv_n;
+  float ss = 0.0f;
+#pragma unroll
+  for (int k = 0; k < C; ++k)
+    if ((k * 128 + static_cast<int>(threadIdx.x)) * W < H)
+#pragma unroll
+      for (int e = 0; e < W; ++e) ss += (v[k][e] - mu) * (v[k][e] - mu);
+  const float r = rsqrtf(block_sum(ss) * inv_n + eps);
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const int c = (k * 128 + static_cast<int>(threadIdx.x)) * W;
+    if (c < H) {
+      float wv[W], o[W];
+      ldv<W>(w + c, wv);
+#pragma unroll
+      for (int e = 0; e < W; ++e) o[e] = (v[k][e] - mu) * r * wv[e];
+      if (b) {
+        float bv[W];
+        ldv<W>(b + c, bv);
+#pragma unroll
+        for (int e = 0; e < W; ++e) o[e] += bv[e];
+      }
+      stv<W>(y + off + c, o);
+    }
+  }
+  if (threadIdx.x == 0) {
+    if (mean) mean[blockIdx.x] = mu;
+    rstd[blockIdx.x] = r;
+  }
+}
+
+// Norm backward with x and dy held in registers (as norm_fwd_reg); dx += (same math as norm_bwd).
+template <int W, int C>
+static __global__ void __launch_bounds__(128)
+    norm_bwd_reg(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ mean, const float* __restrict__ rstd,
+                 bool layer, const float* __restrict__ dy, float* __restrict__ dx, int H) {
+  const long long off = static_cast<long long>(blockIdx.x) * H;
+  const float r = rstd[blockIdx.x], mu = layer ? mean[blockIdx.x] : 0.0f;
+  const float inv_n = 1.0f / static_cast<float>(H);
+  float xh[C][W], g[C][W];
+  float sg = 0.0f, sgx = 0.0f;
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const int c = (k * 128 + static_cast<int>(threadIdx.x)) * W;
+    if (c < H) {
+      float wv[W];
+      ldv<W>(x + off + c, xh[k]);
+      ldv<W>(dy + off + c, g[k]);
+      ldv<W>(w + c, wv);
+#pragma unroll
+      for (int e = 0; e < W; ++e) {
+        g[k][e] *= wv[e];
+        xh[k][e] = (xh[k][e] - mu) * r;
+        sg += g[k][e];
+        sgx += g[k][e] * xh[k][e];
+      }
+    }
+  }
+  if (layer) sg = block_sum(sg) * inv_n;
+  sgx = block_sum(sgx) * inv_n;
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const int c = (k * 128 + static_cast<int>(threadIdx.x)) * W;
+    if (c < H) {
+      float d[W];
+      ldv<W>(dx + off + c, d);
+#pragma unroll
+      for (int e = 0; e < W; ++e) d[e] += layer ? r * (g[k][e] - sg - xh[k][e] * sgx) : r * (g[k][e] - xh[k][e] * sgx);
+      stv<W>(dx + off + c, d);
+    }
+  }
+}
+
 // Norm forward keeping its statistics: y = norm(x) (RMS or Layer), mean/rstd per row.
 static __global__ void norm_fwd(const float* x, const float* w, const float* b, bool layer, float eps, float* y, float* mean, float* rstd,
                                 int H) {
@@ -198,25 +320,108 @@ static __global__ void softmax_bwd(const float* P, float* dP, long long rows, in
   for (int j = lane; j < end; j += 32) d[j] = (j >= a && j <= i) ? p[j] * (d[j] - s) : 0.0f;
 }
 
-// dst (rows, nkv*hd) += sum over the group's query heads of src (rows, nh*hd).
-static __global__ void sum_head_groups(const float* src, float* dst, int rows, int nkv, int group, int hd) {
-  const long long n = static_cast<long long>(rows) * nkv * hd;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const int d = static_cast<int>(i % hd);
-    const long long rk = i / hd;
-    const int k = static_cast<int>(rk % nkv);
-    const long long r = rk / nkv;
-    const float* s = src + (r * nkv * group + static_cast<long long>(k) * group) * hd + d;
-    float acc = 0.0f;
-    for (int g = 0; g < group; ++g) acc += s[static_cast<long long>(g) * hd];
-    dst[i] += acc;
+// masked_softmax / softmax_bwd with the row in registers and float4 access, for rows of
+// n <= 128 K floats, n a multiple of 4 and a 16-byte aligned block of rows (the launcher checks;
+// other rows take the kernels above). A row is read once; entries past the causal block's end up
+// to the next multiple of 4 (inside the row) are written as the masked zeros they are.
+template <int K>
+static __global__ void masked_softmax_v4(float* S, int rows, int n, int window) {
+  const int row = static_cast<int>((blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32);
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int i = row % n, a = window > 0 ? max(0, i - window + 1) : 0, end = causal_block_end(i, n);
+  float* s = S + static_cast<long long>(row) * n;
+  float v[K][4];
+  float m = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int c = k * 128 + lane * 4;
+    if (c < end) {
+      ldv<4>(s + c, v[k]);
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (c + e >= a && c + e <= i) m = fmaxf(m, v[k][e]);
+    }
+  }
+  m = warp_max(m);
+  float sum = 0.0f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int c = k * 128 + lane * 4;
+    if (c < end)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        v[k][e] = (c + e >= a && c + e <= i) ? expf(v[k][e] - m) : 0.0f;
+        sum += v[k][e];
+      }
+  }
+  const float inv = 1.0f / warp_sum(sum);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int c = k * 128 + lane * 4;
+    if (c < end) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) v[k][e] *= inv;
+      stv<4>(s + c, v[k]);
+    }
+  }
+}
+template <int K>
+static __global__ void softmax_bwd_v4(const float* P, float* dP, int rows, int n, int window) {
+  const int row = static_cast<int>((blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32);
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int i = row % n, a = window > 0 ? max(0, i - window + 1) : 0, end = causal_block_end(i, n);
+  const float* p = P + static_cast<long long>(row) * n;
+  float* d = dP + static_cast<long long>(row) * n;
+  float pv[K][4], dv[K][4];
+  float sum = 0.0f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int c = k * 128 + lane * 4;
+    if (c < end) {
+      ldv<4>(p + c, pv[k]);
+      ldv<4>(d + c, dv[k]);
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (c + e >= a && c + e <= i) sum += pv[k][e] * dv[k][e];
+    }
+  }
+  sum = warp_sum(sum);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int c = k * 128 + lane * 4;
+    if (c < end) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dv[k][e] = (c + e >= a && c + e <= i) ? pv[k][e] * (dv[k][e] - sum) : 0.0f;
+      stv<4>(d + c, dv[k]);
+    }
+  }
+}
+
+// dst (rows, nkv*hd) = sum over the group's query heads of src (rows, nh*hd); W = 4 needs hd % 4 == 0.
+template <int W>
+static __global__ void sum_head_groups(const float* __restrict__ src, float* __restrict__ dst, int rows, int nkv, int group, int hd) {
+  const int c = (blockIdx.x * blockDim.x + threadIdx.x) * W;  // column of dst
+  if (c >= nkv * hd) return;
+  const int k = c / hd, d = c - k * hd;
+  for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+    const float* sp = src + (static_cast<long long>(r) * nkv * group + static_cast<long long>(k) * group) * hd + d;
+    float acc[W] = {}, t[W];
+    for (int g = 0; g < group; ++g) {
+      ldv<W>(sp + static_cast<long long>(g) * hd, t);
+#pragma unroll
+      for (int e = 0; e < W; ++e) acc[e] += t[e];
+    }
+    stv<W>(dst + static_cast<long long>(r) * nkv * hd + c, acc);
   }
 }
 
 // RoPE in place on the heads of each row (rows, heads hd; row stride ld): one block per row, so
 // the position's cos/sin row is shared and the indexing is 32-bit. sin_t negated: the inverse.
-static __global__ void rope_rows(float* y, int ld, int heads, int hd, const int* pos, const float* cos_t, const float* sin_t) {
+// bias (heads*hd, or nullptr) is added to each row first (a projection's pending bias).
+static __global__ void rope_rows(float* y, int ld, int heads, int hd, const int* pos, const float* cos_t, const float* sin_t,
+                                 const float* bias) {
   const int half = hd / 2, r = blockIdx.x;
   float* row = y + static_cast<long long>(r) * ld;
   const float* c = cos_t + static_cast<long long>(pos[r]) * half;
@@ -224,29 +429,49 @@ static __global__ void rope_rows(float* y, int ld, int heads, int hd, const int*
   for (int e = threadIdx.x; e < heads * half; e += blockDim.x) {
     const int h = e / half, k = e - h * half;
     float* p = row + h * hd;
-    const float x1 = p[k], x2 = p[k + half], cc = c[k], ss = sn[k];
+    float x1 = p[k], x2 = p[k + half];
+    if (bias) x1 += bias[h * hd + k], x2 += bias[h * hd + k + half];
+    const float cc = c[k], ss = sn[k];
     p[k] = x1 * cc - x2 * ss;
     p[k + half] = x2 * cc + x1 * ss;
   }
 }
 
-// act = silu(g) u from gu = [g | u] (rows, 2I) (biases already added).
-static __global__ void swiglu_fwd(const float* gu, float* act, int I) {
-  const float* g = gu + static_cast<long long>(blockIdx.x) * 2 * I;
-  float* o = act + static_cast<long long>(blockIdx.x) * I;
-  kernels::for_row_chunk(I, [&](int c) { o[c] = kernels::silu_f(g[c]) * g[I + c]; });
+// act = silu(g) u from gu = [g | u] (rows, 2I) (biases already added); grid vec_grid(rows, I, W).
+template <int W>
+static __global__ void swiglu_fwd(const float* __restrict__ gu, float* __restrict__ act, int rows, int I) {
+  const int c = (blockIdx.x * blockDim.x + threadIdx.x) * W;
+  if (c >= I) return;
+  for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+    const long long o = static_cast<long long>(r) * I;
+    float g[W], u[W];
+    ldv<W>(gu + 2 * o + c, g);
+    ldv<W>(gu + 2 * o + I + c, u);
+#pragma unroll
+    for (int e = 0; e < W; ++e) g[e] = kernels::silu_f(g[e]) * u[e];
+    stv<W>(act + o + c, g);
+  }
 }
 // dgu = [da u silu'(g) | da silu(g)].
-static __global__ void swiglu_bwd(const float* gu, const float* da, float* dgu, int I) {
-  const long long r = blockIdx.x;
-  const float* g = gu + r * 2 * I;
-  const float* d = da + r * I;
-  float* o = dgu + r * 2 * I;
-  kernels::for_row_chunk(I, [&](int c) {
-    const float x = g[c], s = 1.0f / (1.0f + expf(-x));
-    o[c] = d[c] * g[I + c] * s * (1.0f + x * (1.0f - s));
-    o[I + c] = d[c] * x * s;
-  });
+template <int W>
+static __global__ void swiglu_bwd(const float* __restrict__ gu, const float* __restrict__ da, float* __restrict__ dgu, int rows, int I) {
+  const int c = (blockIdx.x * blockDim.x + threadIdx.x) * W;
+  if (c >= I) return;
+  for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+    const long long o = static_cast<long long>(r) * I;
+    float g[W], u[W], d[W];
+    ldv<W>(gu + 2 * o + c, g);
+    ldv<W>(gu + 2 * o + I + c, u);
+    ldv<W>(da + o + c, d);
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      const float x = g[e], sg = 1.0f / (1.0f + expf(-x));
+      g[e] = d[e] * u[e] * sg * (1.0f + x * (1.0f - sg));
+      u[e] = d[e] * x * sg;
+    }
+    stv<W>(dgu + 2 * o + c, g);
+    stv<W>(dgu + 2 * o + I + c, u);
+  }
 }
 static __global__ void gelu_fwd(const float* u, float* act, int I) {
   const long long off = static_cast<long long>(blockIdx.x) * I;
@@ -263,25 +488,49 @@ static __global__ void gelu_bwd(const float* u, float* da, int I) {
 }
 
 // Cross-entropy of each row against target (< 0: unscored): acc += nll (double); with dz,
-// dz = weight (softmax - onehot) (0 on unscored rows). One block per row.
-static __global__ void cross_entropy(const float* z, int V, const int* target, float weight, float* dz, double* acc) {
+// dz = weight (softmax - onehot) (0 on unscored rows). One block per row; the max and the sum of
+// exponentials come from one pass (a running max per thread, its sum rescaled when it grows), so
+// the row is read twice, not three times. W = 4 needs V % 4 == 0.
+template <int W>
+static __global__ void cross_entropy(const float* __restrict__ z, int V, const int* __restrict__ target, float weight,
+                                     float* __restrict__ dz, double* acc) {
   const long long off = static_cast<long long>(blockIdx.x) * V;
   const int t = target[blockIdx.x];
+  const int step = static_cast<int>(blockDim.x) * W;
   if (t < 0) {
-    if (dz)
-      for (int c = threadIdx.x; c < V; c += blockDim.x) dz[off + c] = 0.0f;
+    if (dz) {
+      const float zero[W] = {};
+      for (int c = threadIdx.x * W; c < V; c += step) stv<W>(dz + off + c, zero);
+    }
     return;
   }
-  float m = -INFINITY;
-  for (int c = threadIdx.x; c < V; c += blockDim.x) m = fmaxf(m, z[off + c]);
-  m = block_max(m);
-  float s = 0.0f;
-  for (int c = threadIdx.x; c < V; c += blockDim.x) s += expf(z[off + c] - m);
+  float m = -INFINITY, s = 0.0f;
+  for (int c = threadIdx.x * W; c < V; c += step) {
+    float v[W];
+    ldv<W>(z + off + c, v);
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      if (v[e] > m) {
+        s = s * expf(m - v[e]) + 1.0f;
+        m = v[e];
+      } else {
+        s += expf(v[e] - m);
+      }
+    }
+  }
+  const float M = block_max(m);
+  s = m == -INFINITY ? 0.0f : s * expf(m - M);
   s = block_sum(s);
-  if (threadIdx.x == 0) atomicAdd(acc, static_cast<double>(m) + log(static_cast<double>(s)) - static_cast<double>(z[off + t]));
+  if (threadIdx.x == 0) atomicAdd(acc, static_cast<double>(M) + log(static_cast<double>(s)) - static_cast<double>(z[off + t]));
   if (dz) {
     const float k = weight / s;
-    for (int c = threadIdx.x; c < V; c += blockDim.x) dz[off + c] = expf(z[off + c] - m) * k - (c == t ? weight : 0.0f);
+    for (int c = threadIdx.x * W; c < V; c += step) {
+      float v[W];
+      ldv<W>(z + off + c, v);
+#pragma unroll
+      for (int e = 0; e < W; ++e) v[e] = expf(v[e] - M) * k - (c + e == t ? weight : 0.0f);
+      stv<W>(dz + off + c, v);
+    }
   }
 }
 
@@ -314,33 +563,40 @@ static __global__ void kl_temperature(const float* z, const float* zt, int V, fl
   if (threadIdx.x == 0) atomicAdd(acc, static_cast<double>(kl));
 }
 
-// acc += sum x^2 (double): warp sums, then one double atomicAdd per block (a per-warp atomic
-// from thousands of blocks serialised on the one address and cost ~60 us per call at 7B shapes).
-static __global__ void __launch_bounds__(256) sq_sum(const float* __restrict__ x, long long n, double* acc) {
-  __shared__ double part[8];
-  double s = 0.0;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<long long>(gridDim.x) * blockDim.x)
-    s += static_cast<double>(x[i]) * x[i];
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double t = 0.0;
-    for (int w = 0; w < 8; ++w) t += part[w];
-    atomicAdd(acc, t);
-  }
-}
-
 // The reconstruction loss's gradient: dk += w r (the reconstruction's side) and g = -w r (the
 // target's side, row stride ldg: a block of the fused input projection's gradient).
-static __global__ void recon_grad(const float* __restrict__ r, int cols, long long n, float w, float* __restrict__ dk, float* __restrict__ g,
-                                  int ldg) {
+static __global__ void recon_grad(const float* __restrict__ r, int cols, long long n, float w, float* __restrict__ dk,
+                                  float* __restrict__ g, int ldg) {
   const long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
   const float v = w * r[i];
   dk[i] += v;
   g[(i / cols) * ldg + i % cols] = -v;
+}
+
+// The reconstruction residual r = a - t (t: `cols` columns of rows with stride ldt, the targets
+// inside the fused input projection's output) and acc += sum r^2 (double, one atomic per block).
+// Grid: x over columns (256 a block), y over rows (strided).
+static __global__ void __launch_bounds__(256) recon_residual(const float* __restrict__ a, const float* __restrict__ t, int ldt,
+                                                             float* __restrict__ r, int rows, int cols, double* acc) {
+  __shared__ double part[8];
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  double s = 0.0;
+  if (c < cols)
+    for (int row = blockIdx.y; row < rows; row += gridDim.y) {
+      const long long i = static_cast<long long>(row) * cols + c;
+      const float v = a[i] - t[static_cast<long long>(row) * ldt + c];
+      r[i] = v;
+      s += static_cast<double>(v) * v;
+    }
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double tot = 0.0;
+    for (int w = 0; w < 8; ++w) tot += part[w];
+    atomicAdd(acc, tot);
+  }
 }
 
 // u (rows, cols) = the first cols columns of the identity.
@@ -356,6 +612,95 @@ static __global__ void axpy(float a, const float* x, float* y, long long n) {
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<long long>(gridDim.x) * blockDim.x)
     y[i] += a * x[i];
+}
+
+// ---- host launchers: the register / float4 kernels where sizes and alignment allow, else the
+// plain ones (tests/cuda/test_cuda_train_kernels.cu checks both against float64 references) ----
+inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+/// y = norm(x) row-wise, keeping mean (LayerNorm only; may be nullptr otherwise) and rstd.
+inline void norm_forward(const float* x, const float* w, const float* b, bool layer, float eps, float* y, float* mean, float* rstd,
+                         int rows, int H, cudaStream_t st) {
+  if (rows <= 0) return;
+  if (H % 4 == 0 && H <= 128 * 4 * 16 && aligned16(x) && aligned16(y) && aligned16(w) && aligned16(b)) {
+    if (H <= 128 * 4 * 8) norm_fwd_reg<4, 8><<<rows, 128, 0, st>>>(x, w, b, layer, eps, y, mean, rstd, H);
+    else norm_fwd_reg<4, 16><<<rows, 128, 0, st>>>(x, w, b, layer, eps, y, mean, rstd, H);
+  } else {
+    norm_fwd<<<rows, 256, 0, st>>>(x, w, b, layer, eps, y, mean, rstd, H);
+  }
+  CACHESHRINK_CUDA_LAUNCH_CHECK("norm_fwd");
+}
+/// dx += d norm(x)/dx applied to dy.
+inline void norm_backward(const float* x, const float* w, const float* mean, const float* rstd, bool layer, const float* dy, float* dx,
+                          int rows, int H, cudaStream_t st) {
+  if (rows <= 0) return;
+  if (H % 4 == 0 && H <= 128 * 4 * 16 && aligned16(x) && aligned16(w) && aligned16(dy) && aligned16(dx)) {
+    if (H <= 128 * 4 * 8) norm_bwd_reg<4, 8><<<rows, 128, 0, st>>>(x, w, mean, rstd, layer, dy, dx, H);
+    else norm_bwd_reg<4, 16><<<rows, 128, 0, st>>>(x, w, mean, rstd, layer, dy, dx, H);
+  } else {
+    norm_bwd<<<rows, 256, 0, st>>>(x, w, mean, rstd, layer, dy, dx, H);
+  }
+  CACHESHRINK_CUDA_LAUNCH_CHECK("norm_bwd");
+}
+/// Masked row softmax of one sequence's scores (rows = heads * n rows of n), in place.
+inline void softmax_forward(float* S, long long rows, int n, int window, cudaStream_t st) {
+  if (rows <= 0) return;
+  const unsigned grid = grid_for(rows * 32, 256);
+  if (n % 4 == 0 && n <= 1024 && aligned16(S) && rows <= 65535LL * 256) {
+    const int r = static_cast<int>(rows);
+    if (n <= 128) masked_softmax_v4<1><<<grid, 256, 0, st>>>(S, r, n, window);
+    else if (n <= 256) masked_softmax_v4<2><<<grid, 256, 0, st>>>(S, r, n, window);
+    else if (n <= 512) masked_softmax_v4<4><<<grid, 256, 0, st>>>(S, r, n, window);
+    else masked_softmax_v4<8><<<grid, 256, 0, st>>>(S, r, n, window);
+  } else {
+    masked_softmax<<<grid, 256, 0, st>>>(S, rows, n, window);
+  }
+  CACHESHRINK_CUDA_LAUNCH_CHECK("masked_softmax");
+}
+/// Its backward in place on dP (rows as softmax_forward).
+inline void softmax_backward(const float* P, float* dP, long long rows, int n, int window, cudaStream_t st) {
+  if (rows <= 0) return;
+  const unsigned grid = grid_for(rows * 32, 256);
+  if (n % 4 == 0 && n <= 1024 && aligned16(P) && aligned16(dP) && rows <= 65535LL * 256) {
+    const int r = static_cast<int>(rows);
+    if (n <= 128) softmax_bwd_v4<1><<<grid, 256, 0, st>>>(P, dP, r, n, window);
+    else if (n <= 256) softmax_bwd_v4<2><<<grid, 256, 0, st>>>(P, dP, r, n, window);
+    else if (n <= 512) softmax_bwd_v4<4><<<grid, 256, 0, st>>>(P, dP, r, n, window);
+    else softmax_bwd_v4<8><<<grid, 256, 0, st>>>(P, dP, r, n, window);
+  } else {
+    softmax_bwd<<<grid, 256, 0, st>>>(P, dP, rows, n, window);
+  }
+  CACHESHRINK_CUDA_LAUNCH_CHECK("softmax_bwd");
+}
+/// act = silu(g) u of gu = [g | u] (rows, 2I).
+inline void swiglu_forward(const float* gu, float* act, int rows, int I, cudaStream_t st) {
+  if (rows <= 0 || I <= 0) return;
+  if (I % 4 == 0 && aligned16(gu) && aligned16(act)) swiglu_fwd<4><<<vec_grid(rows, I, 4), 256, 0, st>>>(gu, act, rows, I);
+  else swiglu_fwd<1><<<vec_grid(rows, I, 1), 256, 0, st>>>(gu, act, rows, I);
+  CACHESHRINK_CUDA_LAUNCH_CHECK("swiglu_fwd");
+}
+/// dgu = d [g | u] of act = silu(g) u, given d act.
+inline void swiglu_backward(const float* gu, const float* da, float* dgu, int rows, int I, cudaStream_t st) {
+  if (rows <= 0 || I <= 0) return;
+  if (I % 4 == 0 && aligned16(gu) && aligned16(da) && aligned16(dgu))
+    swiglu_bwd<4><<<vec_grid(rows, I, 4), 256, 0, st>>>(gu, da, dgu, rows, I);
+  else swiglu_bwd<1><<<vec_grid(rows, I, 1), 256, 0, st>>>(gu, da, dgu, rows, I);
+  CACHESHRINK_CUDA_LAUNCH_CHECK("swiglu_bwd");
+}
+/// Cross-entropy of rows of logits z (rows, V) against target (< 0: unscored) into acc; dz if given.
+inline void cross_entropy_rows(const float* z, int rows, int V, const int* target, float weight, float* dz, double* acc, cudaStream_t st) {
+  if (rows <= 0) return;
+  if (V % 4 == 0 && aligned16(z) && aligned16(dz)) cross_entropy<4><<<rows, 1024, 0, st>>>(z, V, target, weight, dz, acc);
+  else cross_entropy<1><<<rows, 1024, 0, st>>>(z, V, target, weight, dz, acc);
+  CACHESHRINK_CUDA_LAUNCH_CHECK("cross_entropy");
+}
+/// dst (rows, nkv hd) = per-group sums of src (rows, nkv group hd).
+inline void sum_groups(const float* src, float* dst, int rows, int nkv, int group, int hd, cudaStream_t st) {
+  if (rows <= 0) return;
+  if (hd % 4 == 0 && aligned16(src) && aligned16(dst))
+    sum_head_groups<4><<<vec_grid(rows, nkv * hd, 4), 256, 0, st>>>(src, dst, rows, nkv, group, hd);
+  else sum_head_groups<1><<<vec_grid(rows, nkv * hd, 1), 256, 0, st>>>(src, dst, rows, nkv, group, hd);
+  CACHESHRINK_CUDA_LAUNCH_CHECK("sum_head_groups");
 }
 
 }  // namespace train_kernels
@@ -396,7 +741,9 @@ class TrainGraph {
   using Slots = train::TrainGraph<float>::Slots;
 
   explicit TrainGraph(const model::Model& m)
-      : c_(m.config), stream_(std::make_unique<Stream>()), blas_(std::make_unique<CublasHandle>(stream_->get())),
+      : c_(m.config),
+        stream_(std::make_unique<Stream>()),
+        blas_(std::make_unique<CublasHandle>(stream_->get())),
         gemm_(std::make_unique<TunedGemm>(stream_->get(), blas_->get())) {
     const auto& W = m.weights;
     const int L = c_.n_layers, dkv = c_.d_kv();
@@ -498,7 +845,9 @@ class TrainGraph {
   /// deviation `stddev`, norms 1, biases 0; up projections the first d_latent columns of the
   /// identity (orthonormal, as the optimizer requires; the cost of a step does not depend on it).
   TrainGraph(const ModelConfig& c, int d_latent, unsigned long long seed = 1, float stddev = 0.02f)
-      : c_(c), stream_(std::make_unique<Stream>()), blas_(std::make_unique<CublasHandle>(stream_->get())),
+      : c_(c),
+        stream_(std::make_unique<Stream>()),
+        blas_(std::make_unique<CublasHandle>(stream_->get())),
         gemm_(std::make_unique<TunedGemm>(stream_->get(), blas_->get())) {
     const int Dkv = c_.d_kv();
     if (d_latent <= 0 || d_latent > Dkv) throw InvalidArgument("cuda train: d_latent must be in [1, d_kv = " + std::to_string(Dkv) + "]");
@@ -533,7 +882,8 @@ class TrainGraph {
       layout_cat(f, d_latent, false);
       f.wcat.resize(static_cast<std::size_t>(cat_rows(f)) * H);
       cuda::fill_uniform<float>(f.wcat.data(), static_cast<long long>(Dq * H), seed++, a, st());  // Wq; Wk, Wv below
-      cuda::fill_uniform<float>(f.wcat.data() + static_cast<std::size_t>(f.cat_k) * H, static_cast<long long>(2 * Dkv * H), seed++, a, st());
+      cuda::fill_uniform<float>(f.wcat.data() + static_cast<std::size_t>(f.cat_k) * H, static_cast<long long>(2 * Dkv * H), seed++, a,
+                                st());
       rnd(f.wo, H * Dq, a);
       if (c_.qkv_bias || g2) {
         cst(f.bq, Dq, 0.0f);
@@ -607,6 +957,37 @@ class TrainGraph {
   void set_gemm_profile(bool on) { gemm_->set_profile(on); }
   std::vector<TunedGemm::ProfileRow> gemm_profile() { return gemm_->profile(); }
   bool gemm_tuning() const { return gemm_->tuning(); }
+  /// Diagnostic: split every forward_backward into named stages (each kernel or GEMM of a layer,
+  /// the same name summed over layers) timed by CUDA events recorded between them on the graph's
+  /// stream, until stage_profile(). A stage's time runs from the previous mark to its own, so
+  /// launch gaps count where they occur; the marks add a little host overhead.
+  struct StageRow {
+    std::string name;
+    int calls = 0;
+    double ms = 0;
+  };
+  void set_stage_profile(bool on) {
+    drop_stages();
+    stage_profile_ = on;
+  }
+  /// Synchronises the stream; per stage name, calls and total ms since the last call, slowest first.
+  std::vector<StageRow> stage_profile() {
+    stream_->synchronize();
+    std::map<std::string, StageRow> rows;
+    for (std::size_t i = 1; i < marks_.size(); ++i) {
+      if (!marks_[i].first) continue;  // a start mark: nothing ran since the previous one
+      const double ms = marks_[i].second->elapsed_since(*marks_[i - 1].second);
+      StageRow& r = rows[marks_[i].first];
+      r.name = marks_[i].first;
+      ++r.calls;
+      r.ms += ms;
+    }
+    drop_stages();
+    std::vector<StageRow> out;
+    for (auto& [name, r] : rows) out.push_back(r);
+    std::sort(out.begin(), out.end(), [](const StageRow& a, const StageRow& b) { return a.ms > b.ms; });
+    return out;
+  }
 
   const ModelConfig& config() const { return c_; }
   cudaStream_t stream() const { return stream_->get(); }
@@ -663,6 +1044,7 @@ class TrainGraph {
     const bool grad = backward_scale > 0.0;
     prepare(seqs, lo);
     CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(acc_.data(), 0, acc_.size() * sizeof(double), stream()));
+    stage(nullptr);  // the profile's start mark (no-op unless profiling)
     if (lo.distill) {
       run_forward(/*teacher=*/true, lo);
       std::swap(logits_, teacher_logits_);
@@ -674,14 +1056,14 @@ class TrainGraph {
     const bool need_dz = grad && (w_lm > 0 || lo.distill);
     const float lm_w = pred_ > 0 ? static_cast<float>(backward_scale * w_lm / static_cast<double>(pred_)) : 0.0f;
     if (need_dz) dz_.reserve(static_cast<std::size_t>(N) * V);
-    train_kernels::cross_entropy<<<N, 1024, 0, stream()>>>(logits_.data(), V, d_target_.data(), lm_w, need_dz ? dz_.data() : nullptr,
-                                                           acc_.data());
-    CACHESHRINK_CUDA_LAUNCH_CHECK("cross_entropy");
+    train_kernels::cross_entropy_rows(logits_.data(), N, V, d_target_.data(), lm_w, need_dz ? dz_.data() : nullptr, acc_.data(), stream());
+    stage("cross_entropy");
     if (lo.distill) {
       const float kw = static_cast<float>(backward_scale * lo.distill_alpha * lo.temperature * lo.temperature / N);
       train_kernels::kl_temperature<<<N, 1024, 0, stream()>>>(logits_.data(), teacher_logits_.data(), V, static_cast<float>(lo.temperature),
                                                               kw, need_dz ? dz_.data() : nullptr, acc_.data() + 1);
       CACHESHRINK_CUDA_LAUNCH_CHECK("kl_temperature");
+      stage("kl_temperature");
     }
     if (grad) run_backward(need_dz);
     double acc[4];
@@ -709,15 +1091,8 @@ class TrainGraph {
                             &a.P, &a.attn, &a.h2, &a.mean2, &a.rstd2, &a.gu})
         b += p->size() * sizeof(float);
     for (const auto& x : xs_) b += x.size() * sizeof(float);
-    for (const auto* p : {&logits_, &teacher_logits_,
-                          &dz_,     &hf_,
-                          &fmean_,  &frstd_,
-                          &tmp_,    &dx_,
-                          &dh_,     &dcat_,
-                          &dk_,     &dv_,
-                          &dkh_,    &dvh_,
-                          &da_,     &dgu_,
-                          &gdown_,  &dP_})
+    for (const auto* p : {&logits_, &teacher_logits_, &dz_, &hf_, &fmean_, &frstd_, &tmp_, &dx_, &dh_, &dcat_, &dk_, &dv_, &dkh_, &dvh_,
+                          &da_, &dgu_, &gdown_, &dP_})
       b += p->size() * sizeof(float);
     return b;
   }
@@ -735,7 +1110,7 @@ class TrainGraph {
     int d_latent = 0;
     int cat_dk = -1, cat_dv = -1, cat_k = -1, cat_v = -1;  // first rows of the blocks in wcat (-1: absent)
     int cat_base = 0;  // rows the fused GEMM computes without the reconstruction targets (MLA: q and latents; plain: q)
-    int ycols = 0;     // rows it computes at most (MLA: all; plain: q only): the row stride of Acts::y and dcat_
+    int ycols = 0;  // rows it computes at most (MLA with the reconstruction loss: all; plain: q only): the row stride of Acts::y and dcat_
   };
   struct Acts {
     // y: the fused input projection's output (tokens, ycols): q at column 0, the latents at cat_dk /
@@ -888,7 +1263,7 @@ class TrainGraph {
       Acts& a = acts_[l];
       for (auto* b : {&a.x_mid, &a.h, &a.h2}) b->reserve(N * H);
       for (auto* b : {&a.mean1, &a.rstd1, &a.mean2, &a.rstd2}) b->reserve(N);
-      a.y.reserve(N * static_cast<std::size_t>(f.cat_base));
+      a.y.reserve(N * static_cast<std::size_t>(f.ycols));
       a.attn.reserve(N * Dq);
       a.k.reserve(N * Dkv);
       a.v.reserve(N * Dkv);
@@ -966,7 +1341,8 @@ class TrainGraph {
     const int nh = c_.n_heads, hd = c_.head_dim;
     const auto row_ptr = [&](const AttnOperand& o, int s, int h, int row) {
       return const_cast<float*>(o.base) +
-             (static_cast<std::size_t>(off_[static_cast<std::size_t>(s)]) + static_cast<std::size_t>(row)) * static_cast<std::size_t>(o.ld) +
+             (static_cast<std::size_t>(off_[static_cast<std::size_t>(s)]) + static_cast<std::size_t>(row)) *
+                 static_cast<std::size_t>(o.ld) +
              static_cast<std::size_t>(h / o.div) * hd;
     };
     const auto p_ptr = [&](const AttnOperand& o, int s, int h, int n, std::size_t elem) {
@@ -1038,8 +1414,8 @@ class TrainGraph {
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       Acts& a = acts_[l];
       AttnLayer& al = attn_[l];
-      // q and dq live in the fused projection's buffers: Acts::y (ld cat_base) and dcat_ (ld ycols).
-      const AttnOperand K{a.k.data(), Dkv, group}, V{a.v.data(), Dkv, group}, Q{a.y.data(), layers_[l].cat_base}, P{a.P.data()},
+      // q and dq live in the fused projection's buffers: Acts::y and dcat_ (both ld ycols).
+      const AttnOperand K{a.k.data(), Dkv, group}, V{a.v.data(), Dkv, group}, Q{a.y.data(), layers_[l].ycols}, P{a.P.data()},
           O{a.attn.data(), Dq};
       emit_attention(AttnKind::Scores, K, Q, P, by_len, al.calls[kFwdScores], ptrs);
       emit_attention(AttnKind::Out, V, P, O, by_len, al.calls[kFwdOut], ptrs);
@@ -1051,6 +1427,14 @@ class TrainGraph {
     attn_ptrs_.upload(ptrs, st());
   }
 
+  // Profiling mark: the work enqueued since the previous mark is stage `name` (nullptr: a start).
+  void stage(const char* name) {
+    if (!stage_profile_) return;
+    marks_.emplace_back(name, std::make_unique<Event>());
+    marks_.back().second->record(st());
+  }
+  void drop_stages() { marks_.clear(); }
+
   void attn_gemms(const std::vector<AttnCall>& calls, float alpha) {
     const float beta = 0.0f;
     for (const AttnCall& c : calls) {
@@ -1061,31 +1445,26 @@ class TrainGraph {
   }
 
   void norm_forward(const float* x, const DeviceBuffer<float>& w, const DeviceBuffer<float>& b, float* y, float* mean, float* rstd) {
-    train_kernels::norm_fwd<<<n_tokens_, 256, 0, st()>>>(x, w.data(), opt(b), gpt2(), static_cast<float>(c_.norm_eps), y,
-                                                         gpt2() ? mean : nullptr, rstd, c_.hidden_size);
-    CACHESHRINK_CUDA_LAUNCH_CHECK("norm_fwd");
+    train_kernels::norm_forward(x, w.data(), opt(b), gpt2(), static_cast<float>(c_.norm_eps), y, gpt2() ? mean : nullptr, rstd, n_tokens_,
+                                c_.hidden_size, st());
   }
   void norm_backward(const float* x, const DeviceBuffer<float>& w, const float* mean, const float* rstd, const float* dy, float* dx) {
-    train_kernels::norm_bwd<<<n_tokens_, 256, 0, st()>>>(x, w.data(), mean, rstd, gpt2(), dy, dx, c_.hidden_size);
-    CACHESHRINK_CUDA_LAUNCH_CHECK("norm_bwd");
+    train_kernels::norm_backward(x, w.data(), mean, rstd, gpt2(), dy, dx, n_tokens_, c_.hidden_size, st());
   }
   void bias(float* y, int width, const DeviceBuffer<float>& b, int ld = 0) {
     if (!b.empty()) cuda::add_bias<float>(y, ld > 0 ? ld : width, n_tokens_, width, b.data(), st());
-  }
-  void sq_sum(const float* x, long long n, double* acc) {
-    train_kernels::sq_sum<<<std::min(grid_for(n, 256), 1024u), 256, 0, st()>>>(x, n, acc);
-    CACHESHRINK_CUDA_LAUNCH_CHECK("sq_sum");
   }
   void axpy(float a, const float* x, float* y, long long n) {
     train_kernels::axpy<<<grid_for(n, 256), 256, 0, st()>>>(a, x, y, n);
     CACHESHRINK_CUDA_LAUNCH_CHECK("axpy");
   }
-  void rope(float* y, int ld, int heads, bool inverse) {
+  // RoPE in place (the backward's rotation when inverse), after adding `bias` (nullptr: none).
+  void rope(float* y, int ld, int heads, bool inverse, const float* bias = nullptr) {
     if (!c_.uses_rope() || n_tokens_ == 0) return;
     const int pairs = heads * (c_.head_dim / 2);
     if (pairs == 0) return;
     train_kernels::rope_rows<<<n_tokens_, std::min(256, (pairs + 31) / 32 * 32), 0, st()>>>(
-        y, ld, heads, c_.head_dim, d_pos_.data(), rope_cos_.data(), inverse ? rope_sin_neg_.data() : rope_sin_.data());
+        y, ld, heads, c_.head_dim, d_pos_.data(), rope_cos_.data(), inverse ? rope_sin_neg_.data() : rope_sin_.data(), bias);
     CACHESHRINK_CUDA_LAUNCH_CHECK("rope_rows");
   }
   void run_forward(bool teacher, const train::LossOptions& lo) {
@@ -1093,6 +1472,7 @@ class TrainGraph {
     const int I = c_.intermediate_size, B = static_cast<int>(off_.size()) - 1;
     const float eps = static_cast<float>(c_.norm_eps), scale = 1.0f / std::sqrt(static_cast<float>(hd));
     cuda::embedding<float>(d_ids_.data(), d_pos_.data(), embed_.data(), gpt2() ? pos_embed_.data() : nullptr, xs_[0].data(), N, H, st());
+    stage("embedding");
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       const Frozen& f = layers_[l];
       Acts& a = acts_[l];
@@ -1100,66 +1480,90 @@ class TrainGraph {
       const bool use_mla = f.mla && !teacher;
       const float* x = xs_[l].data();
       norm_forward(x, f.n1w, f.n1b, a.h.data(), a.mean1.data(), a.rstd1.data());
-      // One GEMM for the stacked input projections (Frozen): q and the latents (the teacher: q).
-      const int yc = f.cat_base;
+      stage("norm");
+      // One GEMM for the stacked input projections (Frozen): q, the latents and, with the
+      // reconstruction loss, its targets K = h Wk^T, V = h Wv^T (the teacher: q only).
+      const int yc = f.ycols;
+      const bool recon = use_mla && lo.recon_alpha > 0;
       float* q = a.y.data();
-      xwt(N, use_mla ? yc : Dq, H, a.h.data(), H, f.wcat.data(), H, q, yc);
-      bias(q, Dq, f.bq, yc);
+      xwt(N, use_mla ? (recon ? f.ycols : f.cat_base) : Dq, H, a.h.data(), H, f.wcat.data(), H, q, yc);
+      stage("gemm input proj");
+      // A q/k bias is added inside the RoPE kernel unless a head norm comes between them.
+      const bool rope_q_bias = c_.uses_rope() && f.qn.empty(), rope_k_bias = c_.uses_rope() && f.kn.empty();
+      if (!rope_q_bias) bias(q, Dq, f.bq, yc);
+      stage("bias");
       if (!f.qn.empty()) head_norm(q, yc, a.q_pre.data(), a.q_rstd.data(), nh, f.qn);
-      rope(q, yc, nh, false);
+      stage("head_norm");
+      rope(q, yc, nh, false, rope_q_bias ? opt(f.bq) : nullptr);
+      stage("rope");
       if (use_mla) {
         const int dl = f.d_latent;
         const float* ck = q + f.cat_dk;
         if (sl.joint) {
           xwt(N, Dkv, dl, ck, yc, pv(sl.up_k), dl, a.k.data(), Dkv);
           xwt(N, Dkv, dl, ck, yc, pv(sl.up_k) + static_cast<std::size_t>(Dkv) * dl, dl, a.v.data(), Dkv);
+          stage("gemm up");
         } else {
           xwt(N, Dkv, dl, ck, yc, pv(sl.up_k), dl, a.k.data(), Dkv);
           xwt(N, Dkv, dl, q + f.cat_dv, yc, pv(sl.up_v), dl, a.v.data(), Dkv);
+          stage("gemm up");
         }
-        if (lo.recon_alpha > 0) {
-          // Residuals K~ - K, V~ - V (biases cancel); acc_[2] += their squared norms. (Separate
-          // GEMMs: in the stacked one the targets would be kept per layer, +2 d_kv floats a token.)
-          xwt_plus(N, Dkv, H, a.h.data(), H, wrow(f, f.cat_k), H, a.k.data(), a.rk.data(), Dkv, -1.0f);
-          xwt_plus(N, Dkv, H, a.h.data(), H, wrow(f, f.cat_v), H, a.v.data(), a.rv.data(), Dkv, -1.0f);
-          sq_sum(a.rk.data(), static_cast<long long>(N) * Dkv, acc_.data() + 2);
-          sq_sum(a.rv.data(), static_cast<long long>(N) * Dkv, acc_.data() + 2);
+        if (recon) {
+          // Residuals K~ - K, V~ - V (biases cancel; the targets came with the stacked GEMM);
+          // acc_[2] += their squared norms.
+          const dim3 grid(static_cast<unsigned>((Dkv + 255) / 256), static_cast<unsigned>(std::clamp(N, 1, 256)));
+          train_kernels::recon_residual<<<grid, 256, 0, st()>>>(a.k.data(), q + f.cat_k, yc, a.rk.data(), N, Dkv, acc_.data() + 2);
+          train_kernels::recon_residual<<<grid, 256, 0, st()>>>(a.v.data(), q + f.cat_v, yc, a.rv.data(), N, Dkv, acc_.data() + 2);
+          CACHESHRINK_CUDA_LAUNCH_CHECK("recon_residual");
+          stage("recon loss");
         }
       } else {
         xwt(N, Dkv, H, a.h.data(), H, wrow(f, f.cat_k), H, a.k.data(), Dkv);
         xwt(N, Dkv, H, a.h.data(), H, wrow(f, f.cat_v), H, a.v.data(), Dkv);
+        stage("gemm k/v");
       }
-      bias(a.k.data(), Dkv, f.bk);
+      if (!rope_k_bias) bias(a.k.data(), Dkv, f.bk);
       bias(a.v.data(), Dkv, f.bv);
+      stage("bias");
       if (!f.kn.empty()) head_norm(a.k.data(), Dkv, a.k_pre.data(), a.k_rstd.data(), nkv, f.kn);
-      rope(a.k.data(), Dkv, nkv, false);
+      stage("head_norm");
+      rope(a.k.data(), Dkv, nkv, false, rope_k_bias ? opt(f.bk) : nullptr);
+      stage("rope");
       // Attention: the planned batched GEMMs (shared K/V heads read in place).
       const AttnLayer& al = attn_[l];
-      attn_gemms(al.calls[kFwdScores], scale);  // S (causal blocks) = scale Q K^T
+      attn_gemms(al.calls[kFwdScores], scale);
+      stage("attn gemm");  // S (causal blocks) = scale Q K^T
       for (int s = 0; s < B; ++s) {
         const int n = off_[static_cast<std::size_t>(s) + 1] - off_[static_cast<std::size_t>(s)];
         const long long rows = static_cast<long long>(nh) * n;
-        train_kernels::masked_softmax<<<grid_for(rows * 32, 256), 256, 0, st()>>>(a.P.data() + poff_[static_cast<std::size_t>(s)], rows, n,
-                                                                                   c_.sliding_window);
-        CACHESHRINK_CUDA_LAUNCH_CHECK("masked_softmax");
+        train_kernels::softmax_forward(a.P.data() + poff_[static_cast<std::size_t>(s)], rows, n, c_.sliding_window, st());
       }
-      attn_gemms(al.calls[kFwdOut], 1.0f);  // O = P V
+      stage("softmax");
+      attn_gemms(al.calls[kFwdOut], 1.0f);
+      stage("attn gemm");  // O = P V
       // x_mid = x + attn Wo^T + bo.
       xwt_plus(N, H, Dq, a.attn.data(), Dq, f.wo.data(), Dq, x, a.x_mid.data(), H);
       bias(a.x_mid.data(), H, f.bo);
+      stage("gemm o_proj");
       norm_forward(a.x_mid.data(), f.n2w, f.n2b, a.h2.data(), a.mean2.data(), a.rstd2.data());
+      stage("norm");
       const int guw = gpt2() ? I : 2 * I;
       xwt(N, guw, H, a.h2.data(), H, f.wgu.data(), H, a.gu.data(), guw);
       bias(a.gu.data(), guw, f.bgu);
+      stage("gemm gate/up");
       if (gpt2()) train_kernels::gelu_fwd<<<row_grid(N, I), kernels::kRowThreads, 0, st()>>>(a.gu.data(), tmp_.data(), I);
-      else train_kernels::swiglu_fwd<<<row_grid(N, I), kernels::kRowThreads, 0, st()>>>(a.gu.data(), tmp_.data(), I);
+      else train_kernels::swiglu_forward(a.gu.data(), tmp_.data(), N, I, st());
       CACHESHRINK_CUDA_LAUNCH_CHECK("mlp activation");
+      stage("mlp activation");
       float* xo = xs_[l + 1].data();
       xwt_plus(N, H, I, tmp_.data(), I, f.wd.data(), I, a.x_mid.data(), xo, H);
       bias(xo, H, f.bd);
+      stage("gemm down");
     }
     norm_forward(xs_.back().data(), fnw_, fnb_, hf_.data(), fmean_.data(), frstd_.data());
+    stage("norm");
     xwt(N, c_.vocab_size, H, hf_.data(), H, head().data(), H, logits_.data(), c_.vocab_size);
+    stage("gemm lm head");
   }
 
   void head_norm(float* y, int ld, float* pre, float* rstd, int heads, const DeviceBuffer<float>& w) {
@@ -1185,6 +1589,7 @@ class TrainGraph {
     if (have_dz) {
       xw(N, H, V, dz_.data(), V, head().data(), H, dh, H);
       norm_backward(xs_.back().data(), fnw_, fmean_.data(), frstd_.data(), dh, dx);
+      stage("gemm lm head dX + norm bwd");
     }
     for (int l = static_cast<int>(layers_.size()) - 1; l >= lmin_; --l) {
       const Frozen& f = layers_[static_cast<std::size_t>(l)];
@@ -1192,51 +1597,56 @@ class TrainGraph {
       const Slots& sl = slots_[static_cast<std::size_t>(l)];
       // MLP branch.
       xw(N, I, H, dx, H, f.wd.data(), I, da_.data(), I);
+      stage("gemm down dX");
       if (gpt2()) {
         train_kernels::gelu_bwd<<<row_grid(N, I), kernels::kRowThreads, 0, st()>>>(a.gu.data(), da_.data(), I);
         CACHESHRINK_CUDA_LAUNCH_CHECK("gelu_bwd");
+        stage("mlp activation bwd");
         xw(N, H, I, da_.data(), I, f.wgu.data(), H, dh, H);
+        stage("gemm gate/up dX");
       } else {
-        train_kernels::swiglu_bwd<<<row_grid(N, I), kernels::kRowThreads, 0, st()>>>(a.gu.data(), da_.data(), dgu_.data(), I);
-        CACHESHRINK_CUDA_LAUNCH_CHECK("swiglu_bwd");
+        train_kernels::swiglu_backward(a.gu.data(), da_.data(), dgu_.data(), N, I, st());
+        stage("mlp activation bwd");
         xw(N, H, 2 * I, dgu_.data(), 2 * I, f.wgu.data(), H, dh, H);
+        stage("gemm gate/up dX");
       }
-      norm_backward(a.x_mid.data(), f.n2w, a.mean2.data(), a.rstd2.data(), dh, dx);  // dx is now d x_mid
+      norm_backward(a.x_mid.data(), f.n2w, a.mean2.data(), a.rstd2.data(), dh, dx);
+      stage("norm bwd");  // dx is now d x_mid
       // Attention branch.
-      xw(N, Dq, H, dx, H, f.wo.data(), Dq, tmp_.data(), Dq);  // d attn
+      xw(N, Dq, H, dx, H, f.wo.data(), Dq, tmp_.data(), Dq);
+      stage("gemm o_proj dX");  // d attn
       // The planned GEMMs read K, V in place and write dK, dV (per query head, dkh_/dvh_, under GQA).
       const AttnLayer& al = attn_[static_cast<std::size_t>(l)];
-      attn_gemms(al.calls[kBwdScores], 1.0f);  // dP = dO V^T (causal blocks)
+      attn_gemms(al.calls[kBwdScores], 1.0f);
+      stage("attn gemm");  // dP = dO V^T (causal blocks)
       for (int s = 0; s < B; ++s) {
         const int n = off_[static_cast<std::size_t>(s) + 1] - off_[static_cast<std::size_t>(s)];
         const long long rows = static_cast<long long>(nh) * n;
         const std::size_t po = poff_[static_cast<std::size_t>(s)];
-        train_kernels::softmax_bwd<<<grid_for(rows * 32, 256), 256, 0, st()>>>(a.P.data() + po, dP_.data() + po, rows, n,
-                                                                                c_.sliding_window);
-        CACHESHRINK_CUDA_LAUNCH_CHECK("softmax_bwd");
+        train_kernels::softmax_backward(a.P.data() + po, dP_.data() + po, rows, n, c_.sliding_window, st());
       }
-      attn_gemms(al.calls[kBwdV], 1.0f);    // dV = P^T dO
-      attn_gemms(al.calls[kBwdQ], scale);   // dQ = scale dS K
-      attn_gemms(al.calls[kBwdK], scale);   // dK = scale dS^T Q
+      stage("softmax bwd");
+      attn_gemms(al.calls[kBwdV], 1.0f);   // dV = P^T dO
+      attn_gemms(al.calls[kBwdQ], scale);  // dQ = scale dS K
+      attn_gemms(al.calls[kBwdK], scale);
+      stage("attn gemm");  // dK = scale dS^T Q
       if (nkv != nh) {
-        const std::size_t bytes = static_cast<std::size_t>(N) * Dkv * sizeof(float);
-        CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(dk_.data(), 0, bytes, st()));
-        CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(dv_.data(), 0, bytes, st()));
-        const long long n = static_cast<long long>(N) * Dkv;
-        train_kernels::sum_head_groups<<<grid_for(n, 256), 256, 0, st()>>>(dkh_.data(), dk_.data(), N, nkv, nh / nkv, hd);
-        train_kernels::sum_head_groups<<<grid_for(n, 256), 256, 0, st()>>>(dvh_.data(), dv_.data(), N, nkv, nh / nkv, hd);
-        CACHESHRINK_CUDA_LAUNCH_CHECK("sum_head_groups");
+        train_kernels::sum_groups(dkh_.data(), dk_.data(), N, nkv, nh / nkv, hd, st());
+        train_kernels::sum_groups(dvh_.data(), dv_.data(), N, nkv, nh / nkv, hd, st());
+        stage("sum_head_groups");
       }
       // dq sits in dcat_ (tokens, ycols) at column 0, where the fused input projection's
       // gradient is gathered: [dq | d latents | -(reconstruction residuals)] meets the stacked
       // [Wq; W_down...; Wk; Wv] in one GEMM at the end.
-      const int yc = f.ycols, ylc = f.cat_base;  // row strides of dcat_ and Acts::y
+      const int yc = f.ycols, ylc = f.ycols;  // row strides of dcat_ and Acts::y
       float* dq = dcat_.data();
       const float* y = a.y.data();
       rope(dq, yc, nh, true);
       rope(dk_.data(), Dkv, nkv, true);
+      stage("rope");
       if (!f.qn.empty()) head_norm_backward(dq, yc, a.q_pre.data(), a.q_rstd.data(), nh, f.qn);
       if (!f.kn.empty()) head_norm_backward(dk_.data(), Dkv, a.k_pre.data(), a.k_rstd.data(), nkv, f.kn);
+      stage("head_norm");
       if (f.mla) {
         const int dl = f.d_latent;
         const bool recon = !a.rk.empty() && recon_coef_ != 0.0f;
@@ -1248,6 +1658,7 @@ class TrainGraph {
           train_kernels::recon_grad<<<grid_for(n, 256), 256, 0, st()>>>(a.rk.data(), Dkv, n, w, dk_.data(), dq + f.cat_k, yc);
           train_kernels::recon_grad<<<grid_for(n, 256), 256, 0, st()>>>(a.rv.data(), Dkv, n, w, dv_.data(), dq + f.cat_v, yc);
           CACHESHRINK_CUDA_LAUNCH_CHECK("recon_grad");
+          stage("recon grad");
         }
         const float* ck = y + f.cat_dk;
         float* dck = dq + f.cat_dk;
@@ -1258,11 +1669,13 @@ class TrainGraph {
           xty(N, Dkv, dl, dv_.data(), Dkv, ck, ylc, pg(sl.up_k) + static_cast<std::size_t>(Dkv) * dl);
           xw(N, dl, Dkv, dk_.data(), Dkv, Uk, dl, dck, yc);
           xw(N, dl, Dkv, dv_.data(), Dkv, Uv, dl, dck, yc, 1.0f, 1.0f);
+          stage("gemm up bwd");
         } else {
           xty(N, Dkv, dl, dk_.data(), Dkv, ck, ylc, pg(sl.up_k));
           xty(N, Dkv, dl, dv_.data(), Dkv, y + f.cat_dv, ylc, pg(sl.up_v));
           xw(N, dl, Dkv, dk_.data(), Dkv, pv(sl.up_k), dl, dck, yc);
           xw(N, dl, Dkv, dv_.data(), Dkv, pv(sl.up_v), dl, dq + f.cat_dv, yc);
+          stage("gemm up bwd");
         }
         // The down projections' gradients, stacked (one GEMM), then added to each.
         const int nd = sl.joint ? 1 : 2;
@@ -1270,14 +1683,19 @@ class TrainGraph {
         xty(N, nd * dl, H, dck, yc, a.h.data(), H, gdown_.data(), 1.0f, 0.0f);
         axpy(1.0f, gdown_.data(), pg(sl.down_k), dn);
         if (!sl.joint) axpy(1.0f, gdown_.data() + dn, pg(sl.down_v), dn);
-        xw(N, H, recon ? yc : f.cat_base, dq, yc, f.wcat.data(), H, dh, H);
-      } else {
+        stage("gemm down-proj grad");
+        // (The lowest trained layer's input gradient reaches nothing trainable: skipped.)
+        if (l != lmin_) xw(N, H, recon ? yc : f.cat_base, dq, yc, f.wcat.data(), H, dh, H);
+        stage("gemm input proj dX");
+      } else if (l != lmin_) {
         xw(N, H, Dq, dq, yc, f.wcat.data(), H, dh, H);
         xw(N, H, Dkv, dk_.data(), Dkv, wrow(f, f.cat_k), H, dh, H, 1.0f, 1.0f);
         xw(N, H, Dkv, dv_.data(), Dkv, wrow(f, f.cat_v), H, dh, H, 1.0f, 1.0f);
+        stage("gemm input proj dX");
       }
       if (l == lmin_) break;  // nothing below needs a gradient
       norm_backward(xs_[static_cast<std::size_t>(l)].data(), f.n1w, a.mean1.data(), a.rstd1.data(), dh, dx);
+      stage("norm bwd");
     }
   }
 
@@ -1306,12 +1724,14 @@ class TrainGraph {
   std::vector<Acts> acts_;
   // dcat_: the fused input projection's output gradient (tokens, ycols; dq at column 0); gdown_: the
   // stacked down projections' weight gradient of one layer before it is added to theirs.
-  DeviceBuffer<float> logits_, teacher_logits_, dz_, hf_, fmean_, frstd_, tmp_, dx_, dh_, dcat_, dk_, dv_, dkh_, dvh_, da_, dgu_,
-      gdown_, dP_;
-  std::vector<std::size_t> poff_;  // each sequence's first element in a layer's P (and dP)
-  std::vector<AttnLayer> attn_;    // per layer: the attention GEMM calls
+  DeviceBuffer<float> logits_, teacher_logits_, dz_, hf_, fmean_, frstd_, tmp_, dx_, dh_, dcat_, dk_, dv_, dkh_, dvh_, da_, dgu_, gdown_,
+      dP_;
+  std::vector<std::size_t> poff_;      // each sequence's first element in a layer's P (and dP)
+  std::vector<AttnLayer> attn_;        // per layer: the attention GEMM calls
   std::vector<const void*> attn_key_;  // batch offsets and buffer addresses the plan was built for
   DeviceBuffer<float*> attn_ptrs_;
+  bool stage_profile_ = false;
+  std::vector<std::pair<const char*, std::unique_ptr<Event>>> marks_;  // stage profile: (name or nullptr, event)
 };
 
 }  // namespace cacheshrink::cuda

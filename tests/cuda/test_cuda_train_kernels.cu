@@ -1,0 +1,224 @@
+// The training graph's bandwidth-bound kernels (backend/cuda/train.cuh, train_kernels) against
+// float64 CPU recomputations: each launcher picks a register / float4 kernel where sizes and
+// alignment allow and a plain one otherwise, and the shapes here (odd sizes, unaligned
+// pointers, rows past the register kernels' widths) take both.
+#include <doctest/doctest.h>
+
+#include <cacheshrink/backend/cuda/train.cuh>
+#include <cmath>
+
+#include "cuda/cuda_test_support.cuh"
+
+using namespace cacheshrink;
+using test::max_rel;
+namespace tk = cuda::train_kernels;
+
+namespace {
+
+cudaStream_t kStream = nullptr;
+
+/// A device copy of v starting `shift` floats into its buffer (shift 1: not 16-byte aligned).
+struct Shifted {
+  cuda::DeviceBuffer<float> buf;
+  int shift;
+  Shifted(const std::vector<float>& v, int s) : buf(v.size() + 4), shift(s) {
+    std::vector<float> h(v.size() + 4, 0.0f);
+    std::copy(v.begin(), v.end(), h.begin() + s);
+    buf.upload(h);
+  }
+  float* data() { return buf.data() + shift; }
+  std::vector<float> host(std::size_t n) const {
+    CACHESHRINK_CUDA_CHECK(cudaDeviceSynchronize());
+    const auto h = buf.download();
+    return {h.begin() + shift, h.begin() + shift + static_cast<long>(n)};
+  }
+};
+
+void check_norm(int rows, int H, bool layer, int shift, std::mt19937& g) {
+  const auto x = test::random_floats(static_cast<std::size_t>(rows) * H, g, 2.0f);
+  const auto w = test::random_floats(H, g), b = test::random_floats(H, g), dy = test::random_floats(x.size(), g);
+  const auto dx0 = test::random_floats(x.size(), g);
+  const float eps = 1e-5f;
+  // float64 reference: y, mean, rstd, and dx0 + the backward of dy.
+  std::vector<double> y(x.size()), mean(rows), rstd(rows), dx(x.size());
+  for (int r = 0; r < rows; ++r) {
+    const float* xr = x.data() + static_cast<std::size_t>(r) * H;
+    double mu = 0, ss = 0;
+    if (layer)
+      for (int c = 0; c < H; ++c) mu += xr[c] / static_cast<double>(H);
+    for (int c = 0; c < H; ++c) ss += (xr[c] - mu) * (xr[c] - mu) / H;
+    const double rs = 1.0 / std::sqrt(ss + eps);
+    mean[r] = mu;
+    rstd[r] = rs;
+    double sg = 0, sgx = 0;
+    for (int c = 0; c < H; ++c) {
+      const std::size_t i = static_cast<std::size_t>(r) * H + c;
+      const double xh = (xr[c] - mu) * rs, gg = static_cast<double>(w[c]) * dy[i];
+      y[i] = xh * w[c] + (layer ? b[c] : 0.0);
+      sg += gg / H;
+      sgx += gg * xh / H;
+    }
+    for (int c = 0; c < H; ++c) {
+      const std::size_t i = static_cast<std::size_t>(r) * H + c;
+      const double xh = (xr[c] - mu) * rs, gg = static_cast<double>(w[c]) * dy[i];
+      dx[i] = dx0[i] + (layer ? rs * (gg - sg - xh * sgx) : rs * (gg - xh * sgx));
+    }
+  }
+  Shifted dX(x, shift), dY(std::vector<float>(x.size()), shift), dDy(dy, shift), dDx(dx0, shift);
+  auto dw = test::to_device<float>(w), db = test::to_device<float>(b);
+  cuda::DeviceBuffer<float> dmean(rows), drstd(rows);
+  tk::norm_forward(dX.data(), dw.data(), layer ? db.data() : nullptr, layer, eps, dY.data(), layer ? dmean.data() : nullptr, drstd.data(),
+                   rows, H, kStream);
+  tk::norm_backward(dX.data(), dw.data(), dmean.data(), drstd.data(), layer, dDy.data(), dDx.data(), rows, H, kStream);
+  INFO("rows ", rows, " H ", H, " layer ", layer, " shift ", shift);
+  CHECK(max_rel(dY.host(x.size()), y) < 2e-6);
+  CHECK(max_rel(test::to_host(drstd), rstd) < 2e-6);
+  if (layer) CHECK(max_rel(test::to_host(dmean), mean) < 2e-6);
+  CHECK(max_rel(dDx.host(x.size()), dx) < 4e-6);
+}
+
+// The host twin of train_kernels::causal_block_end.
+int block_end(int i, int n) {
+  int b = 1;
+  while (tk::causal_bound(b, n) <= i) ++b;
+  return tk::causal_bound(b, n);
+}
+
+void check_softmax(int heads, int n, int window, int shift, std::mt19937& g) {
+  const long long rows = static_cast<long long>(heads) * n;
+  const auto s = test::random_floats(static_cast<std::size_t>(rows) * n, g, 6.0f);
+  const auto dp = test::random_floats(s.size(), g);
+  Shifted dS(s, shift), dDp(dp, shift);
+  tk::softmax_forward(dS.data(), rows, n, window, kStream);
+  tk::softmax_backward(dS.data(), dDp.data(), rows, n, window, kStream);
+  const auto P = dS.host(s.size()), dPS = dDp.host(s.size());
+  // Compare each row up to its causal block's end (later entries are unspecified).
+  std::vector<float> got_p, got_d;
+  std::vector<double> want_p, want_d;
+  long long nonzero_masked = 0;
+  for (long long r = 0; r < rows; ++r) {
+    const int i = static_cast<int>(r % n), a = window > 0 ? std::max(0, i - window + 1) : 0, end = block_end(i, n);
+    const std::size_t o = static_cast<std::size_t>(r) * n;
+    double m = -INFINITY, sum = 0, dot = 0;
+    for (int j = a; j <= i; ++j) m = std::max(m, static_cast<double>(s[o + j]));
+    for (int j = a; j <= i; ++j) sum += std::exp(s[o + j] - m);
+    std::vector<double> p(static_cast<std::size_t>(end), 0.0);
+    for (int j = a; j <= i; ++j) p[j] = std::exp(s[o + j] - m) / sum;
+    for (int j = a; j <= i; ++j) dot += p[j] * dp[o + j];
+    for (int j = 0; j < end; ++j) {
+      got_p.push_back(P[o + j]);
+      want_p.push_back(p[j]);
+      got_d.push_back(dPS[o + j]);
+      want_d.push_back(j >= a && j <= i ? p[j] * (dp[o + j] - dot) : 0.0);
+      if ((j < a || j > i) && P[o + j] != 0.0f) ++nonzero_masked;  // masked entries must be exact zeros
+    }
+  }
+  INFO("heads ", heads, " n ", n, " window ", window, " shift ", shift);
+  CHECK(nonzero_masked == 0);
+  CHECK(max_rel(got_p, want_p) < 2e-6);
+  CHECK(max_rel(got_d, want_d) < 4e-6);
+}
+
+void check_swiglu(int rows, int I, int shift, std::mt19937& g) {
+  const auto gu = test::random_floats(static_cast<std::size_t>(rows) * 2 * I, g, 4.0f);
+  const auto da = test::random_floats(static_cast<std::size_t>(rows) * I, g);
+  std::vector<double> act(da.size()), dgu(gu.size());
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < I; ++c) {
+      const std::size_t gi = static_cast<std::size_t>(r) * 2 * I + c, ai = static_cast<std::size_t>(r) * I + c;
+      const double x = gu[gi], u = gu[gi + I], sg = 1.0 / (1.0 + std::exp(-x));
+      act[ai] = x * sg * u;
+      dgu[gi] = da[ai] * u * sg * (1.0 + x * (1.0 - sg));  // d(x sg(x))/dx = sg (1 + x (1 - sg))
+      dgu[gi + I] = da[ai] * x * sg;
+    }
+  Shifted dGu(gu, shift), dDa(da, shift), dAct(std::vector<float>(da.size()), shift), dDgu(std::vector<float>(gu.size()), shift);
+  tk::swiglu_forward(dGu.data(), dAct.data(), rows, I, kStream);
+  tk::swiglu_backward(dGu.data(), dDa.data(), dDgu.data(), rows, I, kStream);
+  INFO("rows ", rows, " I ", I, " shift ", shift);
+  CHECK(max_rel(dAct.host(da.size()), act) < 2e-6);
+  CHECK(max_rel(dDgu.host(gu.size()), dgu) < 2e-6);
+}
+
+void check_cross_entropy(int rows, int V, int shift, std::mt19937& g) {
+  const auto z = test::random_floats(static_cast<std::size_t>(rows) * V, g, 8.0f);
+  std::vector<int> target(rows);
+  std::uniform_int_distribution<int> pick(0, V - 1);
+  for (int r = 0; r < rows; ++r) target[r] = r % 3 == 2 ? -1 : pick(g);  // every third row unscored
+  const float weight = 0.37f;
+  double nll = 0;
+  std::vector<double> dz(z.size(), 0.0);
+  for (int r = 0; r < rows; ++r) {
+    if (target[r] < 0) continue;
+    const float* zr = z.data() + static_cast<std::size_t>(r) * V;
+    double m = -INFINITY, s = 0;
+    for (int c = 0; c < V; ++c) m = std::max(m, static_cast<double>(zr[c]));
+    for (int c = 0; c < V; ++c) s += std::exp(zr[c] - m);
+    nll += m + std::log(s) - zr[target[r]];
+    for (int c = 0; c < V; ++c) dz[static_cast<std::size_t>(r) * V + c] = weight * (std::exp(zr[c] - m) / s - (c == target[r] ? 1.0 : 0.0));
+  }
+  Shifted dZ(z, shift), dDz(std::vector<float>(z.size(), 5.0f), shift);  // dz pre-filled: unscored rows must be zeroed
+  cuda::DeviceBuffer<int> dt(target.size());
+  dt.upload(target);
+  cuda::DeviceBuffer<double> acc(1);
+  CACHESHRINK_CUDA_CHECK(cudaMemset(acc.data(), 0, sizeof(double)));
+  tk::cross_entropy_rows(dZ.data(), rows, V, dt.data(), weight, dDz.data(), acc.data(), kStream);
+  CACHESHRINK_CUDA_CHECK(cudaDeviceSynchronize());
+  const double got = acc.download()[0];
+  INFO("rows ", rows, " V ", V, " shift ", shift, " nll ", got, " want ", nll);
+  CHECK(std::abs(got - nll) <= 2e-6 * std::max(1.0, std::abs(nll)));
+  CHECK(max_rel(dDz.host(z.size()), dz) < 2e-6);
+}
+
+void check_sum_groups(int rows, int nkv, int group, int hd, int shift, std::mt19937& g) {
+  const auto src = test::random_floats(static_cast<std::size_t>(rows) * nkv * group * hd, g);
+  std::vector<double> want(static_cast<std::size_t>(rows) * nkv * hd, 0.0);
+  for (int r = 0; r < rows; ++r)
+    for (int k = 0; k < nkv; ++k)
+      for (int q = 0; q < group; ++q)
+        for (int d = 0; d < hd; ++d)
+          want[(static_cast<std::size_t>(r) * nkv + k) * hd + d] += src[((static_cast<std::size_t>(r) * nkv + k) * group + q) * hd + d];
+  Shifted dSrc(src, shift), dDst(std::vector<float>(want.size(), 9.0f), shift);  // overwritten, not accumulated
+  tk::sum_groups(dSrc.data(), dDst.data(), rows, nkv, group, hd, kStream);
+  INFO("rows ", rows, " nkv ", nkv, " group ", group, " hd ", hd, " shift ", shift);
+  CHECK(max_rel(dDst.host(want.size()), want) < 1e-6);
+}
+
+}  // namespace
+
+TEST_CASE("training norms (RMSNorm, LayerNorm) forward and backward match float64") {
+  CACHESHRINK_REQUIRE_GPU();
+  std::mt19937 g(11);
+  // 4096 / 6000: the register kernel's 8- and 16-vector widths; 9000: past them; 7, 257: unaligned widths
+  for (auto [rows, H] : {std::pair{1, 4}, {3, 7}, {17, 257}, {5, 256}, {6, 3584}, {3, 4096}, {2, 6000}, {2, 9000}})
+    for (bool layer : {false, true})
+      for (int shift : {0, 1}) check_norm(rows, H, layer, shift, g);
+}
+
+TEST_CASE("training attention softmax and its backward match float64 (causal blocks, sliding window, aligned or not)") {
+  CACHESHRINK_REQUIRE_GPU();
+  std::mt19937 g(12);
+  for (int n : {1, 3, 4, 20, 64, 128, 132, 200, 512, 516, 1024, 1030})
+    for (int window : {0, 5, 100})
+      for (int shift : {0, 1}) check_softmax(n > 600 ? 1 : 3, n, window, shift, g);
+}
+
+TEST_CASE("training SwiGLU forward and backward match float64") {
+  CACHESHRINK_REQUIRE_GPU();
+  std::mt19937 g(13);
+  for (auto [rows, I] : {std::pair{1, 1}, {3, 7}, {5, 8}, {17, 1000}, {3, 18944}})
+    for (int shift : {0, 1}) check_swiglu(rows, I, shift, g);
+}
+
+TEST_CASE("training cross-entropy (one-pass max and sum) matches float64, unscored rows zeroed") {
+  CACHESHRINK_REQUIRE_GPU();
+  std::mt19937 g(14);
+  for (auto [rows, V] : {std::pair{3, 1}, {4, 7}, {6, 8}, {5, 4096}, {4, 4097}, {3, 152064}})
+    for (int shift : {0, 1}) check_cross_entropy(rows, V, shift, g);
+}
+
+TEST_CASE("training GQA head-group sums match float64") {
+  CACHESHRINK_REQUIRE_GPU();
+  std::mt19937 g(15);
+  for (auto [rows, nkv, group, hd] : {std::tuple{3, 1, 1, 1}, {5, 2, 3, 7}, {7, 4, 7, 128}, {2, 1, 8, 64}})
+    for (int shift : {0, 1}) check_sum_groups(rows, nkv, group, hd, shift, g);
+}

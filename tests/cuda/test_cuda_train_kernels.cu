@@ -183,7 +183,45 @@ void check_sum_groups(int rows, int nkv, int group, int hd, int shift, std::mt19
   CHECK(max_rel(dDst.host(want.size()), want) < 1e-6);
 }
 
+void check_rope(int rows, int ld, int heads, int hd, bool with_bias, int shift, std::mt19937& g) {
+  const int half = hd / 2, positions = 37;
+  const auto y = test::random_floats(static_cast<std::size_t>(rows) * ld, g);
+  const auto bias = test::random_floats(static_cast<std::size_t>(heads) * hd, g);
+  const auto ang = test::random_floats(static_cast<std::size_t>(positions) * half, g, 3.0f);
+  std::vector<float> cs(ang.size()), sn(ang.size());
+  for (std::size_t i = 0; i < ang.size(); ++i) cs[i] = std::cos(ang[i]), sn[i] = std::sin(ang[i]);
+  std::vector<int> pos(rows);
+  std::uniform_int_distribution<int> pick(0, positions - 1);
+  for (auto& p : pos) p = pick(g);
+  std::vector<double> want(y.begin(), y.end());
+  for (int r = 0; r < rows; ++r)
+    for (int h = 0; h < heads; ++h)
+      for (int k = 0; k < half; ++k) {
+        const std::size_t i1 = static_cast<std::size_t>(r) * ld + h * hd + k, i2 = i1 + half;
+        const double x1 = y[i1] + (with_bias ? bias[h * hd + k] : 0.0f), x2 = y[i2] + (with_bias ? bias[h * hd + k + half] : 0.0f);
+        const double c = cs[static_cast<std::size_t>(pos[r]) * half + k], s = sn[static_cast<std::size_t>(pos[r]) * half + k];
+        want[i1] = x1 * c - x2 * s;
+        want[i2] = x2 * c + x1 * s;
+      }
+  Shifted dY(y, shift);
+  auto db = test::to_device<float>(bias), dc = test::to_device<float>(cs), ds = test::to_device<float>(sn);
+  cuda::DeviceBuffer<int> dp(pos.size());
+  dp.upload(pos);
+  tk::rope_forward(dY.data(), ld, rows, heads, hd, dp.data(), dc.data(), ds.data(), with_bias ? db.data() : nullptr, kStream);
+  INFO("rows ", rows, " ld ", ld, " heads ", heads, " hd ", hd, " bias ", with_bias, " shift ", shift);
+  CHECK(max_rel(dY.host(y.size()), want) < 1e-6);  // columns past the heads are left alone (want keeps them)
+}
+
 }  // namespace
+
+TEST_CASE("training RoPE with a fused bias matches float64 (float2 and scalar paths)") {
+  CACHESHRINK_REQUIRE_GPU();
+  std::mt19937 g(16);
+  // (rows, ld, heads, hd): ld odd or hd % 4 != 0 take the scalar kernel
+  for (auto [rows, ld, heads, hd] : {std::tuple{5, 64, 2, 32}, {7, 70, 2, 32}, {3, 133, 4, 32}, {4, 30, 3, 10}, {9, 3584 + 512, 28, 128}})
+    for (bool b : {false, true})
+      for (int shift : {0, 1}) check_rope(rows, ld, heads, hd, b, shift, g);
+}
 
 TEST_CASE("training norms (RMSNorm, LayerNorm) forward and backward match float64") {
   CACHESHRINK_REQUIRE_GPU();

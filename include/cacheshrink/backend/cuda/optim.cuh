@@ -100,7 +100,7 @@ __device__ __forceinline__ double block_sum_double(double v) {
   return s;
 }
 
-#define CACHESHRINK_OPTIM_LOOP(i, n)                                                                          \
+#define CACHESHRINK_OPTIM_LOOP(i, n)                                                         \
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < (n); \
        i += static_cast<long long>(gridDim.x) * blockDim.x)
 
@@ -115,12 +115,9 @@ static __global__ void __launch_bounds__(kBlock) sq_norm_kernel(const float* __r
   if (threadIdx.x == 0) atomicAdd(out, s);
 }
 
-static __global__ void scale_kernel(float* __restrict__ a, long long n, float c) {
-  CACHESHRINK_OPTIM_LOOP(i, n) a[i] *= c;
-}
-
 // r = g + wd x (riemannian_adam_step's L2 term, added before the projection).
-static __global__ void add_decay_kernel(const float* __restrict__ g, const float* __restrict__ x, float wd, float* __restrict__ r, long long n) {
+static __global__ void add_decay_kernel(const float* __restrict__ g, const float* __restrict__ x, float wd, float* __restrict__ r,
+                                        long long n) {
   CACHESHRINK_OPTIM_LOOP(i, n) r[i] = g[i] + wd * x[i];
 }
 
@@ -135,10 +132,10 @@ static __global__ void sym_kernel(const float* __restrict__ m, float* __restrict
 
 // Scalars of one adamw_step, in the float values the CPU code forms.
 struct AdamWArgs {
-  float decay;      // 1 - lr wd, applied when `decayed`
+  float decay;  // 1 - lr wd, applied when `decayed`
   bool decayed;
-  float w;          // 1 - beta1: lerp weight
-  bool lerp_low;    // w < 0.5: torch's lerp takes the start + w (end - start) branch
+  float w;        // 1 - beta1: lerp weight
+  bool lerp_low;  // w < 0.5: torch's lerp takes the start + w (end - start) branch
   float beta2, one_minus_beta2;
   float step_size;  // lr / bc1
   float bc2_sqrt;
@@ -146,9 +143,10 @@ struct AdamWArgs {
   bool amsgrad;
 };
 
-static __global__ void adamw_kernel(float* __restrict__ x, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
-                                    float* __restrict__ vmax, long long n, AdamWArgs a) {
-  CACHESHRINK_OPTIM_LOOP(i, n) {
+// One element of adamw_step (adamw_kernel and the multi-tensor mt_adamw share it: same bits).
+__device__ __forceinline__ void adamw_element(float* __restrict__ x, const float* __restrict__ g, float* __restrict__ m,
+                                              float* __restrict__ v, float* __restrict__ vmax, long long i, const AdamWArgs& a) {
+  {
     float xi = x[i];
     if (a.decayed) xi *= a.decay;
     const float gi = g[i], mi0 = m[i];
@@ -166,6 +164,50 @@ static __global__ void adamw_kernel(float* __restrict__ x, const float* __restri
     }
     x[i] = xi + -a.step_size * (mi / denom);
   }
+}
+static __global__ void adamw_kernel(float* __restrict__ x, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
+                                    float* __restrict__ vmax, long long n, AdamWArgs a) {
+  CACHESHRINK_OPTIM_LOOP(i, n) adamw_element(x, g, m, v, vmax, i, a);
+}
+
+// Multi-tensor launches: one launch covers many parameters, each block one span (a parameter's
+// element range of at most kSpan floats) of a table built when the parameter set changes; at
+// 7B shapes (112 parameters) the per-parameter launches of the gradient norms, the clipping and
+// AdamW cost more than their work.
+constexpr long long kSpan = 32768;
+struct MtTensor {
+  float *x, *g, *m, *v, *vmax;
+  int stiefel;
+};
+struct MtSpan {
+  int tensor;
+  long long begin, end;
+};
+// out[tensor] += sum over the span of g^2 (double; out zeroed by the caller).
+static __global__ void __launch_bounds__(kBlock)
+    mt_sq_norm(const MtSpan* __restrict__ spans, const MtTensor* __restrict__ t, double* __restrict__ out) {
+  const MtSpan sp = spans[blockIdx.x];
+  const float* g = t[sp.tensor].g;
+  double s = 0.0;
+  for (long long i = sp.begin + threadIdx.x; i < sp.end; i += kBlock) {
+    const double v = g[i];
+    s += v * v;
+  }
+  s = block_sum_double(s);
+  if (threadIdx.x == 0) atomicAdd(out + sp.tensor, s);
+}
+// g *= c on every span's tensor (the Stiefel ones only with stiefel_too).
+static __global__ void __launch_bounds__(kBlock)
+    mt_scale(const MtSpan* __restrict__ spans, const MtTensor* __restrict__ t, float c, bool stiefel_too) {
+  const MtSpan sp = spans[blockIdx.x];
+  const MtTensor tt = t[sp.tensor];
+  if (tt.stiefel && !stiefel_too) return;
+  for (long long i = sp.begin + threadIdx.x; i < sp.end; i += kBlock) tt.g[i] *= c;
+}
+static __global__ void __launch_bounds__(kBlock) mt_adamw(const MtSpan* __restrict__ spans, const MtTensor* __restrict__ t, AdamWArgs a) {
+  const MtSpan sp = spans[blockIdx.x];
+  const MtTensor tt = t[sp.tensor];
+  for (long long i = sp.begin + threadIdx.x; i < sp.end; i += kBlock) adamw_element(tt.x, tt.g, tt.m, tt.v, tt.vmax, i, a);
 }
 
 // v = b2 v + (1 - b2) ci, vmax = max(vmax, v): the one-scalar second moment of a Stiefel
@@ -223,7 +265,8 @@ static __global__ void sym_batched(float* const* __restrict__ sym, const float* 
   }
 }
 
-static __global__ void __launch_bounds__(kBlock) sq_norm_batched(const float* const* __restrict__ a, long long n, double* __restrict__ out) {
+static __global__ void __launch_bounds__(kBlock)
+    sq_norm_batched(const float* const* __restrict__ a, long long n, double* __restrict__ out) {
   const float* aa = a[blockIdx.y];
   double s = 0.0;
   CACHESHRINK_OPTIM_LOOP(i, n) {
@@ -267,9 +310,9 @@ inline constexpr int chol_smem_bytes(int p) { return (p * (p + 1) / 2 + 2 * p) *
 // arithmetic), the inverse column by column (trti2's). Shared memory holds R packed by columns:
 // element (i, j), i <= j, at j (j + 1) / 2 + i. A pivot that is not > 0 (or NaN)
 // records info = its 1-based column in info[2 slot + pass], as potrf would, and continues on 1.
-static __global__ void __launch_bounds__(kCholThreads) chol_inverse_upper(const float* const* __restrict__ gram, float* const* __restrict__ rinv,
-                                                                          int p, int* __restrict__ info, const int* __restrict__ slot_ids,
-                                                                          int pass) {
+static __global__ void __launch_bounds__(kCholThreads)
+    chol_inverse_upper(const float* const* __restrict__ gram, float* const* __restrict__ rinv, int p, int* __restrict__ info,
+                       const int* __restrict__ slot_ids, int pass) {
   extern __shared__ float sm[];
   float* rowk = sm + p * (p + 1) / 2;  // R(k, i), i > k, of the current step
   float* tmp = rowk + p;               // the inverse's column being formed
@@ -446,11 +489,10 @@ class DeviceOptimizer {
     std::vector<double> out(slots_.size(), 0.0);
     if (slots_.empty()) return out;
     CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(norms_.data(), 0, slots_.size() * sizeof(double), s_));
-    for (std::size_t i = 0; i < slots_.size(); ++i) {
-      const long long n = static_cast<long long>(numel(slots_[i].p));
-      optim_detail::sq_norm_kernel<<<grid(n), optim_detail::kBlock, 0, s_>>>(slots_[i].p.grad, n, norms_.data() + i);
-      CACHESHRINK_CUDA_LAUNCH_CHECK("optim sq_norm_kernel (grad_sq_norms)");
-    }
+    build_spans();
+    optim_detail::mt_sq_norm<<<static_cast<unsigned>(n_spans_all_), optim_detail::kBlock, 0, s_>>>(spans_.data(), mt_.data(),
+                                                                                                   norms_.data());
+    CACHESHRINK_CUDA_LAUNCH_CHECK("optim mt_sq_norm (grad_sq_norms)");
     CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(out.data(), norms_.data(), out.size() * sizeof(double), cudaMemcpyDeviceToHost, s_));
     CACHESHRINK_CUDA_CHECK(cudaStreamSynchronize(s_));
     return out;
@@ -461,13 +503,11 @@ class DeviceOptimizer {
   /// is x, NaN included).
   void scale_grads(double coef, bool include_stiefel) {
     const float c = static_cast<float>(coef);
-    if (c == 1.0f) return;
-    for (Slot& s : slots_) {
-      if (s.p.stiefel && !include_stiefel) continue;
-      const long long n = static_cast<long long>(numel(s.p));
-      optim_detail::scale_kernel<<<grid(n), optim_detail::kBlock, 0, s_>>>(s.p.grad, n, c);
-      CACHESHRINK_CUDA_LAUNCH_CHECK("optim scale_kernel (scale_grads)");
-    }
+    if (c == 1.0f || slots_.empty()) return;
+    build_spans();
+    optim_detail::mt_scale<<<static_cast<unsigned>(n_spans_all_), optim_detail::kBlock, 0, s_>>>(spans_.data(), mt_.data(), c,
+                                                                                                 include_stiefel);
+    CACHESHRINK_CUDA_LAUNCH_CHECK("optim mt_scale (scale_grads)");
   }
 
   /// MLATrainer::step's clipping: returns sqrt(sum of every gradient's squared norm) before
@@ -507,10 +547,28 @@ class DeviceOptimizer {
     }
     bool due = false;
     if (stiefel_count_ > 0) batched_riemannian_adam(riemannian_lr);
+    // The Euclidean parameters in one multi-tensor launch when they share a step count (always,
+    // unless states were loaded unevenly); else one launch each.
+    long long eu_step = -1;
+    bool eu_even = true;
+    for (const Slot& s : slots_)
+      if (!s.p.stiefel) {
+        if (eu_step >= 0 && s.step != eu_step) eu_even = false;
+        eu_step = s.step;
+      }
+    if (eu_step >= 0 && eu_even) {
+      build_spans();
+      const optim_detail::AdamWArgs a = adamw_args(eu_step + 1, euclidean_lr);
+      for (Slot& s : slots_)
+        if (!s.p.stiefel) ++s.step;
+      optim_detail::mt_adamw<<<static_cast<unsigned>(n_spans_eu_), optim_detail::kBlock, 0, s_>>>(spans_.data() + n_spans_all_, mt_.data(),
+                                                                                                  a);
+      CACHESHRINK_CUDA_LAUNCH_CHECK("optim mt_adamw");
+    }
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       Slot& s = slots_[i];
       if (!s.p.stiefel) {
-        adamw(s, euclidean_lr);
+        if (!eu_even) adamw(s, euclidean_lr);
         continue;
       }
       if (s.p.cols > optim_detail::kMaxBatchedCols) riemannian_adam(s, i, riemannian_lr);
@@ -608,8 +666,8 @@ class DeviceOptimizer {
 
   // ---- cuBLAS on the A = X^T view (see the header comment) ----
   // C (m, n) = alpha op(A) op(B) + beta C, all column-major with the given leading dims.
-  void gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const float* A, int lda, const float* B,
-            int ldb, float beta, float* C, int ldc) {
+  void gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const float* A, int lda, const float* B, int ldb,
+            float beta, float* C, int ldc) {
     CACHESHRINK_CUBLAS_CHECK(cublasSgemm(blas_, ta, tb, m, n, k, &alpha, A, lda, B, ldb, &beta, C, ldc));
   }
 
@@ -657,8 +715,16 @@ class DeviceOptimizer {
   static std::size_t numel_of(int n, int p) { return static_cast<std::size_t>(n) * static_cast<std::size_t>(p); }
 
   void adamw(Slot& s, double lr) {
-    const optim::AdamWOptions& o = eu_;
     ++s.step;
+    const optim_detail::AdamWArgs a = adamw_args(s.step, lr);
+    const long long n = static_cast<long long>(numel(s.p));
+    optim_detail::adamw_kernel<<<grid(n), optim_detail::kBlock, 0, s_>>>(s.p.value, s.p.grad, s.exp_avg.data(), s.exp_avg_sq.data(),
+                                                                         s.max_exp_avg_sq.data(), n, a);
+    CACHESHRINK_CUDA_LAUNCH_CHECK("optim adamw_kernel");
+  }
+  // adamw_step's scalars for step number `step` (1-based) at learning rate lr.
+  optim_detail::AdamWArgs adamw_args(long long step, double lr) const {
+    const optim::AdamWOptions& o = eu_;
     optim_detail::AdamWArgs a{};
     a.decayed = o.weight_decay != 0.0;
     a.decay = static_cast<float>(1.0 - lr * o.weight_decay);
@@ -667,16 +733,38 @@ class DeviceOptimizer {
     a.lerp_low = a.w < 0.5f;
     a.beta2 = static_cast<float>(o.beta2);
     a.one_minus_beta2 = 1.0f - a.beta2;
-    const double t = static_cast<double>(s.step);
+    const double t = static_cast<double>(step);
     const double bc1 = 1.0 - std::pow(o.beta1, t), bc2 = 1.0 - std::pow(o.beta2, t);
     a.step_size = static_cast<float>(lr / bc1);
     a.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
     a.eps = static_cast<float>(o.eps);
     a.amsgrad = o.amsgrad;
-    const long long n = static_cast<long long>(numel(s.p));
-    optim_detail::adamw_kernel<<<grid(n), optim_detail::kBlock, 0, s_>>>(s.p.value, s.p.grad, s.exp_avg.data(), s.exp_avg_sq.data(),
-                                                                         s.max_exp_avg_sq.data(), n, a);
-    CACHESHRINK_CUDA_LAUNCH_CHECK("optim adamw_kernel");
+    return a;
+  }
+
+  // The multi-tensor table (every parameter) and spans: [0, n_spans_all_) cover every
+  // parameter, the next n_spans_eu_ the Euclidean ones again (mt_adamw's range). Rebuilt after add().
+  void build_spans() {
+    if (spans_built_ == slots_.size()) return;
+    std::vector<optim_detail::MtTensor> t;
+    std::vector<optim_detail::MtSpan> all, eu;
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      Slot& s = slots_[i];
+      t.push_back({s.p.value, s.p.grad, s.exp_avg.data(), s.exp_avg_sq.data(), s.max_exp_avg_sq.empty() ? nullptr : s.max_exp_avg_sq.data(),
+                   s.p.stiefel ? 1 : 0});
+      const long long n = static_cast<long long>(numel(s.p));
+      for (long long b = 0; b < n; b += optim_detail::kSpan) {
+        const optim_detail::MtSpan sp{static_cast<int>(i), b, std::min(n, b + optim_detail::kSpan)};
+        all.push_back(sp);
+        if (!s.p.stiefel) eu.push_back(sp);
+      }
+    }
+    n_spans_all_ = all.size();
+    n_spans_eu_ = eu.size();
+    all.insert(all.end(), eu.begin(), eu.end());
+    mt_.upload(t, s_);
+    spans_.upload(all, s_);
+    spans_built_ = slots_.size();
   }
 
   void riemannian_adam(Slot& s, std::size_t slot, double lr) {
@@ -698,8 +786,7 @@ class DeviceOptimizer {
     optim_detail::sq_norm_kernel<<<grid(ne), optim_detail::kBlock, 0, s_>>>(rg, ne, ci_.data());  // component_inner
     CACHESHRINK_CUDA_LAUNCH_CHECK("optim sq_norm_kernel (component_inner)");
     const float b2 = static_cast<float>(o.beta2);
-    optim_detail::second_moment_kernel<<<1, 1, 0, s_>>>(s.exp_avg_sq.data(), s.max_exp_avg_sq.data(), ci_.data(), b2, 1.0f - b2,
-                                                        o.amsgrad);
+    optim_detail::second_moment_kernel<<<1, 1, 0, s_>>>(s.exp_avg_sq.data(), s.max_exp_avg_sq.data(), ci_.data(), b2, 1.0f - b2, o.amsgrad);
     CACHESHRINK_CUDA_LAUNCH_CHECK("optim second_moment_kernel");
     optim_detail::RadamArgs a{};
     a.beta1 = static_cast<float>(o.beta1);
@@ -712,7 +799,7 @@ class DeviceOptimizer {
     const float* v = o.amsgrad ? s.max_exp_avg_sq.data() : s.exp_avg_sq.data();
     optim_detail::radam_update_kernel<<<grid(ne), optim_detail::kBlock, 0, s_>>>(x, rg, s.exp_avg.data(), v, ne, a);
     CACHESHRINK_CUDA_LAUNCH_CHECK("optim radam_update_kernel");
-    qr_positive(x, n, p, slot);            // retraction
+    qr_positive(x, n, p, slot);          // retraction
     project(x, s.exp_avg.data(), n, p);  // transport
   }
 
@@ -725,7 +812,7 @@ class DeviceOptimizer {
   // uploaded only when the grouping or a scratch address changes.
   struct Chunk {
     int n = 0, p = 0, count = 0;
-    long long step = 0;  // the members' common step count before this step
+    long long step = 0;     // the members' common step count before this step
     std::size_t table = 0;  // offset of its 8 x count pointers in tab_, of its ids in ids_
   };
 
@@ -838,9 +925,8 @@ class DeviceOptimizer {
       CACHESHRINK_CUDA_LAUNCH_CHECK("optim copy_batched");
       gemm_batched(CUBLAS_OP_T, CUBLAS_OP_N, p, n, p, -0.5f, S1, p, R, p, 1.5f, X, p, cnt);
       // rg = proju(x, grad + wd x).
-      optim_detail::add_decay_batched<<<eg, optim_detail::kBlock, 0, s_>>>(R, const_cast<const float* const*>(Gd),
-                                                                          const_cast<const float* const*>(X),
-                                                                          static_cast<float>(o.weight_decay), ne);
+      optim_detail::add_decay_batched<<<eg, optim_detail::kBlock, 0, s_>>>(
+          R, const_cast<const float* const*>(Gd), const_cast<const float* const*>(X), static_cast<float>(o.weight_decay), ne);
       CACHESHRINK_CUDA_LAUNCH_CHECK("optim add_decay_batched");
       project_batched(X, R, n, p, cnt, S1, S2, pg);
       // v = b2 v + (1 - b2) <rg, rg>.
@@ -908,10 +994,11 @@ class DeviceOptimizer {
         const int v = info[2 * i + static_cast<std::size_t>(pass)];
         if (v == 0) continue;
         const Slot& s = slots_[i];
-        throw NumericalError("DeviceOptimizer::step(" + s.p.name + "): QR retraction at step " + std::to_string(s.step) +
-                             " failed: cusolverDnSpotrf of the (" + std::to_string(s.p.cols) + " x " + std::to_string(s.p.cols) +
-                             ") Gram matrix, pass " + std::to_string(pass + 1) + ", info = " + std::to_string(v) +
-                             (v < 0 ? " (bad argument)" : " (not positive definite: the step made the parameter rank-deficient; lower the Riemannian lr)"));
+        throw NumericalError(
+            "DeviceOptimizer::step(" + s.p.name + "): QR retraction at step " + std::to_string(s.step) +
+            " failed: cusolverDnSpotrf of the (" + std::to_string(s.p.cols) + " x " + std::to_string(s.p.cols) + ") Gram matrix, pass " +
+            std::to_string(pass + 1) + ", info = " + std::to_string(v) +
+            (v < 0 ? " (bad argument)" : " (not positive definite: the step made the parameter rank-deficient; lower the Riemannian lr)"));
       }
   }
 
@@ -948,7 +1035,11 @@ class DeviceOptimizer {
   DeviceBuffer<float> work_;    // potrf workspace
   DeviceBuffer<int> info_;      // potrf devInfo, two per parameter
   DeviceBuffer<double> norms_;  // per-parameter squared gradient norms
-  DeviceBuffer<double> ci_;     // <rg, rg> of the Stiefel parameter(s) being stepped
+  // Multi-tensor table (build_spans).
+  DeviceBuffer<optim_detail::MtTensor> mt_;
+  DeviceBuffer<optim_detail::MtSpan> spans_;
+  std::size_t n_spans_all_ = 0, n_spans_eu_ = 0, spans_built_ = 0;
+  DeviceBuffer<double> ci_;  // <rg, rg> of the Stiefel parameter(s) being stepped
   // Batched path: chunks of same-shape Stiefel parameters and their device pointer tables.
   std::vector<Chunk> chunks_;
   std::size_t batch_scratch_floats_ = std::size_t{1} << 25;

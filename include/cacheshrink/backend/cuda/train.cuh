@@ -40,6 +40,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cacheshrink/backend/cuda/check.cuh"
@@ -419,21 +420,39 @@ static __global__ void sum_head_groups(const float* __restrict__ src, float* __r
 
 // RoPE in place on the heads of each row (rows, heads hd; row stride ld): one block per row, so
 // the position's cos/sin row is shared and the indexing is 32-bit. sin_t negated: the inverse.
-// bias (heads*hd, or nullptr) is added to each row first (a projection's pending bias).
-static __global__ void rope_rows(float* y, int ld, int heads, int hd, const int* pos, const float* cos_t, const float* sin_t,
-                                 const float* bias) {
-  const int half = hd / 2, r = blockIdx.x;
+// bias (heads*hd, or nullptr) is added to each row first (a projection's pending bias). W = 2
+// moves float2 pairs (hd % 4 == 0, ld even, 8-byte aligned rows and bias; the launcher checks).
+template <int W>
+static __global__ void rope_rows(float* __restrict__ y, int ld, int heads, int hd, const int* __restrict__ pos,
+                                 const float* __restrict__ cos_t, const float* __restrict__ sin_t, const float* __restrict__ bias) {
+  using V = std::conditional_t<W == 2, float2, float>;
+  const int half = hd / 2, hw = half / W, r = blockIdx.x;
   float* row = y + static_cast<long long>(r) * ld;
   const float* c = cos_t + static_cast<long long>(pos[r]) * half;
   const float* sn = sin_t + static_cast<long long>(pos[r]) * half;
-  for (int e = threadIdx.x; e < heads * half; e += blockDim.x) {
-    const int h = e / half, k = e - h * half;
+  for (int e = threadIdx.x; e < heads * hw; e += blockDim.x) {
+    const int h = e / hw, k = (e - h * hw) * W;
     float* p = row + h * hd;
-    float x1 = p[k], x2 = p[k + half];
-    if (bias) x1 += bias[h * hd + k], x2 += bias[h * hd + k + half];
-    const float cc = c[k], ss = sn[k];
-    p[k] = x1 * cc - x2 * ss;
-    p[k + half] = x2 * cc + x1 * ss;
+    float x1[W], x2[W], cc[W], ss[W];
+    *reinterpret_cast<V*>(x1) = *reinterpret_cast<const V*>(p + k);
+    *reinterpret_cast<V*>(x2) = *reinterpret_cast<const V*>(p + k + half);
+    *reinterpret_cast<V*>(cc) = *reinterpret_cast<const V*>(c + k);
+    *reinterpret_cast<V*>(ss) = *reinterpret_cast<const V*>(sn + k);
+    if (bias) {
+      float b1[W], b2[W];
+      *reinterpret_cast<V*>(b1) = *reinterpret_cast<const V*>(bias + h * hd + k);
+      *reinterpret_cast<V*>(b2) = *reinterpret_cast<const V*>(bias + h * hd + k + half);
+#pragma unroll
+      for (int w = 0; w < W; ++w) x1[w] += b1[w], x2[w] += b2[w];
+    }
+    float o1[W], o2[W];
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+      o1[w] = x1[w] * cc[w] - x2[w] * ss[w];
+      o2[w] = x2[w] * cc[w] + x1[w] * ss[w];
+    }
+    *reinterpret_cast<V*>(p + k) = *reinterpret_cast<const V*>(o1);
+    *reinterpret_cast<V*>(p + k + half) = *reinterpret_cast<const V*>(o2);
   }
 }
 
@@ -565,13 +584,17 @@ static __global__ void kl_temperature(const float* z, const float* zt, int V, fl
 
 // The reconstruction loss's gradient: dk += w r (the reconstruction's side) and g = -w r (the
 // target's side, row stride ldg: a block of the fused input projection's gradient).
-static __global__ void recon_grad(const float* __restrict__ r, int cols, long long n, float w, float* __restrict__ dk,
-                                  float* __restrict__ g, int ldg) {
-  const long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
-  if (i >= n) return;
-  const float v = w * r[i];
-  dk[i] += v;
-  g[(i / cols) * ldg + i % cols] = -v;
+// Grid: x over columns (256 a block), y over rows (strided).
+static __global__ void recon_grad(const float* __restrict__ r, int rows, int cols, float w, float* __restrict__ dk, float* __restrict__ g,
+                                  int ldg) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  for (int row = blockIdx.y; row < rows; row += gridDim.y) {
+    const long long i = static_cast<long long>(row) * cols + c;
+    const float v = w * r[i];
+    dk[i] += v;
+    g[static_cast<long long>(row) * ldg + c] = -v;
+  }
 }
 
 // The reconstruction residual r = a - t (t: `cols` columns of rows with stride ldt, the targets
@@ -671,6 +694,18 @@ inline void softmax_backward(const float* P, float* dP, long long rows, int n, i
     softmax_bwd<<<grid, 256, 0, st>>>(P, dP, rows, n, window);
   }
   CACHESHRINK_CUDA_LAUNCH_CHECK("softmax_bwd");
+}
+/// RoPE (cos/sin tables (positions, hd/2); sin negated: the inverse) on `heads` heads of hd
+/// floats of each of `rows` rows (stride ld), after adding bias (heads*hd, or nullptr).
+inline void rope_forward(float* y, int ld, int rows, int heads, int hd, const int* pos, const float* cos_t, const float* sin_t,
+                         const float* bias, cudaStream_t st) {
+  const int pairs = heads * (hd / 2);
+  if (rows <= 0 || pairs == 0) return;
+  const auto al8 = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 8 == 0; };
+  if (hd % 4 == 0 && ld % 2 == 0 && al8(y) && al8(bias))
+    rope_rows<2><<<rows, std::min(256, (pairs / 2 + 31) / 32 * 32), 0, st>>>(y, ld, heads, hd, pos, cos_t, sin_t, bias);
+  else rope_rows<1><<<rows, std::min(256, (pairs + 31) / 32 * 32), 0, st>>>(y, ld, heads, hd, pos, cos_t, sin_t, bias);
+  CACHESHRINK_CUDA_LAUNCH_CHECK("rope_rows");
 }
 /// act = silu(g) u of gu = [g | u] (rows, 2I).
 inline void swiglu_forward(const float* gu, float* act, int rows, int I, cudaStream_t st) {
@@ -1435,6 +1470,21 @@ class TrainGraph {
   }
   void drop_stages() { marks_.clear(); }
 
+  // f(first element in P, n, count) for each run of `count` consecutive sequences of length n:
+  // their P blocks are contiguous (rows of n floats, query index = row % n), so one softmax
+  // launch covers the run.
+  template <class F>
+  void for_length_runs(F&& f) const {
+    const int B = static_cast<int>(off_.size()) - 1;
+    auto len = [&](int s) { return off_[static_cast<std::size_t>(s) + 1] - off_[static_cast<std::size_t>(s)]; };
+    for (int s = 0; s < B;) {
+      int e = s + 1;
+      while (e < B && len(e) == len(s)) ++e;
+      f(poff_[static_cast<std::size_t>(s)], len(s), e - s);
+      s = e;
+    }
+  }
+
   void attn_gemms(const std::vector<AttnCall>& calls, float alpha) {
     const float beta = 0.0f;
     for (const AttnCall& c : calls) {
@@ -1463,9 +1513,8 @@ class TrainGraph {
     if (!c_.uses_rope() || n_tokens_ == 0) return;
     const int pairs = heads * (c_.head_dim / 2);
     if (pairs == 0) return;
-    train_kernels::rope_rows<<<n_tokens_, std::min(256, (pairs + 31) / 32 * 32), 0, st()>>>(
-        y, ld, heads, c_.head_dim, d_pos_.data(), rope_cos_.data(), inverse ? rope_sin_neg_.data() : rope_sin_.data(), bias);
-    CACHESHRINK_CUDA_LAUNCH_CHECK("rope_rows");
+    train_kernels::rope_forward(y, ld, n_tokens_, heads, c_.head_dim, d_pos_.data(), rope_cos_.data(),
+                                inverse ? rope_sin_neg_.data() : rope_sin_.data(), bias, st());
   }
   void run_forward(bool teacher, const train::LossOptions& lo) {
     const int N = n_tokens_, H = c_.hidden_size, hd = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads, Dq = c_.d_q(), Dkv = c_.d_kv();
@@ -1533,11 +1582,9 @@ class TrainGraph {
       const AttnLayer& al = attn_[l];
       attn_gemms(al.calls[kFwdScores], scale);
       stage("attn gemm");  // S (causal blocks) = scale Q K^T
-      for (int s = 0; s < B; ++s) {
-        const int n = off_[static_cast<std::size_t>(s) + 1] - off_[static_cast<std::size_t>(s)];
-        const long long rows = static_cast<long long>(nh) * n;
-        train_kernels::softmax_forward(a.P.data() + poff_[static_cast<std::size_t>(s)], rows, n, c_.sliding_window, st());
-      }
+      for_length_runs([&](std::size_t po, int n, int count) {
+        train_kernels::softmax_forward(a.P.data() + po, static_cast<long long>(nh) * n * count, n, c_.sliding_window, st());
+      });
       stage("softmax");
       attn_gemms(al.calls[kFwdOut], 1.0f);
       stage("attn gemm");  // O = P V
@@ -1619,12 +1666,10 @@ class TrainGraph {
       const AttnLayer& al = attn_[static_cast<std::size_t>(l)];
       attn_gemms(al.calls[kBwdScores], 1.0f);
       stage("attn gemm");  // dP = dO V^T (causal blocks)
-      for (int s = 0; s < B; ++s) {
-        const int n = off_[static_cast<std::size_t>(s) + 1] - off_[static_cast<std::size_t>(s)];
-        const long long rows = static_cast<long long>(nh) * n;
-        const std::size_t po = poff_[static_cast<std::size_t>(s)];
-        train_kernels::softmax_backward(a.P.data() + po, dP_.data() + po, rows, n, c_.sliding_window, st());
-      }
+      for_length_runs([&](std::size_t po, int n, int count) {
+        train_kernels::softmax_backward(a.P.data() + po, dP_.data() + po, static_cast<long long>(nh) * n * count, n, c_.sliding_window,
+                                        st());
+      });
       stage("softmax bwd");
       attn_gemms(al.calls[kBwdV], 1.0f);   // dV = P^T dO
       attn_gemms(al.calls[kBwdQ], scale);  // dQ = scale dS K
@@ -1654,9 +1699,9 @@ class TrainGraph {
           // d recon / dK~ = coef (K~ - K) / (slots d_kv) into dK, dV; the targets K = h Wk^T
           // depend on h too: -that into the targets' columns of dcat_.
           const float w = static_cast<float>(recon_coef_ / (recon_slots_ * Dkv));
-          const long long n = static_cast<long long>(N) * Dkv;
-          train_kernels::recon_grad<<<grid_for(n, 256), 256, 0, st()>>>(a.rk.data(), Dkv, n, w, dk_.data(), dq + f.cat_k, yc);
-          train_kernels::recon_grad<<<grid_for(n, 256), 256, 0, st()>>>(a.rv.data(), Dkv, n, w, dv_.data(), dq + f.cat_v, yc);
+          const dim3 grid = train_kernels::vec_grid(std::min(N, 1024), Dkv, 1);
+          train_kernels::recon_grad<<<grid, 256, 0, st()>>>(a.rk.data(), N, Dkv, w, dk_.data(), dq + f.cat_k, yc);
+          train_kernels::recon_grad<<<grid, 256, 0, st()>>>(a.rv.data(), N, Dkv, w, dv_.data(), dq + f.cat_v, yc);
           CACHESHRINK_CUDA_LAUNCH_CHECK("recon_grad");
           stage("recon grad");
         }

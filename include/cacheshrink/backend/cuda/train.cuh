@@ -597,28 +597,21 @@ static __global__ void recon_grad(const float* __restrict__ r, int rows, int col
   }
 }
 
-// The reconstruction residual r = a - t (t: `cols` columns of rows with stride ldt, the targets
-// inside the fused input projection's output) and acc += sum r^2 (double, one atomic per block).
-// Grid: x over columns (256 a block), y over rows (strided).
-static __global__ void __launch_bounds__(256) recon_residual(const float* __restrict__ a, const float* __restrict__ t, int ldt,
-                                                             float* __restrict__ r, int rows, int cols, double* acc) {
+// acc += sum x^2 (double): warp sums, then one double atomicAdd per block (a per-warp atomic
+// from thousands of blocks serialised on the one address and cost ~60 us per call at 7B shapes).
+static __global__ void __launch_bounds__(256) sq_sum(const float* __restrict__ x, long long n, double* acc) {
   __shared__ double part[8];
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
   double s = 0.0;
-  if (c < cols)
-    for (int row = blockIdx.y; row < rows; row += gridDim.y) {
-      const long long i = static_cast<long long>(row) * cols + c;
-      const float v = a[i] - t[static_cast<long long>(row) * ldt + c];
-      r[i] = v;
-      s += static_cast<double>(v) * v;
-    }
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x)
+    s += static_cast<double>(x[i]) * x[i];
   for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
   __syncthreads();
   if (threadIdx.x == 0) {
-    double tot = 0.0;
-    for (int w = 0; w < 8; ++w) tot += part[w];
-    atomicAdd(acc, tot);
+    double t = 0.0;
+    for (int w = 0; w < 8; ++w) t += part[w];
+    atomicAdd(acc, t);
   }
 }
 
@@ -1145,11 +1138,11 @@ class TrainGraph {
     int d_latent = 0;
     int cat_dk = -1, cat_dv = -1, cat_k = -1, cat_v = -1;  // first rows of the blocks in wcat (-1: absent)
     int cat_base = 0;  // rows the fused GEMM computes without the reconstruction targets (MLA: q and latents; plain: q)
-    int ycols = 0;  // rows it computes at most (MLA with the reconstruction loss: all; plain: q only): the row stride of Acts::y and dcat_
+    int ycols = 0;     // rows the backward's gradient spans (MLA: all; plain: q only): the row stride of dcat_
   };
   struct Acts {
-    // y: the fused input projection's output (tokens, ycols): q at column 0, the latents at cat_dk /
-    // cat_dv, the reconstruction targets at cat_k / cat_v.
+    // y: the fused input projection's output (tokens, cat_base): q at column 0, the latents at
+    // cat_dk / cat_dv (the reconstruction targets are not kept: rk, rv hold the residuals).
     DeviceBuffer<float> x_mid, h, mean1, rstd1, y, q_pre, q_rstd, k, k_pre, k_rstd, v, rk, rv, P, attn, h2, mean2, rstd2, gu;
   };
   // Lays out f's stacked input projection (rows; see Frozen) for a layer with d_latent dl (0: plain).
@@ -1298,7 +1291,7 @@ class TrainGraph {
       Acts& a = acts_[l];
       for (auto* b : {&a.x_mid, &a.h, &a.h2}) b->reserve(N * H);
       for (auto* b : {&a.mean1, &a.rstd1, &a.mean2, &a.rstd2}) b->reserve(N);
-      a.y.reserve(N * static_cast<std::size_t>(f.ycols));
+      a.y.reserve(N * static_cast<std::size_t>(f.cat_base));
       a.attn.reserve(N * Dq);
       a.k.reserve(N * Dkv);
       a.v.reserve(N * Dkv);
@@ -1449,8 +1442,8 @@ class TrainGraph {
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       Acts& a = acts_[l];
       AttnLayer& al = attn_[l];
-      // q and dq live in the fused projection's buffers: Acts::y and dcat_ (both ld ycols).
-      const AttnOperand K{a.k.data(), Dkv, group}, V{a.v.data(), Dkv, group}, Q{a.y.data(), layers_[l].ycols}, P{a.P.data()},
+      // q and dq live in the fused projection's buffers: Acts::y (ld cat_base) and dcat_ (ld ycols).
+      const AttnOperand K{a.k.data(), Dkv, group}, V{a.v.data(), Dkv, group}, Q{a.y.data(), layers_[l].cat_base}, P{a.P.data()},
           O{a.attn.data(), Dq};
       emit_attention(AttnKind::Scores, K, Q, P, by_len, al.calls[kFwdScores], ptrs);
       emit_attention(AttnKind::Out, V, P, O, by_len, al.calls[kFwdOut], ptrs);
@@ -1504,6 +1497,10 @@ class TrainGraph {
   void bias(float* y, int width, const DeviceBuffer<float>& b, int ld = 0) {
     if (!b.empty()) cuda::add_bias<float>(y, ld > 0 ? ld : width, n_tokens_, width, b.data(), st());
   }
+  void sq_sum(const float* x, long long n, double* acc) {
+    train_kernels::sq_sum<<<std::min(grid_for(n, 256), 1024u), 256, 0, st()>>>(x, n, acc);
+    CACHESHRINK_CUDA_LAUNCH_CHECK("sq_sum");
+  }
   void axpy(float a, const float* x, float* y, long long n) {
     train_kernels::axpy<<<grid_for(n, 256), 256, 0, st()>>>(a, x, y, n);
     CACHESHRINK_CUDA_LAUNCH_CHECK("axpy");
@@ -1530,12 +1527,10 @@ class TrainGraph {
       const float* x = xs_[l].data();
       norm_forward(x, f.n1w, f.n1b, a.h.data(), a.mean1.data(), a.rstd1.data());
       stage("norm");
-      // One GEMM for the stacked input projections (Frozen): q, the latents and, with the
-      // reconstruction loss, its targets K = h Wk^T, V = h Wv^T (the teacher: q only).
-      const int yc = f.ycols;
-      const bool recon = use_mla && lo.recon_alpha > 0;
+      // One GEMM for the stacked input projections (Frozen): q and the latents (the teacher: q).
+      const int yc = f.cat_base;
       float* q = a.y.data();
-      xwt(N, use_mla ? (recon ? f.ycols : f.cat_base) : Dq, H, a.h.data(), H, f.wcat.data(), H, q, yc);
+      xwt(N, use_mla ? yc : Dq, H, a.h.data(), H, f.wcat.data(), H, q, yc);
       stage("gemm input proj");
       // A q/k bias is added inside the RoPE kernel unless a head norm comes between them.
       const bool rope_q_bias = c_.uses_rope() && f.qn.empty(), rope_k_bias = c_.uses_rope() && f.kn.empty();
@@ -1557,13 +1552,15 @@ class TrainGraph {
           xwt(N, Dkv, dl, q + f.cat_dv, yc, pv(sl.up_v), dl, a.v.data(), Dkv);
           stage("gemm up");
         }
-        if (recon) {
-          // Residuals K~ - K, V~ - V (biases cancel; the targets came with the stacked GEMM);
-          // acc_[2] += their squared norms.
-          const dim3 grid(static_cast<unsigned>((Dkv + 255) / 256), static_cast<unsigned>(std::clamp(N, 1, 256)));
-          train_kernels::recon_residual<<<grid, 256, 0, st()>>>(a.k.data(), q + f.cat_k, yc, a.rk.data(), N, Dkv, acc_.data() + 2);
-          train_kernels::recon_residual<<<grid, 256, 0, st()>>>(a.v.data(), q + f.cat_v, yc, a.rv.data(), N, Dkv, acc_.data() + 2);
-          CACHESHRINK_CUDA_LAUNCH_CHECK("recon_residual");
+        if (lo.recon_alpha > 0) {
+          // Residuals K~ - K, V~ - V (biases cancel), each one GEMM with K~ as its C; acc_[2] +=
+          // their squared norms. (Not in the stacked GEMM: there the targets would be kept per
+          // layer, +2 d_kv floats a token and layer, 2.1 GiB at LLaMA-2-7B shapes, for ~0.2 ms.)
+          xwt_plus(N, Dkv, H, a.h.data(), H, wrow(f, f.cat_k), H, a.k.data(), a.rk.data(), Dkv, -1.0f);
+          xwt_plus(N, Dkv, H, a.h.data(), H, wrow(f, f.cat_v), H, a.v.data(), a.rv.data(), Dkv, -1.0f);
+          stage("gemm recon targets");
+          sq_sum(a.rk.data(), static_cast<long long>(N) * Dkv, acc_.data() + 2);
+          sq_sum(a.rv.data(), static_cast<long long>(N) * Dkv, acc_.data() + 2);
           stage("recon loss");
         }
       } else {
@@ -1683,7 +1680,7 @@ class TrainGraph {
       // dq sits in dcat_ (tokens, ycols) at column 0, where the fused input projection's
       // gradient is gathered: [dq | d latents | -(reconstruction residuals)] meets the stacked
       // [Wq; W_down...; Wk; Wv] in one GEMM at the end.
-      const int yc = f.ycols, ylc = f.ycols;  // row strides of dcat_ and Acts::y
+      const int yc = f.ycols, ylc = f.cat_base;  // row strides of dcat_ and Acts::y
       float* dq = dcat_.data();
       const float* y = a.y.data();
       rope(dq, yc, nh, true);

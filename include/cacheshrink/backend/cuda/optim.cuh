@@ -36,15 +36,16 @@
 // with diag(R) > 0 is unique). Y = x + u with ||u||_F ~ lr is very well conditioned; a
 // failed potrf (a step so large that Y lost rank) throws NumericalError naming the parameter.
 //
-// Batching. Stiefel parameters with at most kMaxBatchedCols (320) columns are stepped together:
-// grouped by (rows, cols, step count), each group's GEMMs are one cublasSgemmBatched each and
-// its elementwise work one launch per operation (blockIdx.y = member), and the QR2 retraction
-// factors every member's Gram in one launch of our chol_inverse_upper kernel (unblocked
-// Cholesky and triangular inverse in shared memory, one block per member) followed by a GEMM
-// by R^{-1} instead of potrf + trsm: the same Q, the same float32 arithmetic class. At
-// Qwen2.5-7B shapes (56 parameters of 512 x 256) this took the optimizer step from 33 to 4.6 ms
-// (docs/results_cuda.md). Wider parameters (LLaMA-2-7B's 4096 x 1024) keep the per-parameter
-// cuSOLVER/cuBLAS path above, whose GEMMs already fill the GPU.
+// Batching. Stiefel parameters are stepped together: grouped by (rows, cols, step count), each
+// group's GEMMs are one cublasSgemmBatched each and its elementwise work one launch per operation
+// (blockIdx.y = member). The QR2 retraction of members with at most kMaxBatchedCols (320) columns
+// factors every member's Gram in one launch of our chol_inverse_upper kernel (unblocked Cholesky
+// and triangular inverse in shared memory, one block per member) followed by a GEMM by R^{-1}
+// instead of potrf + trsm: the same Q, the same float32 arithmetic class. At Qwen2.5-7B shapes
+// (56 parameters of 512 x 256) this took the optimizer step from 33 to 4.6 ms
+// (docs/results_cuda.md). Wider members (LLaMA-2-7B's 4096 x 1024) take cuSOLVER's potrf on each
+// Gram and one cublasStrsmBatched for the whole chunk; their GEMMs, whose 1024 x 1024 outputs fill
+// half the GPU one parameter at a time, are batched like the narrow ones.
 //
 // Accumulation: gradient norms and <rg, rg> are summed in double (block reduction + one
 // double atomicAdd per block). The moments are float, as the CPU AdamState<float>.
@@ -103,23 +104,6 @@ __device__ __forceinline__ double block_sum_double(double v) {
 #define CACHESHRINK_OPTIM_LOOP(i, n)                                                         \
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < (n); \
        i += static_cast<long long>(gridDim.x) * blockDim.x)
-
-// *out += sum a[i]^2 in double (out zeroed by the caller).
-static __global__ void __launch_bounds__(kBlock) sq_norm_kernel(const float* __restrict__ a, long long n, double* __restrict__ out) {
-  double s = 0.0;
-  CACHESHRINK_OPTIM_LOOP(i, n) {
-    const double v = a[i];
-    s += v * v;
-  }
-  s = block_sum_double(s);
-  if (threadIdx.x == 0) atomicAdd(out, s);
-}
-
-// r = g + wd x (riemannian_adam_step's L2 term, added before the projection).
-static __global__ void add_decay_kernel(const float* __restrict__ g, const float* __restrict__ x, float wd, float* __restrict__ r,
-                                        long long n) {
-  CACHESHRINK_OPTIM_LOOP(i, n) r[i] = g[i] + wd * x[i];
-}
 
 // s = 0.5 (m + m^T), (p, p) column-major.
 static __global__ void sym_kernel(const float* __restrict__ m, float* __restrict__ s, int p) {
@@ -210,28 +194,10 @@ static __global__ void __launch_bounds__(kBlock) mt_adamw(const MtSpan* __restri
   for (long long i = sp.begin + threadIdx.x; i < sp.end; i += kBlock) adamw_element(tt.x, tt.g, tt.m, tt.v, tt.vmax, i, a);
 }
 
-// v = b2 v + (1 - b2) ci, vmax = max(vmax, v): the one-scalar second moment of a Stiefel
-// parameter. A separate one-thread kernel, so the update kernel's blocks all read the new v.
-static __global__ void second_moment_kernel(float* v, float* vmax, const double* ci, float beta2, float one_minus_beta2, bool amsgrad) {
-  const float nv = *v * beta2 + one_minus_beta2 * static_cast<float>(*ci);
-  *v = nv;
-  if (amsgrad) *vmax = fmaxf(*vmax, nv);
-}
-
 // m = b1 m + (1 - b1) rg;  x += -lr (m / bc1) / (sqrt(v / bc2) + eps)  (x then holds Y = x + u).
 struct RadamArgs {
   float beta1, one_minus_beta1, bc1, bc2, eps, neg_lr;
 };
-
-static __global__ void radam_update_kernel(float* __restrict__ x, const float* __restrict__ rg, float* __restrict__ m,
-                                           const float* __restrict__ v, long long n, RadamArgs a) {
-  const float denom = sqrtf(*v / a.bc2) + a.eps;
-  CACHESHRINK_OPTIM_LOOP(i, n) {
-    const float mi = m[i] * a.beta1 + a.one_minus_beta1 * rg[i];
-    m[i] = mi;
-    x[i] = x[i] + a.neg_lr * ((mi / a.bc1) / denom);
-  }
-}
 
 // ---- Batched forms for a group of same-shape Stiefel parameters (blockIdx.y = member) ----
 // Every pointer table holds one entry per member of the chunk being stepped.
@@ -571,7 +537,6 @@ class DeviceOptimizer {
         if (!eu_even) adamw(s, euclidean_lr);
         continue;
       }
-      if (s.p.cols > optim_detail::kMaxBatchedCols) riemannian_adam(s, i, riemannian_lr);
       due = due || (ri_.stabilize > 0 && s.step > 0 && s.step % ri_.stabilize == 0);
     }
     if (due)
@@ -695,23 +660,6 @@ class DeviceOptimizer {
     CACHESHRINK_CUDA_LAUNCH_CHECK("optim sym_kernel");
   }
 
-  // Cholesky QR2 of y (n, p) row-major, in place: y <- Q with diag(R) > 0. potrf's two devInfo
-  // values go to info_[2 slot], info_[2 slot + 1] (checked after the step).
-  void qr_positive(float* y, int n, int p, std::size_t slot) {
-    float* g = pp_.data();
-    int lwork = static_cast<int>(work_.size());
-    for (int pass = 0; pass < 2; ++pass) {
-      const float one = 1.0f, zero = 0.0f;
-      // G = Y^T Y = A A^T (upper triangle), then G = R^T R with R upper.
-      CACHESHRINK_CUBLAS_CHECK(cublasSsyrk(blas_, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, p, n, &one, y, p, &zero, g, p));
-      CACHESHRINK_CUSOLVER_CHECK(
-          cusolverDnSpotrf(solver_.get(), CUBLAS_FILL_MODE_UPPER, p, g, p, work_.data(), lwork, info_.data() + 2 * slot + pass));
-      // Y R^{-1}: memory R^{-T} A, i.e. solve R^T Z = A in place.
-      CACHESHRINK_CUBLAS_CHECK(
-          cublasStrsm(blas_, CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_T, CUBLAS_DIAG_NON_UNIT, p, n, &one, g, p, y, p));
-    }
-  }
-
   static std::size_t numel_of(int n, int p) { return static_cast<std::size_t>(n) * static_cast<std::size_t>(p); }
 
   void adamw(Slot& s, double lr) {
@@ -767,42 +715,6 @@ class DeviceOptimizer {
     spans_built_ = slots_.size();
   }
 
-  void riemannian_adam(Slot& s, std::size_t slot, double lr) {
-    const optim::RiemannianAdamOptions& o = ri_;
-    const int n = s.p.rows, p = s.p.cols;
-    const long long ne = static_cast<long long>(numel(s.p));
-    float* x = s.p.value;
-    float* rg = r_.data();
-    ++s.step;
-    newton_schulz(x, n, p);  // projx
-    if (o.weight_decay != 0.0) {
-      optim_detail::add_decay_kernel<<<grid(ne), optim_detail::kBlock, 0, s_>>>(s.p.grad, x, static_cast<float>(o.weight_decay), rg, ne);
-      CACHESHRINK_CUDA_LAUNCH_CHECK("optim add_decay_kernel");
-    } else {
-      CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(rg, s.p.grad, sizeof(float) * numel(s.p), cudaMemcpyDeviceToDevice, s_));
-    }
-    project(x, rg, n, p);  // egrad2rgrad
-    CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(ci_.data(), 0, sizeof(double), s_));
-    optim_detail::sq_norm_kernel<<<grid(ne), optim_detail::kBlock, 0, s_>>>(rg, ne, ci_.data());  // component_inner
-    CACHESHRINK_CUDA_LAUNCH_CHECK("optim sq_norm_kernel (component_inner)");
-    const float b2 = static_cast<float>(o.beta2);
-    optim_detail::second_moment_kernel<<<1, 1, 0, s_>>>(s.exp_avg_sq.data(), s.max_exp_avg_sq.data(), ci_.data(), b2, 1.0f - b2, o.amsgrad);
-    CACHESHRINK_CUDA_LAUNCH_CHECK("optim second_moment_kernel");
-    optim_detail::RadamArgs a{};
-    a.beta1 = static_cast<float>(o.beta1);
-    a.one_minus_beta1 = 1.0f - a.beta1;
-    const double t = static_cast<double>(s.step);
-    a.bc1 = static_cast<float>(1.0 - std::pow(o.beta1, t));
-    a.bc2 = static_cast<float>(1.0 - std::pow(o.beta2, t));
-    a.eps = static_cast<float>(o.eps);
-    a.neg_lr = static_cast<float>(-lr);
-    const float* v = o.amsgrad ? s.max_exp_avg_sq.data() : s.exp_avg_sq.data();
-    optim_detail::radam_update_kernel<<<grid(ne), optim_detail::kBlock, 0, s_>>>(x, rg, s.exp_avg.data(), v, ne, a);
-    CACHESHRINK_CUDA_LAUNCH_CHECK("optim radam_update_kernel");
-    qr_positive(x, n, p, slot);          // retraction
-    project(x, s.exp_avg.data(), n, p);  // transport
-  }
-
   // ---- Batched RiemannianAdam: Stiefel parameters with cols <= kMaxBatchedCols, grouped by
   // (rows, cols, step), each group stepped in chunks with cublasSgemmBatched and the kernels
   // above (blockIdx.y = member). The Cholesky QR2 uses chol_inverse_upper and a GEMM by R^{-1}
@@ -828,7 +740,7 @@ class DeviceOptimizer {
     std::vector<std::vector<std::size_t>> groups;
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       const Slot& s = slots_[i];
-      if (!s.p.stiefel || s.p.cols > optim_detail::kMaxBatchedCols) continue;
+      if (!s.p.stiefel) continue;
       bool placed = false;
       for (auto& g : groups) {
         const Slot& h = slots_[g.front()];
@@ -947,8 +859,9 @@ class DeviceOptimizer {
       optim_detail::radam_update_batched<<<eg, optim_detail::kBlock, 0, s_>>>(X, const_cast<const float* const*>(R), M, VU, ne, a);
       CACHESHRINK_CUDA_LAUNCH_CHECK("optim radam_update_batched");
       // Retraction: Cholesky QR2, x -> R (pass 1) -> x (pass 2).
-      qr_pass_batched(X, R, n, p, cnt, S1, S2, ids, 0);
-      qr_pass_batched(R, X, n, p, cnt, S1, S2, ids, 1);
+      const WideQr wide{tab_host_.data() + ch.table + 4 * static_cast<std::size_t>(cnt), &chunk_members_[c], eg};
+      qr_pass_batched(X, R, n, p, cnt, S1, S2, ids, 0, wide);
+      qr_pass_batched(R, X, n, p, cnt, S1, S2, ids, 1, wide);
       // Transport: m <- proju(x_new, m).
       project_batched(X, M, n, p, cnt, S1, S2, pg);
     }
@@ -962,10 +875,33 @@ class DeviceOptimizer {
     gemm_batched(CUBLAS_OP_N, CUBLAS_OP_N, p, n, p, -1.0f, S2, p, X, p, 1.0f, Vv, p, cnt);
   }
 
+  // What a pass over members wider than kMaxBatchedCols needs: the Grams' host addresses (potrf
+  // takes one matrix), the members' slots (their devInfo) and the elementwise grid.
+  struct WideQr {
+    float* const* s1_host;
+    const std::vector<std::size_t>* members;
+    dim3 eg;
+  };
+
   // out <- in R^{-1} with in^T in = R^T R (R upper, diag > 0); in is left unchanged.
   void qr_pass_batched(float* const* in, float* const* out, int n, int p, int cnt, float* const* S1, float* const* S2, const int* ids,
-                       int pass) {
+                       int pass, const WideQr& wide) {
     gemm_batched(CUBLAS_OP_N, CUBLAS_OP_T, p, p, n, 1.0f, in, p, in, p, 0.0f, S1, p, cnt);
+    if (p > optim_detail::kMaxBatchedCols) {
+      // Too wide for the shared-memory kernel: cuSOLVER's potrf on each Gram (upper: G = R^T R),
+      // then one batched triangular solve for every member, out^T = R^{-T} in^T (memory of in R^{-1}).
+      const int lwork = static_cast<int>(work_.size());
+      for (int m = 0; m < cnt; ++m)
+        CACHESHRINK_CUSOLVER_CHECK(cusolverDnSpotrf(solver_.get(), CUBLAS_FILL_MODE_UPPER, p, wide.s1_host[m], p, work_.data(), lwork,
+                                                    info_.data() + 2 * (*wide.members)[static_cast<std::size_t>(m)] + pass));
+      optim_detail::copy_batched<<<wide.eg, optim_detail::kBlock, 0, s_>>>(out, const_cast<const float* const*>(in),
+                                                                           static_cast<long long>(n) * p);
+      CACHESHRINK_CUDA_LAUNCH_CHECK("optim copy_batched");
+      const float one = 1.0f;
+      CACHESHRINK_CUBLAS_CHECK(cublasStrsmBatched(blas_, CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_T, CUBLAS_DIAG_NON_UNIT, p, n,
+                                                  &one, const_cast<const float* const*>(S1), p, out, p, cnt));
+      return;
+    }
     const int bytes = optim_detail::chol_smem_bytes(p);
     static const bool configured = [] {
       CACHESHRINK_CUDA_CHECK(cudaFuncSetAttribute(optim_detail::chol_inverse_upper, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -43,9 +43,10 @@
 // and triangular inverse in shared memory, one block per member) followed by a GEMM by R^{-1}
 // instead of potrf + trsm: the same Q, the same float32 arithmetic class. At Qwen2.5-7B shapes
 // (56 parameters of 512 x 256) this took the optimizer step from 33 to 4.6 ms
-// (docs/results_cuda.md). Wider members (LLaMA-2-7B's 4096 x 1024) take cuSOLVER's potrf on each
-// Gram and one cublasStrsmBatched for the whole chunk; their GEMMs, whose 1024 x 1024 outputs fill
-// half the GPU one parameter at a time, are batched like the narrow ones.
+// (docs/results_cuda.md). Wider members (LLaMA-2-7B's 4096 x 1024) take one cusolverDnSpotrfBatched
+// and one cublasStrsmBatched per pass for the whole chunk; their GEMMs, whose 1024 x 1024 outputs
+// fill half the GPU one parameter at a time, are batched like the narrow ones. At LLaMA-2-7B shapes
+// (64 such parameters) that took the optimizer step from 263 to 167 ms.
 //
 // Accumulation: gradient norms and <rg, rg> are summed in double (block reduction + one
 // double atomicAdd per block). The moments are float, as the CPU AdamState<float>.
@@ -265,6 +266,12 @@ static __global__ void radam_update_batched(float* const* __restrict__ x, const 
   }
 }
 
+// info[2 ids[m] + pass] = src[m]: a batched potrf's devInfo values into the per-parameter slots.
+static __global__ void scatter_info(const int* __restrict__ src, int* __restrict__ info, const int* __restrict__ ids, int cnt, int pass) {
+  const int m = blockIdx.x * blockDim.x + threadIdx.x;
+  if (m < cnt) info[2 * ids[m] + pass] = src[m];
+}
+
 // Largest p whose packed upper triangle (plus two p-vectors) fits one block's shared memory.
 constexpr int kMaxBatchedCols = 320;
 constexpr int kCholThreads = 1024;
@@ -428,9 +435,6 @@ class DeviceOptimizer {
       const int pc = p.cols;
       r_.reserve(n);
       pp_.reserve(2 * static_cast<std::size_t>(pc) * pc);
-      int lwork = 0;
-      CACHESHRINK_CUSOLVER_CHECK(cusolverDnSpotrf_bufferSize(solver_.get(), CUBLAS_FILL_MODE_UPPER, pc, pp_.data(), pc, &lwork));
-      work_.reserve(static_cast<std::size_t>(std::max(lwork, 1)));
       check_on_manifold(p, who);
     }
     slots_.push_back(std::move(slot));
@@ -859,9 +863,8 @@ class DeviceOptimizer {
       optim_detail::radam_update_batched<<<eg, optim_detail::kBlock, 0, s_>>>(X, const_cast<const float* const*>(R), M, VU, ne, a);
       CACHESHRINK_CUDA_LAUNCH_CHECK("optim radam_update_batched");
       // Retraction: Cholesky QR2, x -> R (pass 1) -> x (pass 2).
-      const WideQr wide{tab_host_.data() + ch.table + 4 * static_cast<std::size_t>(cnt), &chunk_members_[c], eg};
-      qr_pass_batched(X, R, n, p, cnt, S1, S2, ids, 0, wide);
-      qr_pass_batched(R, X, n, p, cnt, S1, S2, ids, 1, wide);
+      qr_pass_batched(X, R, n, p, cnt, S1, S2, ids, 0, eg);
+      qr_pass_batched(R, X, n, p, cnt, S1, S2, ids, 1, eg);
       // Transport: m <- proju(x_new, m).
       project_batched(X, M, n, p, cnt, S1, S2, pg);
     }
@@ -875,27 +878,21 @@ class DeviceOptimizer {
     gemm_batched(CUBLAS_OP_N, CUBLAS_OP_N, p, n, p, -1.0f, S2, p, X, p, 1.0f, Vv, p, cnt);
   }
 
-  // What a pass over members wider than kMaxBatchedCols needs: the Grams' host addresses (potrf
-  // takes one matrix), the members' slots (their devInfo) and the elementwise grid.
-  struct WideQr {
-    float* const* s1_host;
-    const std::vector<std::size_t>* members;
-    dim3 eg;
-  };
-
   // out <- in R^{-1} with in^T in = R^T R (R upper, diag > 0); in is left unchanged.
   void qr_pass_batched(float* const* in, float* const* out, int n, int p, int cnt, float* const* S1, float* const* S2, const int* ids,
-                       int pass, const WideQr& wide) {
+                       int pass, dim3 eg) {
     gemm_batched(CUBLAS_OP_N, CUBLAS_OP_T, p, p, n, 1.0f, in, p, in, p, 0.0f, S1, p, cnt);
     if (p > optim_detail::kMaxBatchedCols) {
-      // Too wide for the shared-memory kernel: cuSOLVER's potrf on each Gram (upper: G = R^T R),
-      // then one batched triangular solve for every member, out^T = R^{-T} in^T (memory of in R^{-1}).
-      const int lwork = static_cast<int>(work_.size());
-      for (int m = 0; m < cnt; ++m)
-        CACHESHRINK_CUSOLVER_CHECK(cusolverDnSpotrf(solver_.get(), CUBLAS_FILL_MODE_UPPER, p, wide.s1_host[m], p, work_.data(), lwork,
-                                                    info_.data() + 2 * (*wide.members)[static_cast<std::size_t>(m)] + pass));
-      optim_detail::copy_batched<<<wide.eg, optim_detail::kBlock, 0, s_>>>(out, const_cast<const float* const*>(in),
-                                                                           static_cast<long long>(n) * p);
+      // Too wide for the shared-memory kernel: cuSOLVER's batched potrf on every member's Gram
+      // (upper: G = R^T R; devInfo scattered to the members' slots), then one batched triangular
+      // solve, out^T = R^{-T} in^T (memory of in R^{-1}).
+      binfo_.reserve(static_cast<std::size_t>(cnt));
+      CACHESHRINK_CUSOLVER_CHECK(
+          cusolverDnSpotrfBatched(solver_.get(), CUBLAS_FILL_MODE_UPPER, p, const_cast<float**>(S1), p, binfo_.data(), cnt));
+      optim_detail::scatter_info<<<(cnt + 127) / 128, 128, 0, s_>>>(binfo_.data(), info_.data(), ids, cnt, pass);
+      CACHESHRINK_CUDA_LAUNCH_CHECK("optim scatter_info");
+      optim_detail::copy_batched<<<eg, optim_detail::kBlock, 0, s_>>>(out, const_cast<const float* const*>(in),
+                                                                      static_cast<long long>(n) * p);
       CACHESHRINK_CUDA_LAUNCH_CHECK("optim copy_batched");
       const float one = 1.0f;
       CACHESHRINK_CUBLAS_CHECK(cublasStrsmBatched(blas_, CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_T, CUBLAS_DIAG_NON_UNIT, p, n,
@@ -968,8 +965,8 @@ class DeviceOptimizer {
   std::vector<Slot> slots_;
   DeviceBuffer<float> r_;       // (n, p) scratch: x copy for Newton-Schulz, then rg
   DeviceBuffer<float> pp_;      // two (p, p) scratch matrices
-  DeviceBuffer<float> work_;    // potrf workspace
   DeviceBuffer<int> info_;      // potrf devInfo, two per parameter
+  DeviceBuffer<int> binfo_;     // a batched potrf's devInfo, one per chunk member
   DeviceBuffer<double> norms_;  // per-parameter squared gradient norms
   // Multi-tensor table (build_spans).
   DeviceBuffer<optim_detail::MtTensor> mt_;

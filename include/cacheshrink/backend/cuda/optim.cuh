@@ -131,24 +131,22 @@ struct AdamWArgs {
 // One element of adamw_step (adamw_kernel and the multi-tensor mt_adamw share it: same bits).
 __device__ __forceinline__ void adamw_element(float* __restrict__ x, const float* __restrict__ g, float* __restrict__ m,
                                               float* __restrict__ v, float* __restrict__ vmax, long long i, const AdamWArgs& a) {
-  {
-    float xi = x[i];
-    if (a.decayed) xi *= a.decay;
-    const float gi = g[i], mi0 = m[i];
-    const float mi = a.lerp_low ? mi0 + a.w * (gi - mi0) : gi - (gi - mi0) * (1.0f - a.w);
-    const float vi = v[i] * a.beta2 + a.one_minus_beta2 * (gi * gi);
-    m[i] = mi;
-    v[i] = vi;
-    float denom;
-    if (a.amsgrad) {
-      const float vm = fmaxf(vmax[i], vi);
-      vmax[i] = vm;
-      denom = sqrtf(vm) / a.bc2_sqrt + a.eps;
-    } else {
-      denom = sqrtf(vi) / a.bc2_sqrt + a.eps;
-    }
-    x[i] = xi + -a.step_size * (mi / denom);
+  float xi = x[i];
+  if (a.decayed) xi *= a.decay;
+  const float gi = g[i], mi0 = m[i];
+  const float mi = a.lerp_low ? mi0 + a.w * (gi - mi0) : gi - (gi - mi0) * (1.0f - a.w);
+  const float vi = v[i] * a.beta2 + a.one_minus_beta2 * (gi * gi);
+  m[i] = mi;
+  v[i] = vi;
+  float denom;
+  if (a.amsgrad) {
+    const float vm = fmaxf(vmax[i], vi);
+    vmax[i] = vm;
+    denom = sqrtf(vm) / a.bc2_sqrt + a.eps;
+  } else {
+    denom = sqrtf(vi) / a.bc2_sqrt + a.eps;
   }
+  x[i] = xi + -a.step_size * (mi / denom);
 }
 static __global__ void adamw_kernel(float* __restrict__ x, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
                                     float* __restrict__ vmax, long long n, AdamWArgs a) {
@@ -719,12 +717,13 @@ class DeviceOptimizer {
     spans_built_ = slots_.size();
   }
 
-  // ---- Batched RiemannianAdam: Stiefel parameters with cols <= kMaxBatchedCols, grouped by
-  // (rows, cols, step), each group stepped in chunks with cublasSgemmBatched and the kernels
-  // above (blockIdx.y = member). The Cholesky QR2 uses chol_inverse_upper and a GEMM by R^{-1}
+  // ---- Batched RiemannianAdam: every Stiefel parameter, grouped by (rows, cols, step), each
+  // group stepped in chunks with cublasSgemmBatched and the kernels above (blockIdx.y = member).
+  // Up to kMaxBatchedCols columns the Cholesky QR2 uses chol_inverse_upper and a GEMM by R^{-1}
   // in place of potrf + trsm: the same positive-diagonal Q (the thin QR with diag(R) > 0 is
   // unique), without the 2 x (potrf + trsm) launches per parameter that dominated the step at
-  // 7B shapes (56 parameters of 512 x 256: ~24 of 33 ms). Pointer tables are rebuilt and
+  // 7B shapes (56 parameters of 512 x 256: ~24 of 33 ms); wider members take one batched potrf
+  // and one batched trsm per pass (qr_pass_batched). Pointer tables are rebuilt and
   // uploaded only when the grouping or a scratch address changes.
   struct Chunk {
     int n = 0, p = 0, count = 0;

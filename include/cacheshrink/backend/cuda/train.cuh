@@ -632,13 +632,23 @@ static __global__ void axpy(float a, const float* x, float* y, long long n) {
 
 // ---- host launchers: the register / float4 kernels where sizes and alignment allow, else the
 // plain ones (tests/cuda/test_cuda_train_kernels.cu checks both against float64 references) ----
-inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+// p (nullptr counts as aligned) on a `bytes` boundary: float4 paths need 16, float2 paths 8.
+inline bool aligned(const void* p, unsigned bytes = 16) { return p == nullptr || reinterpret_cast<std::uintptr_t>(p) % bytes == 0; }
+// f(std::integral_constant<int, K>) with the fewest 128-float chunks K in {1, 2, 4, 8} covering a
+// row of n <= 1024 floats (the register softmax kernels' template argument).
+template <class F>
+void with_row_chunks(int n, F&& f) {
+  if (n <= 128) f(std::integral_constant<int, 1>{});
+  else if (n <= 256) f(std::integral_constant<int, 2>{});
+  else if (n <= 512) f(std::integral_constant<int, 4>{});
+  else f(std::integral_constant<int, 8>{});
+}
 
 /// y = norm(x) row-wise, keeping mean (LayerNorm only; may be nullptr otherwise) and rstd.
 inline void norm_forward(const float* x, const float* w, const float* b, bool layer, float eps, float* y, float* mean, float* rstd,
                          int rows, int H, cudaStream_t st) {
   if (rows <= 0) return;
-  if (H % 4 == 0 && H <= 128 * 4 * 16 && aligned16(x) && aligned16(y) && aligned16(w) && aligned16(b)) {
+  if (H % 4 == 0 && H <= 128 * 4 * 16 && aligned(x) && aligned(y) && aligned(w) && aligned(b)) {
     if (H <= 128 * 4 * 8) norm_fwd_reg<4, 8><<<rows, 128, 0, st>>>(x, w, b, layer, eps, y, mean, rstd, H);
     else norm_fwd_reg<4, 16><<<rows, 128, 0, st>>>(x, w, b, layer, eps, y, mean, rstd, H);
   } else {
@@ -650,7 +660,7 @@ inline void norm_forward(const float* x, const float* w, const float* b, bool la
 inline void norm_backward(const float* x, const float* w, const float* mean, const float* rstd, bool layer, const float* dy, float* dx,
                           int rows, int H, cudaStream_t st) {
   if (rows <= 0) return;
-  if (H % 4 == 0 && H <= 128 * 4 * 16 && aligned16(x) && aligned16(w) && aligned16(dy) && aligned16(dx)) {
+  if (H % 4 == 0 && H <= 128 * 4 * 16 && aligned(x) && aligned(w) && aligned(dy) && aligned(dx)) {
     if (H <= 128 * 4 * 8) norm_bwd_reg<4, 8><<<rows, 128, 0, st>>>(x, w, mean, rstd, layer, dy, dx, H);
     else norm_bwd_reg<4, 16><<<rows, 128, 0, st>>>(x, w, mean, rstd, layer, dy, dx, H);
   } else {
@@ -662,12 +672,8 @@ inline void norm_backward(const float* x, const float* w, const float* mean, con
 inline void softmax_forward(float* S, long long rows, int n, int window, cudaStream_t st) {
   if (rows <= 0) return;
   const unsigned grid = grid_for(rows * 32, 256);
-  if (n % 4 == 0 && n <= 1024 && aligned16(S) && rows <= 65535LL * 256) {
-    const int r = static_cast<int>(rows);
-    if (n <= 128) masked_softmax_v4<1><<<grid, 256, 0, st>>>(S, r, n, window);
-    else if (n <= 256) masked_softmax_v4<2><<<grid, 256, 0, st>>>(S, r, n, window);
-    else if (n <= 512) masked_softmax_v4<4><<<grid, 256, 0, st>>>(S, r, n, window);
-    else masked_softmax_v4<8><<<grid, 256, 0, st>>>(S, r, n, window);
+  if (n % 4 == 0 && n <= 1024 && aligned(S) && rows <= 65535LL * 256) {
+    with_row_chunks(n, [&](auto K) { masked_softmax_v4<decltype(K)::value><<<grid, 256, 0, st>>>(S, static_cast<int>(rows), n, window); });
   } else {
     masked_softmax<<<grid, 256, 0, st>>>(S, rows, n, window);
   }
@@ -677,12 +683,8 @@ inline void softmax_forward(float* S, long long rows, int n, int window, cudaStr
 inline void softmax_backward(const float* P, float* dP, long long rows, int n, int window, cudaStream_t st) {
   if (rows <= 0) return;
   const unsigned grid = grid_for(rows * 32, 256);
-  if (n % 4 == 0 && n <= 1024 && aligned16(P) && aligned16(dP) && rows <= 65535LL * 256) {
-    const int r = static_cast<int>(rows);
-    if (n <= 128) softmax_bwd_v4<1><<<grid, 256, 0, st>>>(P, dP, r, n, window);
-    else if (n <= 256) softmax_bwd_v4<2><<<grid, 256, 0, st>>>(P, dP, r, n, window);
-    else if (n <= 512) softmax_bwd_v4<4><<<grid, 256, 0, st>>>(P, dP, r, n, window);
-    else softmax_bwd_v4<8><<<grid, 256, 0, st>>>(P, dP, r, n, window);
+  if (n % 4 == 0 && n <= 1024 && aligned(P) && aligned(dP) && rows <= 65535LL * 256) {
+    with_row_chunks(n, [&](auto K) { softmax_bwd_v4<decltype(K)::value><<<grid, 256, 0, st>>>(P, dP, static_cast<int>(rows), n, window); });
   } else {
     softmax_bwd<<<grid, 256, 0, st>>>(P, dP, rows, n, window);
   }
@@ -694,8 +696,7 @@ inline void rope_forward(float* y, int ld, int rows, int heads, int hd, const in
                          const float* bias, cudaStream_t st) {
   const int pairs = heads * (hd / 2);
   if (rows <= 0 || pairs == 0) return;
-  const auto al8 = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 8 == 0; };
-  if (hd % 4 == 0 && ld % 2 == 0 && al8(y) && al8(bias))
+  if (hd % 4 == 0 && ld % 2 == 0 && aligned(y, 8) && aligned(bias, 8))
     rope_rows<2><<<rows, std::min(256, (pairs / 2 + 31) / 32 * 32), 0, st>>>(y, ld, heads, hd, pos, cos_t, sin_t, bias);
   else rope_rows<1><<<rows, std::min(256, (pairs + 31) / 32 * 32), 0, st>>>(y, ld, heads, hd, pos, cos_t, sin_t, bias);
   CACHESHRINK_CUDA_LAUNCH_CHECK("rope_rows");
@@ -703,29 +704,28 @@ inline void rope_forward(float* y, int ld, int rows, int heads, int hd, const in
 /// act = silu(g) u of gu = [g | u] (rows, 2I).
 inline void swiglu_forward(const float* gu, float* act, int rows, int I, cudaStream_t st) {
   if (rows <= 0 || I <= 0) return;
-  if (I % 4 == 0 && aligned16(gu) && aligned16(act)) swiglu_fwd<4><<<vec_grid(rows, I, 4), 256, 0, st>>>(gu, act, rows, I);
+  if (I % 4 == 0 && aligned(gu) && aligned(act)) swiglu_fwd<4><<<vec_grid(rows, I, 4), 256, 0, st>>>(gu, act, rows, I);
   else swiglu_fwd<1><<<vec_grid(rows, I, 1), 256, 0, st>>>(gu, act, rows, I);
   CACHESHRINK_CUDA_LAUNCH_CHECK("swiglu_fwd");
 }
 /// dgu = d [g | u] of act = silu(g) u, given d act.
 inline void swiglu_backward(const float* gu, const float* da, float* dgu, int rows, int I, cudaStream_t st) {
   if (rows <= 0 || I <= 0) return;
-  if (I % 4 == 0 && aligned16(gu) && aligned16(da) && aligned16(dgu))
-    swiglu_bwd<4><<<vec_grid(rows, I, 4), 256, 0, st>>>(gu, da, dgu, rows, I);
+  if (I % 4 == 0 && aligned(gu) && aligned(da) && aligned(dgu)) swiglu_bwd<4><<<vec_grid(rows, I, 4), 256, 0, st>>>(gu, da, dgu, rows, I);
   else swiglu_bwd<1><<<vec_grid(rows, I, 1), 256, 0, st>>>(gu, da, dgu, rows, I);
   CACHESHRINK_CUDA_LAUNCH_CHECK("swiglu_bwd");
 }
 /// Cross-entropy of rows of logits z (rows, V) against target (< 0: unscored) into acc; dz if given.
 inline void cross_entropy_rows(const float* z, int rows, int V, const int* target, float weight, float* dz, double* acc, cudaStream_t st) {
   if (rows <= 0) return;
-  if (V % 4 == 0 && aligned16(z) && aligned16(dz)) cross_entropy<4><<<rows, 1024, 0, st>>>(z, V, target, weight, dz, acc);
+  if (V % 4 == 0 && aligned(z) && aligned(dz)) cross_entropy<4><<<rows, 1024, 0, st>>>(z, V, target, weight, dz, acc);
   else cross_entropy<1><<<rows, 1024, 0, st>>>(z, V, target, weight, dz, acc);
   CACHESHRINK_CUDA_LAUNCH_CHECK("cross_entropy");
 }
 /// dst (rows, nkv hd) = per-group sums of src (rows, nkv group hd).
 inline void sum_groups(const float* src, float* dst, int rows, int nkv, int group, int hd, cudaStream_t st) {
   if (rows <= 0) return;
-  if (hd % 4 == 0 && aligned16(src) && aligned16(dst))
+  if (hd % 4 == 0 && aligned(src) && aligned(dst))
     sum_head_groups<4><<<vec_grid(rows, nkv * hd, 4), 256, 0, st>>>(src, dst, rows, nkv, group, hd);
   else sum_head_groups<1><<<vec_grid(rows, nkv * hd, 1), 256, 0, st>>>(src, dst, rows, nkv, group, hd);
   CACHESHRINK_CUDA_LAUNCH_CHECK("sum_head_groups");
@@ -1507,16 +1507,14 @@ class TrainGraph {
   }
   // RoPE in place (the backward's rotation when inverse), after adding `bias` (nullptr: none).
   void rope(float* y, int ld, int heads, bool inverse, const float* bias = nullptr) {
-    if (!c_.uses_rope() || n_tokens_ == 0) return;
-    const int pairs = heads * (c_.head_dim / 2);
-    if (pairs == 0) return;
+    if (!c_.uses_rope()) return;
     train_kernels::rope_forward(y, ld, n_tokens_, heads, c_.head_dim, d_pos_.data(), rope_cos_.data(),
                                 inverse ? rope_sin_neg_.data() : rope_sin_.data(), bias, st());
   }
   void run_forward(bool teacher, const train::LossOptions& lo) {
     const int N = n_tokens_, H = c_.hidden_size, hd = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads, Dq = c_.d_q(), Dkv = c_.d_kv();
-    const int I = c_.intermediate_size, B = static_cast<int>(off_.size()) - 1;
-    const float eps = static_cast<float>(c_.norm_eps), scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    const int I = c_.intermediate_size;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     cuda::embedding<float>(d_ids_.data(), d_pos_.data(), embed_.data(), gpt2() ? pos_embed_.data() : nullptr, xs_[0].data(), N, H, st());
     stage("embedding");
     for (std::size_t l = 0; l < layers_.size(); ++l) {
@@ -1577,14 +1575,14 @@ class TrainGraph {
       stage("rope");
       // Attention: the planned batched GEMMs (shared K/V heads read in place).
       const AttnLayer& al = attn_[l];
-      attn_gemms(al.calls[kFwdScores], scale);
-      stage("attn gemm");  // S (causal blocks) = scale Q K^T
+      attn_gemms(al.calls[kFwdScores], scale);  // S (causal blocks) = scale Q K^T
+      stage("attn gemm");
       for_length_runs([&](std::size_t po, int n, int count) {
         train_kernels::softmax_forward(a.P.data() + po, static_cast<long long>(nh) * n * count, n, c_.sliding_window, st());
       });
       stage("softmax");
-      attn_gemms(al.calls[kFwdOut], 1.0f);
-      stage("attn gemm");  // O = P V
+      attn_gemms(al.calls[kFwdOut], 1.0f);  // O = P V
+      stage("attn gemm");
       // x_mid = x + attn Wo^T + bo.
       xwt_plus(N, H, Dq, a.attn.data(), Dq, f.wo.data(), Dq, x, a.x_mid.data(), H);
       bias(a.x_mid.data(), H, f.bo);
@@ -1624,7 +1622,7 @@ class TrainGraph {
 
   void run_backward(bool have_dz) {
     const int N = n_tokens_, H = c_.hidden_size, hd = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads, Dq = c_.d_q(), Dkv = c_.d_kv();
-    const int I = c_.intermediate_size, B = static_cast<int>(off_.size()) - 1, V = c_.vocab_size;
+    const int I = c_.intermediate_size, V = c_.vocab_size;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     const std::size_t NH = static_cast<std::size_t>(N) * H;
     float* dx = dx_.data();
@@ -1654,15 +1652,15 @@ class TrainGraph {
         xw(N, H, 2 * I, dgu_.data(), 2 * I, f.wgu.data(), H, dh, H);
         stage("gemm gate/up dX");
       }
-      norm_backward(a.x_mid.data(), f.n2w, a.mean2.data(), a.rstd2.data(), dh, dx);
-      stage("norm bwd");  // dx is now d x_mid
+      norm_backward(a.x_mid.data(), f.n2w, a.mean2.data(), a.rstd2.data(), dh, dx);  // dx is now d x_mid
+      stage("norm bwd");
       // Attention branch.
-      xw(N, Dq, H, dx, H, f.wo.data(), Dq, tmp_.data(), Dq);
-      stage("gemm o_proj dX");  // d attn
+      xw(N, Dq, H, dx, H, f.wo.data(), Dq, tmp_.data(), Dq);  // d attn
+      stage("gemm o_proj dX");
       // The planned GEMMs read K, V in place and write dK, dV (per query head, dkh_/dvh_, under GQA).
       const AttnLayer& al = attn_[static_cast<std::size_t>(l)];
-      attn_gemms(al.calls[kBwdScores], 1.0f);
-      stage("attn gemm");  // dP = dO V^T (causal blocks)
+      attn_gemms(al.calls[kBwdScores], 1.0f);  // dP = dO V^T (causal blocks)
+      stage("attn gemm");
       for_length_runs([&](std::size_t po, int n, int count) {
         train_kernels::softmax_backward(a.P.data() + po, dP_.data() + po, static_cast<long long>(nh) * n * count, n, c_.sliding_window,
                                         st());
@@ -1670,8 +1668,8 @@ class TrainGraph {
       stage("softmax bwd");
       attn_gemms(al.calls[kBwdV], 1.0f);   // dV = P^T dO
       attn_gemms(al.calls[kBwdQ], scale);  // dQ = scale dS K
-      attn_gemms(al.calls[kBwdK], scale);
-      stage("attn gemm");  // dK = scale dS^T Q
+      attn_gemms(al.calls[kBwdK], scale);  // dK = scale dS^T Q
+      stage("attn gemm");
       if (nkv != nh) {
         train_kernels::sum_groups(dkh_.data(), dk_.data(), N, nkv, nh / nkv, hd, st());
         train_kernels::sum_groups(dvh_.data(), dv_.data(), N, nkv, nh / nkv, hd, st());

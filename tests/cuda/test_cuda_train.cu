@@ -100,6 +100,38 @@ TEST_CASE("cuda TrainGraph: pure LM, padded reconstruction normalisation and dis
   }
 }
 
+TEST_CASE("cuda TrainGraph TF32: the fused attention's loss and gradients are as close to float64 as the materialised path's") {
+  CACHESHRINK_REQUIRE_GPU();
+  train::LossOptions lo;
+  lo.recon_alpha = 0.3;
+  for (const auto& cs : kCases) {
+    const auto m = converted(cs);
+    const auto seqs = random_seqs(m.config.vocab_size, {13, 20, 7, 20}, 1234);
+    const auto ref = test::reference_graph(m, seqs, lo);
+    cuda::TrainGraph dev(m);
+    dev.set_tf32(true);
+    REQUIRE(dev.fused_attention());  // every fixture's head_dim (32, 64) has a fused kernel
+    double gmax = 0;
+    for (const auto& gr : ref.grads) gmax = std::max(gmax, gr.cwiseAbs().maxCoeff());
+    // Per path: the loss's relative error and the worst gradient's (as in compare()).
+    auto run = [&](bool fused) {
+      dev.set_fused_attention(fused);
+      dev.zero_grad();
+      const auto l = dev.forward_backward(seqs, lo, 1.0);
+      double eg = 0;
+      for (std::size_t i = 0; i < ref.names.size(); ++i) eg = std::max(eg, rel_err(dev.grad(i), ref.grads[i], 1e-3 * gmax));
+      return std::pair{std::abs(l.total - ref.loss.total) / std::abs(ref.loss.total), eg};
+    };
+    const auto [lf, gf] = run(true);
+    const auto [lm, gm] = run(false);
+    INFO(cs.model << " " << cs.method << ": loss rel err fused " << lf << " materialised " << lm << "; worst grad rel err fused " << gf
+                  << " materialised " << gm);
+    CHECK(lf <= 2e-3);
+    CHECK(gf <= 5e-2);
+    CHECK(gf <= 2 * gm + 5e-3);  // no worse than TF32 itself makes the materialised path
+  }
+}
+
 TEST_CASE("cuda TrainGraph: gradients accumulate over calls and bad input throws") {
   CACHESHRINK_REQUIRE_GPU();
   const auto m = converted(kCases[2]);

@@ -1,11 +1,13 @@
-// The training graph's bandwidth-bound kernels (backend/cuda/train.cuh, train_kernels) against
-// float64 CPU recomputations: each launcher picks a register / float4 kernel where sizes and
-// alignment allow and a plain one otherwise, and the shapes here (odd sizes, unaligned
-// pointers, rows past the register kernels' widths) take both.
+// The training graph's bandwidth-bound kernels (backend/cuda/train.cuh, train_kernels) and the
+// fused TF32 attention (flash_train.cuh) against float64 CPU recomputations: each launcher picks a
+// register / float4 kernel where sizes and alignment allow and a plain one otherwise, and the
+// shapes here (odd sizes, unaligned pointers, rows past the register kernels' widths) take both.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cacheshrink/backend/cuda/train.cuh>
 #include <cmath>
+#include <string>
 
 #include "cuda/cuda_test_support.cuh"
 
@@ -212,6 +214,111 @@ void check_rope(int rows, int ld, int heads, int hd, bool with_bias, int shift, 
   CHECK(max_rel(dY.host(y.size()), want) < 1e-6);  // columns past the heads are left alone (want keeps them)
 }
 
+// The fused TF32 attention forward (O, lse2) and backward (dS, per-query-head dK, dV) on packed
+// sequences of lengths `lens` against float64. Row strides carry `pad` extra columns (odd pad:
+// the scalar tile loads); shift 1 misaligns every operand.
+void check_flash(const std::vector<int>& lens, int nh, int nkv, int hd, int window, int pad, int shift, std::mt19937& g) {
+  const int B = static_cast<int>(lens.size()), ldq = nh * hd + pad, ldkv = nkv * hd + pad, ldo = nh * hd, group = nh / nkv;
+  std::vector<int> off(1, 0);
+  std::vector<std::size_t> poff(1, 0);
+  for (int n : lens) {
+    off.push_back(off.back() + n);
+    poff.push_back(poff.back() + static_cast<std::size_t>(nh) * n * n);
+  }
+  const int N = off.back(), max_len = *std::max_element(lens.begin(), lens.end());
+  const auto q = test::random_floats(static_cast<std::size_t>(N) * ldq, g, 2.0f), k = test::random_floats(static_cast<std::size_t>(N) * ldkv, g, 2.0f);
+  const auto v = test::random_floats(static_cast<std::size_t>(N) * ldkv, g), dout = test::random_floats(static_cast<std::size_t>(N) * ldq, g);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+  std::vector<double> o(static_cast<std::size_t>(N) * ldo), lse2(static_cast<std::size_t>(N) * nh), ds(poff.back(), 0.0);
+  std::vector<double> dk(static_cast<std::size_t>(N) * ldo, 0.0), dv(dk.size(), 0.0);
+  for (int s = 0; s < B; ++s) {
+    const int b = off[s], n = lens[static_cast<std::size_t>(s)];
+    for (int h = 0; h < nh; ++h) {
+      const int kh = h / group;
+      auto Q = [&](int i, int d) { return static_cast<double>(q[static_cast<std::size_t>(b + i) * ldq + h * hd + d]); };
+      auto K = [&](int j, int d) { return static_cast<double>(k[static_cast<std::size_t>(b + j) * ldkv + kh * hd + d]); };
+      auto V = [&](int j, int d) { return static_cast<double>(v[static_cast<std::size_t>(b + j) * ldkv + kh * hd + d]); };
+      auto dO = [&](int i, int d) { return static_cast<double>(dout[static_cast<std::size_t>(b + i) * ldq + h * hd + d]); };
+      for (int i = 0; i < n; ++i) {
+        const int j0 = window > 0 ? std::max(0, i - window + 1) : 0;
+        std::vector<double> z(static_cast<std::size_t>(i + 1), 0.0), dp(z.size(), 0.0);
+        double mx = -1e300;
+        for (int j = j0; j <= i; ++j) {
+          for (int d = 0; d < hd; ++d) z[j] += Q(i, d) * K(j, d);
+          z[j] *= scale;
+          mx = std::max(mx, z[j]);
+        }
+        double sum = 0;
+        for (int j = j0; j <= i; ++j) sum += std::exp(z[j] - mx);
+        lse2[static_cast<std::size_t>(b + i) * nh + h] = (mx + std::log(sum)) / std::log(2.0);
+        double D = 0;
+        for (int j = j0; j <= i; ++j) {
+          z[j] = std::exp(z[j] - mx) / sum;  // P
+          for (int d = 0; d < hd; ++d) {
+            o[static_cast<std::size_t>(b + i) * ldo + h * hd + d] += z[j] * V(j, d);
+            dp[j] += dO(i, d) * V(j, d);
+          }
+          D += z[j] * dp[j];
+        }
+        for (int j = j0; j <= i; ++j) {
+          const double dsij = z[j] * (dp[j] - D);
+          ds[poff[s] + (static_cast<std::size_t>(h) * n + i) * n + j] = dsij;
+          for (int d = 0; d < hd; ++d) {
+            dk[static_cast<std::size_t>(b + j) * ldo + h * hd + d] += scale * dsij * Q(i, d);
+            dv[static_cast<std::size_t>(b + j) * ldo + h * hd + d] += z[j] * dO(i, d);
+          }
+        }
+      }
+    }
+  }
+  Shifted dQ(q, shift), dK(k, shift), dV(v, shift), dDo(dout, shift);
+  cuda::DeviceBuffer<float> dO_(o.size()), dL(lse2.size()), dDelta(lse2.size()), dS(ds.size()), ddk(dk.size()), ddv(dv.size());
+  CACHESHRINK_CUDA_CHECK(cudaMemset(dS.data(), 0, dS.size() * sizeof(float)));  // the caller keeps unvisited entries zero
+  cuda::DeviceBuffer<int> doff(off.size());
+  doff.upload(off);
+  cuda::DeviceBuffer<std::size_t> dpoff(poff.size());
+  dpoff.upload(poff);
+  cuda::FlashTrainArgs a;
+  a.q = dQ.data();
+  a.ldq = ldq;
+  a.k = dK.data();
+  a.v = dV.data();
+  a.ldkv = ldkv;
+  a.o = dO_.data();
+  a.ldo = ldo;
+  a.lse2 = dL.data();
+  a.dout = dDo.data();
+  a.lddo = ldq;
+  a.delta = dDelta.data();
+  a.ds = dS.data();
+  a.ds_off = dpoff.data();
+  a.dk = ddk.data();
+  a.dv = ddv.data();
+  a.lddkv = ldo;
+  a.off = doff.data();
+  a.batch = B;
+  a.max_len = max_len;
+  a.n_heads = nh;
+  a.n_kv_heads = nkv;
+  a.head_dim = hd;
+  a.window = window;
+  a.scale = static_cast<float>(scale);
+  cuda::flash_train_forward(a, kStream);
+  cuda::flash_train_backward(a, N, kStream);
+  std::string ls;
+  for (int n : lens) ls += std::to_string(n) + " ";
+  INFO("lengths ", ls, "heads ", nh, "/", nkv, " hd ", hd, " window ", window, " pad ", pad, " shift ", shift);
+  // TF32 operands (10 mantissa bits): ~1e-3 of the largest entry.
+  CHECK(max_rel(test::to_host(dO_), o) < 4e-3);
+  const auto gl = test::to_host(dL);
+  double el = 0;
+  for (std::size_t i = 0; i < gl.size(); ++i) el = std::max(el, std::abs(gl[i] - lse2[i]));
+  CHECK(el < 1e-2);
+  CHECK(max_rel(test::to_host(dS), ds) < 4e-3);  // masked entries must come out 0
+  CHECK(max_rel(test::to_host(ddk), dk) < 4e-3);
+  CHECK(max_rel(test::to_host(ddv), dv) < 4e-3);
+}
+
 }  // namespace
 
 TEST_CASE("training RoPE with a fused bias matches float64 (float2 and scalar paths)") {
@@ -259,4 +366,17 @@ TEST_CASE("training GQA head-group sums match float64") {
   std::mt19937 g(15);
   for (auto [rows, nkv, group, hd] : {std::tuple{3, 1, 1, 1}, {5, 2, 3, 7}, {7, 4, 7, 128}, {2, 1, 8, 64}})
     for (int shift : {0, 1}) check_sum_groups(rows, nkv, group, hd, shift, g);
+}
+
+TEST_CASE("fused TF32 training attention forward and backward match float64 (packed lengths, GQA/MQA, window, unaligned)") {
+  CACHESHRINK_REQUIRE_GPU();
+  std::mt19937 g(17);
+  // lengths: partial tiles (37, 100), one token, a full 64-tile, several key blocks (200, 130)
+  check_flash({37, 1, 64, 200}, 4, 2, 64, 0, 0, 0, g);
+  check_flash({37, 1, 64, 200}, 4, 2, 64, 0, 3, 1, g);
+  check_flash({130, 9}, 2, 2, 128, 0, 4, 0, g);
+  check_flash({130, 9}, 8, 1, 32, 0, 0, 1, g);
+  check_flash({200, 100}, 4, 2, 64, 50, 0, 0, g);  // sliding window across tile edges
+  check_flash({200, 100}, 4, 4, 32, 7, 1, 0, g);
+  check_flash({300}, 7, 1, 128, 0, 0, 0, g);
 }

@@ -27,6 +27,12 @@
 // (<= a few thousand tokens) P costs heads * n^2 floats per sequence and layer (and dP as much
 // for one layer); the GEMMs are cuBLAS's.
 //
+// In TF32 mode (below) with head_dim 32, 64 or 128 the attention is fused instead
+// (flash_train.cuh, set_fused_attention): the forward keeps O and a log-sum-exp per (token, head),
+// no P; the backward recomputes P tile by tile, accumulates dK, dV in registers and writes only dS
+// (into the one-layer dP buffer, whose unvisited entries stay zero: cleared whenever the plan is
+// rebuilt) for the one remaining batched GEMM, dQ = scale dS K.
+//
 // Math mode: cuBLAS's default (true float32, no TF32), like the CPU graph; set_tf32(true)
 // switches the graph's GEMMs to TF32 tensor cores (the benchmark runs both, against the PyTorch
 // baseline benchmarks/python/bench_torch_train.py in the same mode).
@@ -44,6 +50,7 @@
 #include <vector>
 
 #include "cacheshrink/backend/cuda/check.cuh"
+#include "cacheshrink/backend/cuda/flash_train.cuh"
 #include "cacheshrink/backend/cuda/gemm.cuh"
 #include "cacheshrink/backend/cuda/kernels.cuh"
 #include "cacheshrink/backend/cuda/memory.cuh"
@@ -975,6 +982,11 @@ class TrainGraph {
     tf32_ = on;
   }
   bool tf32() const { return tf32_; }
+  /// The fused TF32 attention (flash_train.cuh) in TF32 mode (on by default); off: the
+  /// materialised attention's batched GEMMs in TF32 too. Strict float32 always materialises.
+  void set_fused_attention(bool on) { fused_on_ = on; }
+  /// Whether the next forward_backward runs the fused attention.
+  bool fused_attention() const { return tf32_ && fused_on_ && flash_train_supported(c_.head_dim); }
   /// Kernel choice of the graph's (non-attention) GEMMs: timed among cublasLt's candidates on
   /// each shape's first call (on: ~1-3% faster at 7B shapes in TF32, but the pick rests on timings
   /// and can differ between processes) or cublasLt's first choice (off, the default: reproducible).
@@ -1116,11 +1128,11 @@ class TrainGraph {
     std::size_t b = 0;
     for (const auto& a : acts_)
       for (const auto* p : {&a.x_mid, &a.h, &a.mean1, &a.rstd1, &a.y, &a.q_pre, &a.q_rstd, &a.k, &a.k_pre, &a.k_rstd, &a.v, &a.rk, &a.rv,
-                            &a.P, &a.attn, &a.h2, &a.mean2, &a.rstd2, &a.gu})
+                            &a.P, &a.lse, &a.attn, &a.h2, &a.mean2, &a.rstd2, &a.gu})
         b += p->size() * sizeof(float);
     for (const auto& x : xs_) b += x.size() * sizeof(float);
     for (const auto* p : {&logits_, &teacher_logits_, &dz_, &hf_, &fmean_, &frstd_, &tmp_, &dx_, &dh_, &dcat_, &dk_, &dv_, &dkh_, &dvh_,
-                          &da_, &dgu_, &gdown_, &dP_})
+                          &da_, &dgu_, &gdown_, &dP_, &delta_})
       b += p->size() * sizeof(float);
     return b;
   }
@@ -1143,7 +1155,9 @@ class TrainGraph {
   struct Acts {
     // y: the fused input projection's output (tokens, cat_base): q at column 0, the latents at
     // cat_dk / cat_dv (the reconstruction targets are not kept: rk, rv hold the residuals).
-    DeviceBuffer<float> x_mid, h, mean1, rstd1, y, q_pre, q_rstd, k, k_pre, k_rstd, v, rk, rv, P, attn, h2, mean2, rstd2, gu;
+    // P: the materialised attention's probabilities; lse: the fused attention's log2-sum-exp
+    // (tokens, heads). Each path sizes only its own.
+    DeviceBuffer<float> x_mid, h, mean1, rstd1, y, q_pre, q_rstd, k, k_pre, k_rstd, v, rk, rv, P, lse, attn, h2, mean2, rstd2, gu;
   };
   // Lays out f's stacked input projection (rows; see Frozen) for a layer with d_latent dl (0: plain).
   void layout_cat(Frozen& f, int dl, bool joint) const {
@@ -1259,6 +1273,7 @@ class TrainGraph {
       maxlen = std::max(maxlen, static_cast<int>(t.size()));
     }
     n_tokens_ = off_.back();
+    max_len_ = maxlen;
     d_ids_.upload(ids, st());
     d_pos_.upload(pos, st());
     d_target_.upload(target, st());
@@ -1309,7 +1324,8 @@ class TrainGraph {
           a.rv.reserve(N * Dkv);
         }
       }
-      a.P.reserve(P);
+      if (fused_attention()) a.lse.reserve(N * nh);
+      else a.P.reserve(P);
       a.gu.reserve(N * gu_w);
     }
     for (auto* b : {&hf_, &dx_, &dh_}) b->reserve(N * H);
@@ -1332,6 +1348,7 @@ class TrainGraph {
     for (const auto& f : layers_) dl = std::max(dl, f.d_latent);
     gdown_.reserve(2 * static_cast<std::size_t>(std::max(dl, 1)) * H);
     dP_.reserve(P);  // one layer's dP for every sequence: the batched GEMMs cover all of them at once
+    if (fused_attention()) delta_.reserve(N * nh);
     plan_attention();
   }
 
@@ -1343,6 +1360,10 @@ class TrainGraph {
     int m, n, k, lda, ldb, ldc;
     std::size_t at;  // A pointers at attn_ptrs_[at, at + count), then B's, then C's
     int count;
+    // Every pointer 16-byte aligned and every ld a multiple of 4. cuBLAS cannot check a pointer
+    // array, and its TF32 tensor-core kernels fail on misaligned matrices (CUBLAS_STATUS_INTERNAL_ERROR
+    // on the H200 for sequence lengths that are not multiples of 4): such calls run in float32.
+    bool aligned = true;
   };
   struct AttnLayer {
     std::vector<AttnCall> calls[kAttnUses];
@@ -1382,7 +1403,7 @@ class TrainGraph {
         const int lo = b[i], hi = b[i + 1];
         const std::size_t at = ptrs.size();
         const int count = static_cast<int>(seqs.size()) * nh;
-        const AttnCall c = kind == AttnKind::Scores ? AttnCall{CUBLAS_OP_T, CUBLAS_OP_N, hi, hi - lo, hd, A.ld, B.ld, n, at, count}
+        AttnCall c = kind == AttnKind::Scores ? AttnCall{CUBLAS_OP_T, CUBLAS_OP_N, hi, hi - lo, hd, A.ld, B.ld, n, at, count}
                            : kind == AttnKind::Out  ? AttnCall{CUBLAS_OP_N, CUBLAS_OP_N, hd, hi - lo, hi, A.ld, n, C.ld, at, count}
                                                     : AttnCall{CUBLAS_OP_N, CUBLAS_OP_T, hd, hi - lo, n - lo, A.ld, n, C.ld, at, count};
         ptrs.resize(at + 3 * static_cast<std::size_t>(count));
@@ -1409,6 +1430,9 @@ class TrainGraph {
                 break;
             }
           }
+        c.aligned = c.lda % 4 == 0 && c.ldb % 4 == 0 && c.ldc % 4 == 0 &&
+                    std::all_of(ptrs.begin() + static_cast<std::ptrdiff_t>(at), ptrs.end(),
+                                [](const float* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; });
         out.push_back(c);
       }
     }
@@ -1425,6 +1449,8 @@ class TrainGraph {
     for (const auto* b : {&tmp_, &dP_, &dcat_, &dk_, &dv_, &dkh_, &dvh_}) key.push_back(b->data());
     if (key == attn_key_) return;
     attn_key_ = std::move(key);
+    // The fused backward writes only the dS entries it visits; the rest must read as zero.
+    CACHESHRINK_CUDA_CHECK(cudaMemsetAsync(dP_.data(), 0, dP_.size() * sizeof(float), st()));
     poff_.assign(off_.size(), 0);
     std::map<int, std::vector<int>> by_len;  // sequences grouped by length: one batched call per group and block
     for (std::size_t s = 0; s + 1 < off_.size(); ++s) {
@@ -1432,6 +1458,8 @@ class TrainGraph {
       poff_[s + 1] = poff_[s] + static_cast<std::size_t>(c_.n_heads) * static_cast<std::size_t>(n) * static_cast<std::size_t>(n);
       by_len[n].push_back(static_cast<int>(s));
     }
+    d_off_.upload(off_, st());
+    d_poff_.upload(poff_, st());
     const int Dq = c_.d_q(), Dkv = c_.d_kv(), group = c_.n_heads / c_.n_kv_heads;
     const bool gqa = group != 1;
     // dK, dV per query head (summed per group afterwards) when heads share K/V.
@@ -1445,11 +1473,12 @@ class TrainGraph {
       // q and dq live in the fused projection's buffers: Acts::y (ld cat_base) and dcat_ (ld ycols).
       const AttnOperand K{a.k.data(), Dkv, group}, V{a.v.data(), Dkv, group}, Q{a.y.data(), layers_[l].cat_base}, P{a.P.data()},
           O{a.attn.data(), Dq};
+      emit_attention(AttnKind::Out, K, dP, {dcat_.data(), layers_[l].ycols}, by_len, al.calls[kBwdQ], ptrs);
+      if (a.P.empty()) continue;  // fused attention: dQ is its only batched GEMM
       emit_attention(AttnKind::Scores, K, Q, P, by_len, al.calls[kFwdScores], ptrs);
       emit_attention(AttnKind::Out, V, P, O, by_len, al.calls[kFwdOut], ptrs);
       emit_attention(AttnKind::Scores, V, dO, dP, by_len, al.calls[kBwdScores], ptrs);
       emit_attention(AttnKind::Weighted, dO, P, dV, by_len, al.calls[kBwdV], ptrs);
-      emit_attention(AttnKind::Out, K, dP, {dcat_.data(), layers_[l].ycols}, by_len, al.calls[kBwdQ], ptrs);
       emit_attention(AttnKind::Weighted, Q, dP, dK, by_len, al.calls[kBwdK], ptrs);
     }
     attn_ptrs_.upload(ptrs, st());
@@ -1478,12 +1507,48 @@ class TrainGraph {
     }
   }
 
+  // The fused attention's operands for layer l (same buffers as the materialised plan's).
+  FlashTrainArgs flash_args(std::size_t l) {
+    Acts& a = acts_[l];
+    const int Dq = c_.d_q(), Dkv = c_.d_kv();
+    const bool gqa = c_.n_heads != c_.n_kv_heads;
+    FlashTrainArgs f;
+    f.q = a.y.data();
+    f.ldq = layers_[l].cat_base;
+    f.k = a.k.data();
+    f.v = a.v.data();
+    f.ldkv = Dkv;
+    f.o = a.attn.data();
+    f.ldo = Dq;
+    f.lse2 = a.lse.data();
+    f.dout = tmp_.data();
+    f.lddo = Dq;
+    f.delta = delta_.data();
+    f.ds = dP_.data();
+    f.ds_off = d_poff_.data();
+    f.dk = gqa ? dkh_.data() : dk_.data();
+    f.dv = gqa ? dvh_.data() : dv_.data();
+    f.lddkv = Dq;
+    f.off = d_off_.data();
+    f.batch = static_cast<int>(off_.size()) - 1;
+    f.max_len = max_len_;
+    f.n_heads = c_.n_heads;
+    f.n_kv_heads = c_.n_kv_heads;
+    f.head_dim = c_.head_dim;
+    f.window = c_.sliding_window;
+    f.scale = 1.0f / std::sqrt(static_cast<float>(c_.head_dim));
+    return f;
+  }
+
   void attn_gemms(const std::vector<AttnCall>& calls, float alpha) {
     const float beta = 0.0f;
     for (const AttnCall& c : calls) {
       float* const* p = attn_ptrs_.data() + c.at;
+      const bool strict = tf32_ && !c.aligned;
+      if (strict) CACHESHRINK_CUBLAS_CHECK(cublasSetMathMode(hb(), CUBLAS_DEFAULT_MATH));
       CACHESHRINK_CUBLAS_CHECK(cublasSgemmBatched(hb(), c.ta, c.tb, c.m, c.n, c.k, &alpha, p, c.lda, p + c.count, c.ldb, &beta,
                                                   p + 2 * static_cast<std::size_t>(c.count), c.ldc, c.count));
+      if (strict) CACHESHRINK_CUBLAS_CHECK(cublasSetMathMode(hb(), CUBLAS_TF32_TENSOR_OP_MATH));
     }
   }
 
@@ -1573,16 +1638,21 @@ class TrainGraph {
       stage("head_norm");
       rope(a.k.data(), Dkv, nkv, false, rope_k_bias ? opt(f.bk) : nullptr);
       stage("rope");
-      // Attention: the planned batched GEMMs (shared K/V heads read in place).
-      const AttnLayer& al = attn_[l];
-      attn_gemms(al.calls[kFwdScores], scale);  // S (causal blocks) = scale Q K^T
-      stage("attn gemm");
-      for_length_runs([&](std::size_t po, int n, int count) {
-        train_kernels::softmax_forward(a.P.data() + po, static_cast<long long>(nh) * n * count, n, c_.sliding_window, st());
-      });
-      stage("softmax");
-      attn_gemms(al.calls[kFwdOut], 1.0f);  // O = P V
-      stage("attn gemm");
+      if (fused_attention()) {
+        flash_train_forward(flash_args(l), st());
+        stage("attn fused fwd");
+      } else {
+        // Attention: the planned batched GEMMs (shared K/V heads read in place).
+        const AttnLayer& al = attn_[l];
+        attn_gemms(al.calls[kFwdScores], scale);  // S (causal blocks) = scale Q K^T
+        stage("attn gemm");
+        for_length_runs([&](std::size_t po, int n, int count) {
+          train_kernels::softmax_forward(a.P.data() + po, static_cast<long long>(nh) * n * count, n, c_.sliding_window, st());
+        });
+        stage("softmax");
+        attn_gemms(al.calls[kFwdOut], 1.0f);  // O = P V
+        stage("attn gemm");
+      }
       // x_mid = x + attn Wo^T + bo.
       xwt_plus(N, H, Dq, a.attn.data(), Dq, f.wo.data(), Dq, x, a.x_mid.data(), H);
       bias(a.x_mid.data(), H, f.bo);
@@ -1659,17 +1729,25 @@ class TrainGraph {
       stage("gemm o_proj dX");
       // The planned GEMMs read K, V in place and write dK, dV (per query head, dkh_/dvh_, under GQA).
       const AttnLayer& al = attn_[static_cast<std::size_t>(l)];
-      attn_gemms(al.calls[kBwdScores], 1.0f);  // dP = dO V^T (causal blocks)
-      stage("attn gemm");
-      for_length_runs([&](std::size_t po, int n, int count) {
-        train_kernels::softmax_backward(a.P.data() + po, dP_.data() + po, static_cast<long long>(nh) * n * count, n, c_.sliding_window,
-                                        st());
-      });
-      stage("softmax bwd");
-      attn_gemms(al.calls[kBwdV], 1.0f);   // dV = P^T dO
-      attn_gemms(al.calls[kBwdQ], scale);  // dQ = scale dS K
-      attn_gemms(al.calls[kBwdK], scale);  // dK = scale dS^T Q
-      stage("attn gemm");
+      if (fused_attention()) {
+        // dK, dV (per query head under GQA) and dS; then dQ = scale dS K, the one batched GEMM left.
+        flash_train_backward(flash_args(static_cast<std::size_t>(l)), N, st());
+        stage("attn fused bwd");
+        attn_gemms(al.calls[kBwdQ], scale);
+        stage("attn gemm");
+      } else {
+        attn_gemms(al.calls[kBwdScores], 1.0f);  // dP = dO V^T (causal blocks)
+        stage("attn gemm");
+        for_length_runs([&](std::size_t po, int n, int count) {
+          train_kernels::softmax_backward(a.P.data() + po, dP_.data() + po, static_cast<long long>(nh) * n * count, n, c_.sliding_window,
+                                          st());
+        });
+        stage("softmax bwd");
+        attn_gemms(al.calls[kBwdV], 1.0f);   // dV = P^T dO
+        attn_gemms(al.calls[kBwdQ], scale);  // dQ = scale dS K
+        attn_gemms(al.calls[kBwdK], scale);  // dK = scale dS^T Q
+        stage("attn gemm");
+      }
       if (nkv != nh) {
         train_kernels::sum_groups(dkh_.data(), dk_.data(), N, nkv, nh / nkv, hd, st());
         train_kernels::sum_groups(dvh_.data(), dv_.data(), N, nkv, nh / nkv, hd, st());
@@ -1751,12 +1829,14 @@ class TrainGraph {
   std::vector<Slots> slots_;
   std::vector<Param> params_;
   int n_mla_ = 0, lmin_ = -1;
-  bool tf32_ = false;
+  bool tf32_ = false, fused_on_ = true;
   float recon_coef_ = 0;
   double recon_slots_ = 1;
   // Per-batch state.
   std::vector<int> off_;
-  int n_tokens_ = 0;
+  int n_tokens_ = 0, max_len_ = 0;
+  DeviceBuffer<int> d_off_;              // off_ and poff_ on the device (the fused attention's)
+  DeviceBuffer<std::size_t> d_poff_;
   long long pred_ = 0;
   DeviceBuffer<int> d_ids_, d_pos_, d_target_;
   DeviceBuffer<double> acc_;             // [0] sum nll, [1] sum KL, [2] sum of squared reconstruction residuals
@@ -1765,7 +1845,7 @@ class TrainGraph {
   // dcat_: the fused input projection's output gradient (tokens, ycols; dq at column 0); gdown_: the
   // stacked down projections' weight gradient of one layer before it is added to theirs.
   DeviceBuffer<float> logits_, teacher_logits_, dz_, hf_, fmean_, frstd_, tmp_, dx_, dh_, dcat_, dk_, dv_, dkh_, dvh_, da_, dgu_, gdown_,
-      dP_;
+      dP_, delta_;
   std::vector<std::size_t> poff_;      // each sequence's first element in a layer's P (and dP)
   std::vector<AttnLayer> attn_;        // per layer: the attention GEMM calls
   std::vector<const void*> attn_key_;  // batch offsets and buffer addresses the plan was built for

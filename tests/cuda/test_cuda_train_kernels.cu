@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cacheshrink/backend/cuda/train.cuh>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "cuda/cuda_test_support.cuh"
@@ -212,12 +214,33 @@ void check_rope(int rows, int ld, int heads, int hd, bool with_bias, int shift, 
   tk::rope_forward(dY.data(), ld, rows, heads, hd, dp.data(), dc.data(), ds.data(), with_bias ? db.data() : nullptr, kStream);
   INFO("rows ", rows, " ld ", ld, " heads ", heads, " hd ", hd, " bias ", with_bias, " shift ", shift);
   CHECK(max_rel(dY.host(y.size()), want) < 1e-6);  // columns past the heads are left alone (want keeps them)
+  // Stored rounded to TF32 (the fused attention's pre-rounded q and k): 13 low mantissa bits zero.
+  Shifted dT(y, shift);
+  tk::rope_forward(dT.data(), ld, rows, heads, hd, dp.data(), dc.data(), ds.data(), with_bias ? db.data() : nullptr, kStream, true);
+  const auto t = dT.host(y.size());
+  CHECK(max_rel(t, want) < 1e-3);
+  int unrounded = 0;
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < heads * hd; ++c) {
+      std::uint32_t b;
+      std::memcpy(&b, &t[static_cast<std::size_t>(r) * ld + c], 4);
+      unrounded += (b & 0x1FFFu) != 0;
+    }
+  CHECK(unrounded == 0);
 }
 
 // The fused TF32 attention forward (O, lse2) and backward (dS, per-query-head dK, dV) on packed
 // sequences of lengths `lens` against float64. Row strides carry `pad` extra columns (odd pad:
-// the scalar tile loads); shift 1 misaligns every operand.
-void check_flash(const std::vector<int>& lens, int nh, int nkv, int hd, int window, int pad, int shift, std::mt19937& g) {
+// the scalar tile loads); shift 1 misaligns every operand. pre: q, k, v given already rounded to
+// TF32 (FlashTrainArgs::rounded, the kernels skip their rounding).
+float tf32_host(float x) {  // cvt.rna.tf32.f32: nearest, ties away from zero (finite x)
+  std::uint32_t b;
+  std::memcpy(&b, &x, 4);
+  b = (b + 0x1000u) & 0xFFFFE000u;
+  std::memcpy(&x, &b, 4);
+  return x;
+}
+void check_flash(const std::vector<int>& lens, int nh, int nkv, int hd, int window, int pad, int shift, std::mt19937& g, bool pre = false) {
   const int B = static_cast<int>(lens.size()), ldq = nh * hd + pad, ldkv = nkv * hd + pad, ldo = nh * hd, group = nh / nkv;
   std::vector<int> off(1, 0);
   std::vector<std::size_t> poff(1, 0);
@@ -226,8 +249,12 @@ void check_flash(const std::vector<int>& lens, int nh, int nkv, int hd, int wind
     poff.push_back(poff.back() + static_cast<std::size_t>(nh) * n * n);
   }
   const int N = off.back(), max_len = *std::max_element(lens.begin(), lens.end());
-  const auto q = test::random_floats(static_cast<std::size_t>(N) * ldq, g, 2.0f), k = test::random_floats(static_cast<std::size_t>(N) * ldkv, g, 2.0f);
-  const auto v = test::random_floats(static_cast<std::size_t>(N) * ldkv, g), dout = test::random_floats(static_cast<std::size_t>(N) * ldq, g);
+  auto q = test::random_floats(static_cast<std::size_t>(N) * ldq, g, 2.0f), k = test::random_floats(static_cast<std::size_t>(N) * ldkv, g, 2.0f);
+  auto v = test::random_floats(static_cast<std::size_t>(N) * ldkv, g);
+  const auto dout = test::random_floats(static_cast<std::size_t>(N) * ldq, g);
+  if (pre)
+    for (auto* x : {&q, &k, &v})
+      for (auto& e : *x) e = tf32_host(e);
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
   std::vector<double> o(static_cast<std::size_t>(N) * ldo), lse2(static_cast<std::size_t>(N) * nh), ds(poff.back(), 0.0);
   std::vector<double> dk(static_cast<std::size_t>(N) * ldo, 0.0), dv(dk.size(), 0.0);
@@ -303,11 +330,12 @@ void check_flash(const std::vector<int>& lens, int nh, int nkv, int hd, int wind
   a.head_dim = hd;
   a.window = window;
   a.scale = static_cast<float>(scale);
+  a.rounded = pre;
   cuda::flash_train_forward(a, kStream);
   cuda::flash_train_backward(a, N, kStream);
   std::string ls;
   for (int n : lens) ls += std::to_string(n) + " ";
-  INFO("lengths ", ls, "heads ", nh, "/", nkv, " hd ", hd, " window ", window, " pad ", pad, " shift ", shift);
+  INFO("lengths ", ls, "heads ", nh, "/", nkv, " hd ", hd, " window ", window, " pad ", pad, " shift ", shift, " pre-rounded ", pre);
   // TF32 operands (10 mantissa bits): ~1e-3 of the largest entry.
   CHECK(max_rel(test::to_host(dO_), o) < 4e-3);
   const auto gl = test::to_host(dL);
@@ -379,4 +407,8 @@ TEST_CASE("fused TF32 training attention forward and backward match float64 (pac
   check_flash({200, 100}, 4, 2, 64, 50, 0, 0, g);  // sliding window across tile edges
   check_flash({200, 100}, 4, 4, 32, 7, 1, 0, g);
   check_flash({300}, 7, 1, 128, 0, 0, 0, g);
+  // q, k, v stored rounded by the caller (the training graph with RoPE): the kernels skip rounding them
+  check_flash({37, 1, 64, 200}, 4, 2, 64, 0, 0, 0, g, true);
+  check_flash({130, 9}, 8, 1, 128, 0, 3, 1, g, true);
+  check_flash({200, 100}, 4, 2, 32, 50, 0, 0, g, true);
 }

@@ -4,23 +4,26 @@
 // sliding window (query i sees key j iff j <= i and i - j < window, window <= 0: no window),
 // MHA/GQA/MQA (query head h reads KV head h / group), packed sequences (off: batch + 1 offsets).
 //
-//  - flash_train_fwd<HD>: a block takes 64 queries of one (sequence, head), four warps of 16
-//    rows. Q lives in registers as TF32 fragments; K and V tiles of 64 keys go to shared memory,
-//    rounded to TF32 as they are stored; the online softmax stays in registers. It writes O and
+//  - flash_train_fwd<HD>: a block takes 128 queries of one (sequence, head), eight warps of 16
+//    rows. Q lives in registers as TF32 fragments; K and V tiles of 64 keys are double-buffered
+//    in shared memory by cp.async and rounded to TF32 there (unless the caller stored them
+//    rounded: FlashTrainArgs::rounded); the online softmax stays in registers. It writes O and
 //    each row's lse2 = log2 sum_j 2^(c s_j) (c = scale log2 e, s = q.k): nothing n x n.
 //  - flash_delta: D = rowsum(dO o O) per (token, head).
-//  - flash_train_bwd<HD>: a block takes 64 keys of one (sequence, query head), four warps of 16
-//    keys, and walks the 32-query tiles that can see them. It recomputes P^T = 2^(c S^T - lse2)
+//  - flash_train_bwd<HD>: a block takes 128 keys of one (sequence, query head), eight warps of 16
+//    keys, and walks the 32-query tiles that can see them (Q, dO double-buffered). It recomputes P^T = 2^(c S^T - lse2)
 //    from K Q^T, dP^T = V dO^T, dS^T = P^T o (dP^T - D), and accumulates dV = P^T dO and
 //    dK = scale dS^T Q in registers, written per query head (the caller sums GQA groups). dS (the
 //    gradient of the scaled scores) goes to a P-shaped buffer (per sequence and head, n x n, row =
 //    query) for the caller's dQ = scale dS K GEMM; the entries the kernel does not visit (tiles
 //    above the diagonal, outside the window) are not written: the caller keeps them zero.
 //
-// Shared-memory tiles have a row stride of HD + 4 floats, so the fragment reads (rows g, columns
-// t; or rows 2t, columns g) hit 32 distinct banks. The backward needs 2 x 64 + 2 x 32 rows of
-// HD + 4 floats (101 KB at HD = 128): two blocks per SM. tests/cuda/test_cuda_train_kernels.cu
-// checks both against float64 on odd lengths, GQA/MQA, a window, and unaligned operands.
+// One block per SM (~230-250 registers a thread; 134 KB / 205 KB of shared memory at HD = 128),
+// the longest blocks launched first. The operands are rounded to TF32 (round to nearest) before
+// the tensor cores see them: feeding float32 bits would truncate, and that bias moved the
+// gradients ~6x further from float64 than the materialised TF32 path (measured, rejected).
+// tests/cuda/test_cuda_train_kernels.cu checks both kernels against float64 on odd lengths,
+// GQA/MQA, a window, unaligned operands and pre-rounded ones.
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -53,6 +56,7 @@ struct FlashTrainArgs {
   const int* off = nullptr;  // device: batch + 1 sequence offsets into the token rows
   int batch = 0, max_len = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, window = 0;
   float scale = 1.0f;
+  bool rounded = false;  // q, k, v hold TF32 values already (cvt.rna): the kernels skip rounding them
 };
 
 namespace train_kernels {
@@ -164,9 +168,11 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_fwd(Fl
     }
     __syncthreads();
     float* Ks = sm + (it & 1) * STAGE;
-    flash_round<HD, BK, SK, NT>(Ks);
-    flash_round<HD, BK, SV, NT>(Ks + BK * SK);
-    __syncthreads();
+    if (!a.rounded) {
+      flash_round<HD, BK, SK, NT>(Ks);
+      flash_round<HD, BK, SV, NT>(Ks + BK * SK);
+      __syncthreads();
+    }
     const unsigned* Ku = reinterpret_cast<const unsigned*>(Ks);
     const unsigned* Vu = Ku + BK * SK;
     const int k0 = (kt0 + it) * BK;
@@ -328,8 +334,12 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_bwd(Fl
     }
     __syncthreads();
     float* st = stage0 + 2 * (it & 1) * QT;
-    if (it == 0) flash_round<HD, 2 * BK, SP, NT>(Ks);  // K and V are contiguous
-    flash_round<HD, 2 * BQ, SP, NT>(st);               // so are Q and dO
+    if (a.rounded) {
+      flash_round<HD, BQ, SP, NT>(st + QT);  // dO only
+    } else {
+      if (it == 0) flash_round<HD, 2 * BK, SP, NT>(Ks);  // K and V are contiguous
+      flash_round<HD, 2 * BQ, SP, NT>(st);               // so are Q and dO
+    }
     __syncthreads();
     const unsigned* Qu = reinterpret_cast<const unsigned*>(st);
     const unsigned* Ou = Qu + QT;  // dO

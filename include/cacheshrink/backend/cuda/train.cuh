@@ -429,9 +429,11 @@ static __global__ void sum_head_groups(const float* __restrict__ src, float* __r
 // the position's cos/sin row is shared and the indexing is 32-bit. sin_t negated: the inverse.
 // bias (heads*hd, or nullptr) is added to each row first (a projection's pending bias). W = 2
 // moves float2 pairs (hd % 4 == 0, ld even, 8-byte aligned rows and bias; the launcher checks).
+// tf32: the results are stored rounded to TF32 (the fused attention's operands, see flash_train.cuh).
 template <int W>
 static __global__ void rope_rows(float* __restrict__ y, int ld, int heads, int hd, const int* __restrict__ pos,
-                                 const float* __restrict__ cos_t, const float* __restrict__ sin_t, const float* __restrict__ bias) {
+                                 const float* __restrict__ cos_t, const float* __restrict__ sin_t, const float* __restrict__ bias,
+                                 bool tf32) {
   using V = std::conditional_t<W == 2, float2, float>;
   const int half = hd / 2, hw = half / W, r = blockIdx.x;
   float* row = y + static_cast<long long>(r) * ld;
@@ -457,6 +459,10 @@ static __global__ void rope_rows(float* __restrict__ y, int ld, int heads, int h
     for (int w = 0; w < W; ++w) {
       o1[w] = x1[w] * cc[w] - x2[w] * ss[w];
       o2[w] = x2[w] * cc[w] + x1[w] * ss[w];
+      if (tf32) {
+        o1[w] = __uint_as_float(kernels::to_tf32(o1[w]));
+        o2[w] = __uint_as_float(kernels::to_tf32(o2[w]));
+      }
     }
     *reinterpret_cast<V*>(p + k) = *reinterpret_cast<const V*>(o1);
     *reinterpret_cast<V*>(p + k + half) = *reinterpret_cast<const V*>(o2);
@@ -637,6 +643,20 @@ static __global__ void axpy(float a, const float* x, float* y, long long n) {
     y[i] += a * x[i];
 }
 
+// y[i] rounded to TF32 in place, float4 (n % 4 == 0, y 16-byte aligned) or one by one.
+template <int W>
+static __global__ void round_tf32(float* y, long long n) {
+  const long long i = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) * W;
+  if (i >= n) return;
+  if constexpr (W == 4) {
+    float4* p = reinterpret_cast<float4*>(y + i);
+    const float4 x = *p;
+    *reinterpret_cast<uint4*>(p) = make_uint4(kernels::to_tf32(x.x), kernels::to_tf32(x.y), kernels::to_tf32(x.z), kernels::to_tf32(x.w));
+  } else {
+    y[i] = __uint_as_float(kernels::to_tf32(y[i]));
+  }
+}
+
 // ---- host launchers: the register / float4 kernels where sizes and alignment allow, else the
 // plain ones (tests/cuda/test_cuda_train_kernels.cu checks both against float64 references) ----
 // p (nullptr counts as aligned) on a `bytes` boundary: float4 paths need 16, float2 paths 8.
@@ -698,15 +718,23 @@ inline void softmax_backward(const float* P, float* dP, long long rows, int n, i
   CACHESHRINK_CUDA_LAUNCH_CHECK("softmax_bwd");
 }
 /// RoPE (cos/sin tables (positions, hd/2); sin negated: the inverse) on `heads` heads of hd
-/// floats of each of `rows` rows (stride ld), after adding bias (heads*hd, or nullptr).
+/// floats of each of `rows` rows (stride ld), after adding bias (heads*hd, or nullptr); tf32: the
+/// results rounded to TF32.
 inline void rope_forward(float* y, int ld, int rows, int heads, int hd, const int* pos, const float* cos_t, const float* sin_t,
-                         const float* bias, cudaStream_t st) {
+                         const float* bias, cudaStream_t st, bool tf32 = false) {
   const int pairs = heads * (hd / 2);
   if (rows <= 0 || pairs == 0) return;
   if (hd % 4 == 0 && ld % 2 == 0 && aligned(y, 8) && aligned(bias, 8))
-    rope_rows<2><<<rows, std::min(256, (pairs / 2 + 31) / 32 * 32), 0, st>>>(y, ld, heads, hd, pos, cos_t, sin_t, bias);
-  else rope_rows<1><<<rows, std::min(256, (pairs + 31) / 32 * 32), 0, st>>>(y, ld, heads, hd, pos, cos_t, sin_t, bias);
+    rope_rows<2><<<rows, std::min(256, (pairs / 2 + 31) / 32 * 32), 0, st>>>(y, ld, heads, hd, pos, cos_t, sin_t, bias, tf32);
+  else rope_rows<1><<<rows, std::min(256, (pairs + 31) / 32 * 32), 0, st>>>(y, ld, heads, hd, pos, cos_t, sin_t, bias, tf32);
   CACHESHRINK_CUDA_LAUNCH_CHECK("rope_rows");
+}
+/// y[0, n) rounded to TF32 in place.
+inline void round_to_tf32(float* y, long long n, cudaStream_t st) {
+  if (n <= 0) return;
+  if (n % 4 == 0 && aligned(y)) round_tf32<4><<<grid_for(n / 4, 256), 256, 0, st>>>(y, n);
+  else round_tf32<1><<<grid_for(n, 256), 256, 0, st>>>(y, n);
+  CACHESHRINK_CUDA_LAUNCH_CHECK("round_tf32");
 }
 /// act = silu(g) u of gu = [g | u] (rows, 2I).
 inline void swiglu_forward(const float* gu, float* act, int rows, int I, cudaStream_t st) {
@@ -1537,6 +1565,7 @@ class TrainGraph {
     f.head_dim = c_.head_dim;
     f.window = c_.sliding_window;
     f.scale = 1.0f / std::sqrt(static_cast<float>(c_.head_dim));
+    f.rounded = pre_rounded();
     return f;
   }
 
@@ -1571,11 +1600,16 @@ class TrainGraph {
     CACHESHRINK_CUDA_LAUNCH_CHECK("axpy");
   }
   // RoPE in place (the backward's rotation when inverse), after adding `bias` (nullptr: none).
-  void rope(float* y, int ld, int heads, bool inverse, const float* bias = nullptr) {
+  void rope(float* y, int ld, int heads, bool inverse, const float* bias = nullptr, bool tf32 = false) {
     if (!c_.uses_rope()) return;
     train_kernels::rope_forward(y, ld, n_tokens_, heads, c_.head_dim, d_pos_.data(), rope_cos_.data(),
-                                inverse ? rope_sin_neg_.data() : rope_sin_.data(), bias, st());
+                                inverse ? rope_sin_neg_.data() : rope_sin_.data(), bias, st(), tf32);
   }
+  // The fused attention's q, k, v are stored rounded to TF32 by the forward (q and k by the RoPE
+  // kernel, v by one pass), so its kernels skip their in-tile rounding of them: with RoPE only.
+  // (Nothing else reads them once the attention is fused: the reconstruction residuals are taken
+  // before RoPE, and the backward needs no q, k, v but the attention's.)
+  bool pre_rounded() const { return fused_attention() && c_.uses_rope(); }
   void run_forward(bool teacher, const train::LossOptions& lo) {
     const int N = n_tokens_, H = c_.hidden_size, hd = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads, Dq = c_.d_q(), Dkv = c_.d_kv();
     const int I = c_.intermediate_size;
@@ -1601,7 +1635,7 @@ class TrainGraph {
       stage("bias");
       if (!f.qn.empty()) head_norm(q, yc, a.q_pre.data(), a.q_rstd.data(), nh, f.qn);
       stage("head_norm");
-      rope(q, yc, nh, false, rope_q_bias ? opt(f.bq) : nullptr);
+      rope(q, yc, nh, false, rope_q_bias ? opt(f.bq) : nullptr, pre_rounded());
       stage("rope");
       if (use_mla) {
         const int dl = f.d_latent;
@@ -1636,7 +1670,8 @@ class TrainGraph {
       stage("bias");
       if (!f.kn.empty()) head_norm(a.k.data(), Dkv, a.k_pre.data(), a.k_rstd.data(), nkv, f.kn);
       stage("head_norm");
-      rope(a.k.data(), Dkv, nkv, false, rope_k_bias ? opt(f.bk) : nullptr);
+      rope(a.k.data(), Dkv, nkv, false, rope_k_bias ? opt(f.bk) : nullptr, pre_rounded());
+      if (pre_rounded()) train_kernels::round_to_tf32(a.v.data(), static_cast<long long>(N) * Dkv, st());
       stage("rope");
       if (fused_attention()) {
         flash_train_forward(flash_args(l), st());

@@ -27,6 +27,9 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
+#include <string>
+#include <type_traits>
 
 #include "cacheshrink/backend/cuda/check.cuh"
 #include "cacheshrink/backend/cuda/mma.cuh"
@@ -453,17 +456,24 @@ inline void check_flash_args(const FlashTrainArgs& a) {
 /// Which head sizes flash_train_forward / flash_train_backward take.
 inline bool flash_train_supported(int head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
 
+namespace train_kernels {
+// Launches a fused-attention kernel: grid (heads, sequences, blocks of 16 kFlashWarps queries or keys).
+template <class Kernel>
+void launch_flash(Kernel kernel, int smem_bytes, const FlashTrainArgs& a, cudaStream_t st) {
+  CACHESHRINK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  constexpr int block_rows = 16 * kFlashWarps;
+  const dim3 grid(static_cast<unsigned>(a.n_heads), static_cast<unsigned>(a.batch),
+                  static_cast<unsigned>((a.max_len + block_rows - 1) / block_rows));
+  kernel<<<grid, 32 * kFlashWarps, smem_bytes, st>>>(a, flash_v4(a));
+}
+}  // namespace train_kernels
+
 /// O and lse2 of a.q, a.k, a.v (see FlashTrainArgs).
 inline void flash_train_forward(const FlashTrainArgs& a, cudaStream_t st) {
   train_kernels::check_flash_args(a);
-  const bool v4 = train_kernels::flash_v4(a);
   train_kernels::with_flash_head_dim(a.head_dim, [&](auto HDc) {
     constexpr int HD = decltype(HDc)::value;
-    constexpr int bytes = train_kernels::flash_fwd_smem<HD>;
-    CACHESHRINK_CUDA_CHECK(cudaFuncSetAttribute(train_kernels::flash_train_fwd<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    constexpr int rows = 16 * train_kernels::kFlashWarps;
-    const dim3 grid(static_cast<unsigned>(a.n_heads), static_cast<unsigned>(a.batch), static_cast<unsigned>((a.max_len + rows - 1) / rows));
-    train_kernels::flash_train_fwd<HD><<<grid, 32 * train_kernels::kFlashWarps, bytes, st>>>(a, v4);
+    train_kernels::launch_flash(train_kernels::flash_train_fwd<HD>, train_kernels::flash_fwd_smem<HD>, a, st);
   });
   CACHESHRINK_CUDA_LAUNCH_CHECK("flash_train_fwd");
 }
@@ -475,14 +485,9 @@ inline void flash_train_backward(const FlashTrainArgs& a, int rows, cudaStream_t
   train_kernels::flash_delta<<<static_cast<unsigned>((warps * 32 + 255) / 256), 256, 0, st>>>(a.o, a.ldo, a.dout, a.lddo, a.delta, rows,
                                                                                             a.n_heads, a.head_dim);
   CACHESHRINK_CUDA_LAUNCH_CHECK("flash_delta");
-  const bool v4 = train_kernels::flash_v4(a);
   train_kernels::with_flash_head_dim(a.head_dim, [&](auto HDc) {
     constexpr int HD = decltype(HDc)::value;
-    constexpr int bytes = train_kernels::flash_bwd_smem<HD>;
-    CACHESHRINK_CUDA_CHECK(cudaFuncSetAttribute(train_kernels::flash_train_bwd<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    constexpr int keys = 16 * train_kernels::kFlashWarps;
-    const dim3 grid(static_cast<unsigned>(a.n_heads), static_cast<unsigned>(a.batch), static_cast<unsigned>((a.max_len + keys - 1) / keys));
-    train_kernels::flash_train_bwd<HD><<<grid, 32 * train_kernels::kFlashWarps, bytes, st>>>(a, v4);
+    train_kernels::launch_flash(train_kernels::flash_train_bwd<HD>, train_kernels::flash_bwd_smem<HD>, a, st);
   });
   CACHESHRINK_CUDA_LAUNCH_CHECK("flash_train_bwd");
 }

@@ -124,7 +124,8 @@ TEST_CASE("cuda TrainGraph TF32: the fused attention's loss and gradients are as
     };
     const auto [lf, gf] = run(true);
     const auto [lm, gm] = run(false);
-    INFO(cs.model << " " << cs.method << ": loss rel err fused " << lf << " materialised " << lm << "; worst grad rel err fused " << gf
+    const std::string tag = std::string(cs.model) + " " + cs.method;  // const char* would print as a pointer
+    INFO(tag << ": loss rel err fused " << lf << " materialised " << lm << "; worst grad rel err fused " << gf
                   << " materialised " << gm);
     CHECK(lf <= 2e-3);
     CHECK(gf <= 5e-2);

@@ -66,6 +66,22 @@ namespace train_kernels {
 
 constexpr int kFlashWarps = 8;  // warps per block: 128 queries (forward) or 128 keys (backward)
 
+// The kernels' tile geometry (rows; shared-memory row strides in floats, see below) and dynamic
+// shared memory, one definition for the kernels and their launchers.
+template <int HD>
+struct FlashFwdTiles {
+  // K: row reads (stride HD + 8); V: column reads (stride HD + 4); two stages of [K tile | V tile].
+  static constexpr int BQ = 16 * kFlashWarps, BK = 64, SK = HD + 8, SV = HD + 4, STAGE = BK * (SK + SV);
+  static constexpr int smem = 2 * STAGE * static_cast<int>(sizeof(float));
+};
+template <int HD>
+struct FlashBwdTiles {
+  // K, V: row reads (stride HD + 8); Q, dO: row and column reads (stride HD + 8, swizzled); two
+  // stages of [Q tile | dO tile] and of [lse2 | delta].
+  static constexpr int BK = 16 * kFlashWarps, BQ = 32, SP = HD + 8, QT = BQ * SP;
+  static constexpr int smem = (2 * BK * SP + 4 * QT + 4 * BQ) * static_cast<int>(sizeof(float));
+};
+
 // Tile layouts in shared memory (raw float32 as loaded, rounded to TF32 in place before use):
 // row stride SP floats, and a column swizzle col ^ swz(row) (bit 3 of the column flipped on rows
 // 4..7 of every 8, or never). The fragment reads then hit distinct banks:
@@ -116,9 +132,8 @@ template <int HD>
 static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_fwd(FlashTrainArgs a, bool v4) {
   using kernels::mma_tf32;
   using kernels::to_tf32;
-  // K: row reads (stride HD + 8); V: column reads (stride HD + 4).
-  constexpr int NT = kFlashWarps * 32, BQ = 16 * kFlashWarps, BK = 64, SK = HD + 8, SV = HD + 4, KS = HD / 8;
-  constexpr int STAGE = BK * (SK + SV);
+  using T = FlashFwdTiles<HD>;
+  constexpr int NT = kFlashWarps * 32, BQ = T::BQ, BK = T::BK, SK = T::SK, SV = T::SV, KS = HD / 8, STAGE = T::STAGE;
   extern __shared__ __align__(16) unsigned char flash_smem[];
   float* sm = reinterpret_cast<float*>(flash_smem);  // two stages of [K tile | V tile]
   // Grid (heads, sequences, query blocks), the last query block (the most key tiles) launched
@@ -282,8 +297,8 @@ template <int HD>
 static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_bwd(FlashTrainArgs a, bool v4) {
   using kernels::mma_tf32;
   using kernels::to_tf32;
-  // K, V: row reads (stride HD + 8); Q, dO: row and column reads (stride HD + 8, swizzled).
-  constexpr int NT = kFlashWarps * 32, BK = 16 * kFlashWarps, BQ = 32, SP = HD + 8, KS = HD / 8, QT = BQ * SP;
+  using T = FlashBwdTiles<HD>;
+  constexpr int NT = kFlashWarps * 32, BK = T::BK, BQ = T::BQ, SP = T::SP, KS = HD / 8, QT = T::QT;
   extern __shared__ __align__(16) unsigned char flash_smem[];
   float* Ks = reinterpret_cast<float*>(flash_smem);
   float* Vs = Ks + BK * SP;
@@ -425,10 +440,6 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_bwd(Fl
   }
 }
 
-template <int HD>
-constexpr int flash_fwd_smem = 2 * 64 * (2 * HD + 12) * static_cast<int>(sizeof(float));
-template <int HD>
-constexpr int flash_bwd_smem = (2 * 16 * kFlashWarps + 4 * 32) * (HD + 8) * static_cast<int>(sizeof(float)) + 4 * 32 * static_cast<int>(sizeof(float));
 
 // f(std::integral_constant<int, HD>) for the head sizes the kernels are built for.
 template <class F>
@@ -473,7 +484,7 @@ inline void flash_train_forward(const FlashTrainArgs& a, cudaStream_t st) {
   train_kernels::check_flash_args(a);
   train_kernels::with_flash_head_dim(a.head_dim, [&](auto HDc) {
     constexpr int HD = decltype(HDc)::value;
-    train_kernels::launch_flash(train_kernels::flash_train_fwd<HD>, train_kernels::flash_fwd_smem<HD>, a, st);
+    train_kernels::launch_flash(train_kernels::flash_train_fwd<HD>, train_kernels::FlashFwdTiles<HD>::smem, a, st);
   });
   CACHESHRINK_CUDA_LAUNCH_CHECK("flash_train_fwd");
 }
@@ -487,7 +498,7 @@ inline void flash_train_backward(const FlashTrainArgs& a, int rows, cudaStream_t
   CACHESHRINK_CUDA_LAUNCH_CHECK("flash_delta");
   train_kernels::with_flash_head_dim(a.head_dim, [&](auto HDc) {
     constexpr int HD = decltype(HDc)::value;
-    train_kernels::launch_flash(train_kernels::flash_train_bwd<HD>, train_kernels::flash_bwd_smem<HD>, a, st);
+    train_kernels::launch_flash(train_kernels::flash_train_bwd<HD>, train_kernels::FlashBwdTiles<HD>::smem, a, st);
   });
   CACHESHRINK_CUDA_LAUNCH_CHECK("flash_train_bwd");
 }

@@ -1459,8 +1459,7 @@ class TrainGraph {
             }
           }
         c.aligned = c.lda % 4 == 0 && c.ldb % 4 == 0 && c.ldc % 4 == 0 &&
-                    std::all_of(ptrs.begin() + static_cast<std::ptrdiff_t>(at), ptrs.end(),
-                                [](const float* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; });
+                    std::all_of(ptrs.begin() + static_cast<std::ptrdiff_t>(at), ptrs.end(), [](const float* p) { return train_kernels::aligned(p); });
         out.push_back(c);
       }
     }

@@ -16,9 +16,11 @@
 //   bench_cuda_train [--shapes llama2,qwen25] [--batch 4] [--seq 512] [--steps 5] [--warmup 2]
 //                    [--recon-alpha 0.3] [--modes fp32,tf32] [--gemm-tuning on|off|both] [--gemm-profile]
 //                    [--stage-profile] [--gemm-candidates 8] [--gemm-splitk] [--materialised-attention]
-//                    [--json PATH]
+//                    [--one-stream] [--json PATH]
 // --materialised-attention: TF32 mode keeps the materialised attention (batched GEMMs, P kept)
 // instead of the fused TF32 kernels (cuda::TrainGraph::set_fused_attention(false)).
+// --one-stream: no side stream (cuda::TrainGraph::set_side_stream(false)): the reconstruction
+// residuals and the trainable weights' gradients in the main stream, in order.
 // --gemm-tuning: cuda::TunedGemm's timed kernel choice for the graph's GEMMs (on, the default),
 // cublasLt's first heuristic choice (off), or both, one after the other.
 // --gemm-profile: after the timings, one more forward + backward with every graph GEMM bracketed
@@ -51,6 +53,7 @@ struct Args {
   int gemm_candidates = cuda::TunedGemm::kCandidates;
   bool gemm_splitk = false;
   bool materialised = false;
+  bool one_stream = false;
   std::string json;
 };
 
@@ -120,6 +123,7 @@ nlohmann::json run(const std::string& shape, const Args& a) {
     for (const bool tuning : a.tunings) {
       g.set_tf32(mode == "tf32");
       g.set_fused_attention(!a.materialised);
+      g.set_side_stream(!a.one_stream);
       g.set_gemm_tuning(tuning);
       g.set_gemm_search(a.gemm_candidates, a.gemm_splitk);
       train::LossParts last;
@@ -188,10 +192,10 @@ nlohmann::json run(const std::string& shape, const Args& a) {
       const double sgemm = sgemm_rate(static_cast<int>(I), a.batch * a.seq, static_cast<int>(H), mode == "tf32");
       const double tps = tokens / (step_ms / 1000.0);
       std::printf(
-          "%-8s %s%s%s B=%d T=%d d_latent=%d: step %.1f ms (%.0f tok/s) = fwd+bwd %.1f + optimizer %.1f; forward alone %.1f ms (step/forward "
+          "%-8s %s%s%s%s B=%d T=%d d_latent=%d: step %.1f ms (%.0f tok/s) = fwd+bwd %.1f + optimizer %.1f; forward alone %.1f ms (step/forward "
           "%.2fx); loss %.4f (lm %.4f, recon %.5f); device memory %.2f GiB (activations %.2f GiB); forward %.1f TFLOP/s, SGEMM %.1f "
           "TFLOP/s\n",
-          shape.c_str(), mode.c_str(), tuning ? "" : " (heuristic GEMMs)", g.fused_attention() ? " fused-attn" : "", a.batch, a.seq, d_latent, step_ms, tps, fb_ms, opt_ms, fwd_ms,
+          shape.c_str(), mode.c_str(), tuning ? "" : " (heuristic GEMMs)", g.fused_attention() ? " fused-attn" : "", g.side_stream() ? "" : " one-stream", a.batch, a.seq, d_latent, step_ms, tps, fb_ms, opt_ms, fwd_ms,
           step_ms / fwd_ms, last.total, last.lm, last.recon, static_cast<double>(after - before) / (1u << 30),
           static_cast<double>(g.activation_bytes()) / (1u << 30), fwd_flops / (fwd_ms * 1e-3) / 1e12, sgemm);
       std::fflush(stdout);
@@ -214,6 +218,7 @@ nlohmann::json run(const std::string& shape, const Args& a) {
                      {"recon", last.recon},
                      {"math", mode},
                      {"attention", g.fused_attention() ? "fused" : "materialised"},
+                     {"side_stream", g.side_stream()},
                      {"gemm_tuning", tuning},
                      {"forward_tflops", fwd_flops / (fwd_ms * 1e-3) / 1e12},
                      {"sgemm_tflops", sgemm}});
@@ -274,11 +279,12 @@ int main(int argc, char** argv) {
     else if (k == "--gemm-candidates") a.gemm_candidates = std::stoi(val());
     else if (k == "--gemm-splitk") a.gemm_splitk = true;
     else if (k == "--materialised-attention") a.materialised = true;
+    else if (k == "--one-stream") a.one_stream = true;
     else {
       std::fprintf(stderr,
                    "usage: bench_cuda_train [--shapes llama2,qwen25] [--batch 4] [--seq 512] [--steps 5] [--warmup 2] [--recon-alpha 0.3] "
                    "[--modes fp32,tf32] [--gemm-tuning on|off|both] [--gemm-profile] [--stage-profile] [--gemm-candidates N] "
-                   "[--gemm-splitk] [--materialised-attention] [--json PATH]\n");
+                   "[--gemm-splitk] [--materialised-attention] [--one-stream] [--json PATH]\n");
       return 2;
     }
   }

@@ -133,6 +133,49 @@ TEST_CASE("cuda TrainGraph TF32: the fused attention's loss and gradients are as
   }
 }
 
+TEST_CASE("cuda TrainGraph: the side stream's results equal the one-stream graph's, call after call") {
+  // The side stream (reconstruction residuals, trainable weights' gradients) runs concurrently
+  // with the main one; a missing wait would let one read a buffer the other is still writing and
+  // show up as a loss or gradient that moves between calls or between the two modes. Both modes
+  // take cuBLAS's first heuristic choice per shape, so they differ at most by rounding.
+  CACHESHRINK_REQUIRE_GPU();
+  train::LossOptions lo;
+  lo.recon_alpha = 0.3;
+  for (const auto& cs : kCases) {
+    const auto m = converted(cs);
+    const std::string tag = std::string(cs.model) + " " + cs.method;
+    for (const bool tf32 : {false, true}) {
+      cuda::TrainGraph dev(m);
+      dev.set_tf32(tf32);
+      auto run = [&](bool side, unsigned seed) {
+        dev.set_side_stream(side);
+        REQUIRE(dev.side_stream() == side);
+        dev.zero_grad();
+        const auto l = dev.forward_backward(random_seqs(m.config.vocab_size, {13, 20, 7, 20}, seed), lo, 1.0);
+        std::vector<linalg::Matrix<float>> g;
+        for (std::size_t i = 0; i < dev.params().size(); ++i) g.push_back(dev.grad(i));
+        return std::pair{l, g};
+      };
+      for (const unsigned seed : {1u, 2u, 3u}) {
+        const auto [l1, g1] = run(false, seed);
+        for (int rep = 0; rep < 3; ++rep) {
+          const auto [l2, g2] = run(true, seed);
+          INFO(tag << (tf32 ? " tf32" : " fp32") << " seed " << seed << " rep " << rep << ": total " << l2.total << " vs " << l1.total
+                   << ", recon " << l2.recon << " vs " << l1.recon);
+          CHECK(std::abs(l2.total - l1.total) <= 1e-6 * std::abs(l1.total));
+          CHECK(std::abs(l2.recon - l1.recon) <= 1e-5 * std::abs(l1.recon) + 1e-12);
+          double gmax = 0;
+          for (const auto& g : g1) gmax = std::max(gmax, static_cast<double>(g.cwiseAbs().maxCoeff()));
+          for (std::size_t i = 0; i < g1.size(); ++i) {
+            INFO(dev.params()[i].name);
+            CHECK(rel_err(g2[i], g1[i], 1e-3 * gmax) <= 1e-5);
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("cuda TrainGraph: gradients accumulate over calls and bad input throws") {
   CACHESHRINK_REQUIRE_GPU();
   const auto m = converted(kCases[2]);

@@ -807,7 +807,10 @@ class TrainGraph {
       : c_(m.config),
         stream_(std::make_unique<Stream>()),
         blas_(std::make_unique<CublasHandle>(stream_->get())),
-        gemm_(std::make_unique<TunedGemm>(stream_->get(), blas_->get())) {
+        gemm_(std::make_unique<TunedGemm>(stream_->get(), blas_->get())),
+        side_stream_(std::make_unique<Stream>()),
+        side_blas_(std::make_unique<CublasHandle>(side_stream_->get())),
+        side_gemm_(std::make_unique<TunedGemm>(side_stream_->get(), side_blas_->get())) {
     const auto& W = m.weights;
     const int L = c_.n_layers, dkv = c_.d_kv();
     up(embed_, W.embed);
@@ -911,7 +914,10 @@ class TrainGraph {
       : c_(c),
         stream_(std::make_unique<Stream>()),
         blas_(std::make_unique<CublasHandle>(stream_->get())),
-        gemm_(std::make_unique<TunedGemm>(stream_->get(), blas_->get())) {
+        gemm_(std::make_unique<TunedGemm>(stream_->get(), blas_->get())),
+        side_stream_(std::make_unique<Stream>()),
+        side_blas_(std::make_unique<CublasHandle>(side_stream_->get())),
+        side_gemm_(std::make_unique<TunedGemm>(side_stream_->get(), side_blas_->get())) {
     const int Dkv = c_.d_kv();
     if (d_latent <= 0 || d_latent > Dkv) throw InvalidArgument("cuda train: d_latent must be in [1, d_kv = " + std::to_string(Dkv) + "]");
     const std::size_t H = c_.hidden_size, Dq = static_cast<std::size_t>(c_.d_q()), I = c_.intermediate_size, V = c_.vocab_size;
@@ -1005,8 +1011,10 @@ class TrainGraph {
   /// accumulation: cublasLt's CUBLAS_COMPUTE_32F_FAST_TF32, cuBLAS's CUBLAS_TF32_TENSOR_OP_MATH
   /// for the attention's batched GEMMs); off (the default) is true float32.
   void set_tf32(bool on) {
-    CACHESHRINK_CUBLAS_CHECK(cublasSetMathMode(hb(), on ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+    for (auto* h : {hb(), side_blas_->get()})
+      CACHESHRINK_CUBLAS_CHECK(cublasSetMathMode(h, on ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
     gemm_->set_tf32(on);
+    side_gemm_->set_tf32(on);
     tf32_ = on;
   }
   bool tf32() const { return tf32_; }
@@ -1018,13 +1026,30 @@ class TrainGraph {
   /// Kernel choice of the graph's (non-attention) GEMMs: timed among cublasLt's candidates on
   /// each shape's first call (on: ~1-3% faster at 7B shapes in TF32, but the pick rests on timings
   /// and can differ between processes) or cublasLt's first choice (off, the default: reproducible).
-  void set_gemm_tuning(bool on) { gemm_->set_tuning(on); }
+  void set_gemm_tuning(bool on) {
+    gemm_->set_tuning(on);
+    side_gemm_->set_tuning(on);
+  }
   /// The timed search's width (cuda::TunedGemm::set_search).
-  void set_gemm_search(int candidates, bool splitk) { gemm_->set_search(candidates, splitk); }
+  void set_gemm_search(int candidates, bool splitk) {
+    gemm_->set_search(candidates, splitk);
+    side_gemm_->set_search(candidates, splitk);
+  }
   /// Diagnostic: time every graph GEMM (not the attention's batched ones) until gemm_profile().
-  void set_gemm_profile(bool on) { gemm_->set_profile(on); }
+  void set_gemm_profile(bool on) {
+    gemm_->set_profile(on);
+    gemm_profile_ = on;
+  }
   std::vector<TunedGemm::ProfileRow> gemm_profile() { return gemm_->profile(); }
   bool gemm_tuning() const { return gemm_->tuning(); }
+  /// Side stream (on by default): the work nothing on the critical path waits for (the
+  /// reconstruction residuals and their squared norms in the forward; the trainable weights'
+  /// gradients in the backward) runs on a second stream, concurrently with the main stream's
+  /// next layers, and is joined before the forward's and the backward's ends. Off: everything in
+  /// one stream. The stage and GEMM profiles run everything in one stream too (their events and
+  /// timings are one stream's), so they see the side work as stages of their own.
+  void set_side_stream(bool on) { side_on_ = on; }
+  bool side_stream() const { return side_on_ && !stage_profile_ && !gemm_profile_; }
   /// Diagnostic: split every forward_backward into named stages (each kernel or GEMM of a layer,
   /// the same name summed over layers) timed by CUDA events recorded between them on the graph's
   /// stream, until stage_profile(). A stage's time runs from the previous mark to its own, so
@@ -1214,8 +1239,8 @@ class TrainGraph {
   // Row-major GEMMs of the graph (HF-orientation weights; column-major underneath, through TunedGemm).
   // Y (rows, out) = alpha X (rows, in) W^T + beta Y.
   void xwt(int rows, int out, int in, const float* X, int ldx, const float* W, int ldw, float* Y, int ldy, float alpha = 1.0f,
-           float beta = 0.0f) {
-    gemm_->gemm(CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, alpha, W, ldw, X, ldx, beta, Y, ldy);
+           float beta = 0.0f, TunedGemm* g = nullptr) {
+    (g ? g : gemm_.get())->gemm(CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, alpha, W, ldw, X, ldx, beta, Y, ldy);
   }
   // Y (rows, out) = alpha X W^T + C: C (same layout as Y) is read, not overwritten.
   void xwt_plus(int rows, int out, int in, const float* X, int ldx, const float* W, int ldw, const float* C, float* Y, int ldy,
@@ -1228,8 +1253,9 @@ class TrainGraph {
     gemm_->gemm(CUBLAS_OP_N, CUBLAS_OP_N, out, rows, in, alpha, W, ldw, X, ldx, beta, Y, ldy);
   }
   // G (m, n) = alpha X^T Y + beta G, X (rows, m), Y (rows, n).
-  void xty(int rows, int m, int n, const float* X, int ldx, const float* Y, int ldy, float* G, float alpha = 1.0f, float beta = 1.0f) {
-    gemm_->gemm(CUBLAS_OP_N, CUBLAS_OP_T, n, m, rows, alpha, Y, ldy, X, ldx, beta, G, n);
+  void xty(int rows, int m, int n, const float* X, int ldx, const float* Y, int ldy, float* G, float alpha = 1.0f, float beta = 1.0f,
+           TunedGemm* g = nullptr) {
+    (g ? g : gemm_.get())->gemm(CUBLAS_OP_N, CUBLAS_OP_T, n, m, rows, alpha, Y, ldy, X, ldx, beta, G, n);
   }
 
   void up(DeviceBuffer<float>& d, const MatrixRf& m) {
@@ -1590,12 +1616,12 @@ class TrainGraph {
   void bias(float* y, int width, const DeviceBuffer<float>& b, int ld = 0) {
     if (!b.empty()) cuda::add_bias<float>(y, ld > 0 ? ld : width, n_tokens_, width, b.data(), st());
   }
-  void sq_sum(const float* x, long long n, double* acc) {
-    train_kernels::sq_sum<<<std::min(grid_for(n, 256), 1024u), 256, 0, st()>>>(x, n, acc);
+  void sq_sum(const float* x, long long n, double* acc, cudaStream_t s) {
+    train_kernels::sq_sum<<<std::min(grid_for(n, 256), 1024u), 256, 0, s>>>(x, n, acc);
     CACHESHRINK_CUDA_LAUNCH_CHECK("sq_sum");
   }
-  void axpy(float a, const float* x, float* y, long long n) {
-    train_kernels::axpy<<<grid_for(n, 256), 256, 0, st()>>>(a, x, y, n);
+  void axpy(float a, const float* x, float* y, long long n, cudaStream_t s) {
+    train_kernels::axpy<<<grid_for(n, 256), 256, 0, s>>>(a, x, y, n);
     CACHESHRINK_CUDA_LAUNCH_CHECK("axpy");
   }
   // RoPE in place (the backward's rotation when inverse), after adding `bias` (nullptr: none).
@@ -1649,15 +1675,23 @@ class TrainGraph {
           stage("gemm up");
         }
         if (lo.recon_alpha > 0) {
-          // Residuals K~ - K, V~ - V (biases cancel), each one GEMM with K~ as its C; acc_[2] +=
-          // their squared norms. (Not in the stacked GEMM: there the targets would be kept per
-          // layer, +2 d_kv floats a token and layer, 2.1 GiB at LLaMA-2-7B shapes, for ~0.2 ms.)
-          xwt_plus(N, Dkv, H, a.h.data(), H, wrow(f, f.cat_k), H, a.k.data(), a.rk.data(), Dkv, -1.0f);
-          xwt_plus(N, Dkv, H, a.h.data(), H, wrow(f, f.cat_v), H, a.v.data(), a.rv.data(), Dkv, -1.0f);
+          // Residuals K~ - K, V~ - V (biases cancel): K~ = c_k W_up_k^T again, then -= h Wk^T; acc_[2]
+          // += their squared norms. They read only h, the latents and the up projections, which
+          // nothing changes before the step ends, so they run on the side stream (set_side_stream)
+          // while the main one carries on. (Not in the stacked GEMM: there the targets would be
+          // kept per layer, +2 d_kv floats a token and layer, 2.1 GiB at LLaMA-2-7B shapes.)
+          const Lane ln = fork();
+          const float* Uk = pv(sl.up_k);
+          const float* Uv = sl.joint ? Uk + static_cast<std::size_t>(Dkv) * dl : pv(sl.up_v);
+          xwt(N, Dkv, dl, ck, yc, Uk, dl, a.rk.data(), Dkv, 1.0f, 0.0f, ln.g);
+          xwt(N, Dkv, dl, sl.joint ? ck : q + f.cat_dv, yc, Uv, dl, a.rv.data(), Dkv, 1.0f, 0.0f, ln.g);
+          xwt(N, Dkv, H, a.h.data(), H, wrow(f, f.cat_k), H, a.rk.data(), Dkv, -1.0f, 1.0f, ln.g);
+          xwt(N, Dkv, H, a.h.data(), H, wrow(f, f.cat_v), H, a.rv.data(), Dkv, -1.0f, 1.0f, ln.g);
           stage("gemm recon targets");
-          sq_sum(a.rk.data(), static_cast<long long>(N) * Dkv, acc_.data() + 2);
-          sq_sum(a.rv.data(), static_cast<long long>(N) * Dkv, acc_.data() + 2);
+          sq_sum(a.rk.data(), static_cast<long long>(N) * Dkv, acc_.data() + 2, ln.s);
+          sq_sum(a.rv.data(), static_cast<long long>(N) * Dkv, acc_.data() + 2, ln.s);
           stage("recon loss");
+          side_done();
         }
       } else {
         xwt(N, Dkv, H, a.h.data(), H, wrow(f, f.cat_k), H, a.k.data(), Dkv);
@@ -1710,6 +1744,7 @@ class TrainGraph {
     stage("norm");
     xwt(N, c_.vocab_size, H, hf_.data(), H, head().data(), H, logits_.data(), c_.vocab_size);
     stage("gemm lm head");
+    join();  // the backward reads the residuals; the host, their sums
   }
 
   void head_norm(float* y, int ld, float* pre, float* rstd, int heads, const DeviceBuffer<float>& w) {
@@ -1763,6 +1798,7 @@ class TrainGraph {
       stage("gemm o_proj dX");
       // The planned GEMMs read K, V in place and write dK, dV (per query head, dkh_/dvh_, under GQA).
       const AttnLayer& al = attn_[static_cast<std::size_t>(l)];
+      join();  // the layer above's side work has read dK, dV and dcat_, which this layer rewrites
       if (fused_attention()) {
         // dK, dV (per query head under GQA) and dS; then dQ = scale dS K, the one batched GEMM left.
         flash_train_backward(flash_args(static_cast<std::size_t>(l)), N, st());
@@ -1817,25 +1853,32 @@ class TrainGraph {
         if (sl.joint) {
           const float* Uk = pv(sl.up_k);
           const float* Uv = Uk + static_cast<std::size_t>(Dkv) * dl;
-          xty(N, Dkv, dl, dk_.data(), Dkv, ck, ylc, pg(sl.up_k));
-          xty(N, Dkv, dl, dv_.data(), Dkv, ck, ylc, pg(sl.up_k) + static_cast<std::size_t>(Dkv) * dl);
           xw(N, dl, Dkv, dk_.data(), Dkv, Uk, dl, dck, yc);
           xw(N, dl, Dkv, dv_.data(), Dkv, Uv, dl, dck, yc, 1.0f, 1.0f);
-          stage("gemm up bwd");
         } else {
-          xty(N, Dkv, dl, dk_.data(), Dkv, ck, ylc, pg(sl.up_k));
-          xty(N, Dkv, dl, dv_.data(), Dkv, y + f.cat_dv, ylc, pg(sl.up_v));
           xw(N, dl, Dkv, dk_.data(), Dkv, pv(sl.up_k), dl, dck, yc);
           xw(N, dl, Dkv, dv_.data(), Dkv, pv(sl.up_v), dl, dq + f.cat_dv, yc);
-          stage("gemm up bwd");
         }
-        // The down projections' gradients, stacked (one GEMM), then added to each.
+        stage("gemm up bwd");
+        // The trainable weights' gradients, on the side stream (nothing in the step reads them
+        // before the optimizer): the up projections', then the down projections' (stacked, one
+        // GEMM, then added to each).
+        const Lane ln = fork();
+        if (sl.joint) {
+          xty(N, Dkv, dl, dk_.data(), Dkv, ck, ylc, pg(sl.up_k), 1.0f, 1.0f, ln.g);
+          xty(N, Dkv, dl, dv_.data(), Dkv, ck, ylc, pg(sl.up_k) + static_cast<std::size_t>(Dkv) * dl, 1.0f, 1.0f, ln.g);
+        } else {
+          xty(N, Dkv, dl, dk_.data(), Dkv, ck, ylc, pg(sl.up_k), 1.0f, 1.0f, ln.g);
+          xty(N, Dkv, dl, dv_.data(), Dkv, y + f.cat_dv, ylc, pg(sl.up_v), 1.0f, 1.0f, ln.g);
+        }
+        stage("gemm up grad");
         const int nd = sl.joint ? 1 : 2;
         const long long dn = static_cast<long long>(dl) * H;
-        xty(N, nd * dl, H, dck, yc, a.h.data(), H, gdown_.data(), 1.0f, 0.0f);
-        axpy(1.0f, gdown_.data(), pg(sl.down_k), dn);
-        if (!sl.joint) axpy(1.0f, gdown_.data() + dn, pg(sl.down_v), dn);
+        xty(N, nd * dl, H, dck, yc, a.h.data(), H, gdown_.data(), 1.0f, 0.0f, ln.g);
+        axpy(1.0f, gdown_.data(), pg(sl.down_k), dn, ln.s);
+        if (!sl.joint) axpy(1.0f, gdown_.data() + dn, pg(sl.down_v), dn, ln.s);
         stage("gemm down-proj grad");
+        side_done();
         // (The lowest trained layer's input gradient reaches nothing trainable: skipped.)
         if (l != lmin_) xw(N, H, recon ? yc : f.cat_base, dq, yc, f.wcat.data(), H, dh, H);
         stage("gemm input proj dX");
@@ -1849,12 +1892,44 @@ class TrainGraph {
       norm_backward(xs_[static_cast<std::size_t>(l)].data(), f.n1w, a.mean1.data(), a.rstd1.data(), dh, dx);
       stage("norm bwd");
     }
+    join();  // the optimizer reads the gradients
+  }
+
+  // The side stream (set_side_stream). fork(): the lane side work goes to, ordered after
+  // everything enqueued on the main stream so far (the main stream itself when the side stream
+  // is off); side_done() marks the end of the work forked since; join(): the main stream's next
+  // work waits for it. One event each: a wait takes the event's latest record at the call, and
+  // the main stream joins (or the side stream finishes earlier work) before the next record.
+  struct Lane {
+    cudaStream_t s;
+    TunedGemm* g;
+  };
+  Lane fork() {
+    if (!side_stream()) return {st(), gemm_.get()};
+    fork_ev_.record(st());
+    CACHESHRINK_CUDA_CHECK(cudaStreamWaitEvent(side_stream_->get(), fork_ev_.get(), 0));
+    return {side_stream_->get(), side_gemm_.get()};
+  }
+  void side_done() {
+    if (!side_stream()) return;
+    join_ev_.record(side_stream_->get());
+    side_pending_ = true;
+  }
+  void join() {
+    if (!side_pending_) return;
+    CACHESHRINK_CUDA_CHECK(cudaStreamWaitEvent(st(), join_ev_.get(), 0));
+    side_pending_ = false;
   }
 
   ModelConfig c_;
   std::unique_ptr<Stream> stream_;
   std::unique_ptr<CublasHandle> blas_;
   std::unique_ptr<TunedGemm> gemm_;  // the graph's GEMMs (cublasLt, timed kernel choice)
+  std::unique_ptr<Stream> side_stream_;  // set_side_stream: the off-critical-path work, its cuBLAS handle and GEMMs
+  std::unique_ptr<CublasHandle> side_blas_;
+  std::unique_ptr<TunedGemm> side_gemm_;
+  Event fork_ev_, join_ev_;
+  bool side_on_ = true, side_pending_ = false, gemm_profile_ = false;
   DeviceBuffer<float> embed_, pos_embed_, head_, fnw_, fnb_;
   model::Rope rope_;
   int rope_positions_ = 0;

@@ -99,11 +99,13 @@ void run_trajectory(const optim::AdamWOptions& eo, const optim::RiemannianAdamOp
   // the joint (2 d_kv, d_latent), a column and a square one. Stiefel parameters with <= 320
   // columns are stepped batched, grouped by shape (the repeated 64 x 16 and 300 x 48, and the
   // Qwen2.5-7B-like 512 x 256 pair, form groups of 3, 2 and 2 members, interleaved with others);
-  // 340 x 330 takes the per-parameter cuSOLVER path.
+  // 340 x 330 takes the per-parameter cuSOLVER path. The blocked chol_inverse_upper (panels of
+  // 32 columns) sees p = 1, 5, 16, 24, 31, 32, 33, 48, 64, 100, 256 and 320 (its widest).
   const std::vector<Shape> shapes = {{37, 5, false},   {5, 37, false},  {64, 16, false},  {300, 48, false}, {1, 129, false},
                                      {37, 5, true},    {64, 16, true},  {300, 48, true},  {128, 24, true},  {48, 1, true},
                                      {33, 33, true},   {64, 16, true},  {512, 256, true}, {300, 48, true},  {64, 16, true},
-                                     {512, 256, true}, {340, 330, true}};
+                                     {512, 256, true}, {340, 330, true}, {40, 32, true},  {100, 31, true},  {70, 64, true},
+                                     {300, 100, true}, {400, 320, true}};
   std::vector<Pair> ps = make_pairs(shapes, g, rng);
   cuda::Stream stream;
   cuda::CublasHandle blas(stream.get());
@@ -308,6 +310,32 @@ TEST_CASE("DeviceOptimizer: state() / load_state() resume a run exactly, and rea
   CHECK(back.max_exp_avg_sq == cpu.max_exp_avg_sq);
   cpu.exp_avg_sq = MatF::Zero(64, 16);  // a Euclidean-shaped second moment for a Stiefel parameter
   CHECK_THROWS_WITH_AS(ob.load_state(1, cpu), doctest::Contains("exp_avg_sq has shape (64, 16), expected (1, 1)"), InvalidArgument);
+}
+
+TEST_CASE("DeviceOptimizer: a non-finite gradient fails the QR retraction with NumericalError naming the parameter") {
+  // Y = x + u with u tangent has Y^T Y = I + u^T u, positive definite in exact arithmetic, so a
+  // NaN is what reaches the Cholesky's pivot check (chol_inverse_upper's info; p <= 320).
+  CACHESHRINK_REQUIRE_GPU();
+  for (const Shape sh : {Shape{64, 16, true}, Shape{300, 48, true}, Shape{400, 320, true}}) {
+    std::mt19937 g(5);
+    manifold::Rng rng(5);
+    std::vector<Pair> ps = make_pairs({Shape{64, 16, true}, sh}, g, rng);
+    cuda::Stream stream;
+    cuda::CublasHandle blas(stream.get());
+    cuda::DeviceOptimizer opt(stream.get(), blas.get(), {}, {});
+    for (Pair& p : ps) opt.add(device_param(p));
+    for (std::size_t i = 0; i < ps.size(); ++i) {
+      std::vector<float> h = to_row_major(random_matrix(ps[i].shape.rows, ps[i].shape.cols, g));
+      if (i == 1) h[7] = NAN;
+      CACHESHRINK_CUDA_CHECK(
+          cudaMemcpyAsync(ps[i].grad.data(), h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice, stream.get()));
+      CACHESHRINK_CUDA_CHECK(cudaStreamSynchronize(stream.get()));
+    }
+    INFO(ps[1].name);
+    // The first parameter is fine; the message names the second (same shape as the first for 64 x 16).
+    const std::string want = "DeviceOptimizer::step(" + ps[1].name + "): QR retraction";
+    CHECK_THROWS_WITH_AS(opt.step(0.0, 1e-2), doctest::Contains(want.c_str()), NumericalError);
+  }
 }
 
 TEST_CASE("DeviceOptimizer rejects bad parameters, options and handles with messages naming them") {

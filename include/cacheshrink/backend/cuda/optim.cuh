@@ -39,7 +39,7 @@
 // Batching. Stiefel parameters are stepped together: grouped by (rows, cols, step count), each
 // group's GEMMs are one cublasSgemmBatched each and its elementwise work one launch per operation
 // (blockIdx.y = member). The QR2 retraction of members with at most kMaxBatchedCols (320) columns
-// factors every member's Gram in one launch of our chol_inverse_upper kernel (unblocked Cholesky
+// factors every member's Gram in one launch of our chol_inverse_upper kernel (blocked Cholesky
 // and triangular inverse in shared memory, one block per member) followed by a GEMM by R^{-1}
 // instead of potrf + trsm: the same Q, the same float32 arithmetic class. At Qwen2.5-7B shapes
 // (56 parameters of 512 x 256) this took the optimizer step from 33 to 4.6 ms
@@ -270,77 +270,192 @@ static __global__ void scatter_info(const int* __restrict__ src, int* __restrict
   if (m < cnt) info[2 * ids[m] + pass] = src[m];
 }
 
-// Largest p whose packed upper triangle (plus two p-vectors) fits one block's shared memory.
+// Largest p whose packed upper triangle fits one block's shared memory.
 constexpr int kMaxBatchedCols = 320;
-constexpr int kCholThreads = 1024;
-inline constexpr int chol_smem_bytes(int p) { return (p * (p + 1) / 2 + 2 * p) * static_cast<int>(sizeof(float)); }
+constexpr int kCholThreads = 512;
+constexpr int kCholPanel = 32;  // panel width of the blocked factor and inverse (one warp's lanes)
+inline constexpr int chol_smem_bytes(int p) { return p * (p + 1) / 2 * static_cast<int>(sizeof(float)); }
 
 // One block per member: the upper Cholesky factor of the (p, p) Gram G = R^T R (column-major,
 // the upper triangle is read), then R^{-1} in place, written out as a full column-major (p, p)
-// matrix with zeros below the diagonal. The factor is unblocked right-looking (LAPACK potf2's
-// arithmetic), the inverse column by column (trti2's). Shared memory holds R packed by columns:
-// element (i, j), i <= j, at j (j + 1) / 2 + i. A pivot that is not > 0 (or NaN)
-// records info = its 1-based column in info[2 slot + pass], as potrf would, and continues on 1.
+// matrix with zeros below the diagonal. Shared memory holds R packed by columns: element (i, j),
+// i <= j, at j (j + 1) / 2 + i. A pivot that is not > 0 (or NaN) records info = its 1-based column
+// in info[2 slot + pass], as potrf would, and continues on 1.
+//
+// Both are blocked by panels of kCholPanel columns, so the block synchronises a few times per
+// panel instead of two or three times per column (the unblocked version this replaces took
+// ~1.2 ms per launch at p = 256, most of the optimizer step at Qwen2.5-7B shapes):
+//   factor (right-looking, LAPACK potrf's order): (A) warp 0 factors the panel's diagonal block
+//     unblocked (potf2); (B) one thread per later column solves the panel's rows of R there,
+//     R_kk^T R(panel, j) = A(panel, j); (C) the trailing triangle takes the rank-32 update
+//     A(i, j) -= sum_t R(t, i) R(t, j) in 4 x 4 register tiles.
+//   inverse (trtri's blocked order, column blocks left to right; W = R^{-1}): (a) warp 0 inverts
+//     the diagonal block in place (trti2); (b) one thread per row above it forms
+//     S = R(0:j0, J) W_JJ in place; (c) W(0:j0, J) = -W(0:j0, 0:j0) S in 4 x 8 register tiles,
+//     written after a barrier (the tiles read what they overwrite).
+static __device__ __forceinline__ int packed(int i, int j) { return j * (j + 1) / 2 + i; }
+
 static __global__ void __launch_bounds__(kCholThreads)
     chol_inverse_upper(const float* const* __restrict__ gram, float* const* __restrict__ rinv, int p, int* __restrict__ info,
                        const int* __restrict__ slot_ids, int pass) {
+  constexpr int NB = kCholPanel;
   extern __shared__ float sm[];
-  float* rowk = sm + p * (p + 1) / 2;  // R(k, i), i > k, of the current step
-  float* tmp = rowk + p;               // the inverse's column being formed
   __shared__ int bad;
   const float* G = gram[blockIdx.x];
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, nwarps = blockDim.x / 32;
-  for (int t = tid; t < p * p; t += blockDim.x) {
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, nt = blockDim.x;
+  for (int t = tid; t < p * p; t += nt) {
     const int i = t % p, j = t / p;
-    if (i <= j) sm[j * (j + 1) / 2 + i] = G[t];
+    if (i <= j) sm[packed(i, j)] = G[t];
   }
   if (tid == 0) bad = 0;
   __syncthreads();
-  for (int k = 0; k < p; ++k) {
-    const int kk = k * (k + 1) / 2 + k;
-    if (tid == 0) {
-      float d = sm[kk];
-      if (!(d > 0.0f)) {
-        if (bad == 0) bad = k + 1;
-        d = 1.0f;
+  for (int k0 = 0; k0 < p; k0 += NB) {
+    const int kb = min(NB, p - k0), c0 = k0 + kb;
+    if (warp == 0) {  // (A)
+      for (int kk = 0; kk < kb; ++kk) {
+        const int k = k0 + kk;
+        float d = sm[packed(k, k)];
+        const bool ok = d > 0.0f;
+        if (!ok) d = 1.0f;
+        const float rkk = sqrtf(d);
+        __syncwarp();
+        if (lane == 0) {
+          sm[packed(k, k)] = rkk;
+          if (!ok && bad == 0) bad = k + 1;
+        }
+        const bool mine = lane > kk && lane < kb;  // lane owns column k0 + lane of the block
+        float rkj = 0.0f;
+        if (mine) {
+          rkj = sm[packed(k, k0 + lane)] / rkk;
+          sm[packed(k, k0 + lane)] = rkj;
+        }
+        __syncwarp();
+        if (mine)
+          for (int i = k + 1; i <= k0 + lane; ++i) sm[packed(i, k0 + lane)] -= sm[packed(k, i)] * rkj;
+        __syncwarp();
       }
-      sm[kk] = sqrtf(d);
     }
     __syncthreads();
-    const float rkk = sm[kk];
-    for (int j = k + 1 + tid; j < p; j += blockDim.x) {
-      const float r = sm[j * (j + 1) / 2 + k] / rkk;
-      sm[j * (j + 1) / 2 + k] = r;
-      rowk[j] = r;
+    for (int j = c0 + tid; j < p; j += nt) {  // (B)
+      float* col = sm + packed(k0, j);       // A(k0 + t, j), t < kb
+      float x[NB];
+#pragma unroll
+      for (int t = 0; t < NB; ++t) {
+        if (t < kb) {
+          float v = col[t];
+#pragma unroll
+          for (int u = 0; u < t; ++u) v -= sm[packed(k0 + u, k0 + t)] * x[u];
+          x[t] = v / sm[packed(k0 + t, k0 + t)];
+          col[t] = x[t];
+        }
+      }
     }
     __syncthreads();
-    for (int j = k + 1 + warp; j < p; j += nwarps) {
-      const float rkj = rowk[j];
-      float* col = sm + j * (j + 1) / 2;
-      for (int i = k + 1 + lane; i <= j; i += 32) col[i] -= rowk[i] * rkj;
+    const int m = p - c0;  // (C)
+    if (m > 0) {
+      const int nb4 = (m + 3) / 4, tiles = nb4 * (nb4 + 1) / 2;
+      for (int tile = tid; tile < tiles; tile += nt) {
+        int bj = static_cast<int>((sqrtf(8.0f * static_cast<float>(tile) + 1.0f) - 1.0f) * 0.5f);
+        while (bj * (bj + 1) / 2 > tile) --bj;
+        while ((bj + 1) * (bj + 2) / 2 <= tile) ++bj;
+        const int bi = tile - bj * (bj + 1) / 2;
+        const int i0 = c0 + 4 * bi, j0 = c0 + 4 * bj;
+        const float *pi[4], *pj[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          pi[e] = sm + packed(k0, min(i0 + e, p - 1));
+          pj[e] = sm + packed(k0, min(j0 + e, p - 1));
+        }
+        float acc[4][4] = {};
+        for (int t = 0; t < kb; ++t) {
+          float a[4], b[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            a[e] = pi[e][t];
+            b[e] = pj[e][t];
+          }
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+#pragma unroll
+            for (int f = 0; f < 4; ++f) acc[e][f] += a[e] * b[f];
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+#pragma unroll
+          for (int f = 0; f < 4; ++f)
+            if (i0 + e <= j0 + f && j0 + f < p) sm[packed(i0 + e, j0 + f)] -= acc[e][f];
+      }
     }
     __syncthreads();
   }
-  // Inverse: column j of R^{-1} from the finished leading block, -R^{-1}(0:j,0:j) R(0:j, j) / R(j, j).
-  for (int j = 0; j < p; ++j) {
-    const float* colj = sm + j * (j + 1) / 2;
-    for (int i = warp; i < j; i += nwarps) {
-      float acc = 0.0f;
-      for (int k = i + lane; k < j; k += 32) acc += sm[k * (k + 1) / 2 + i] * colj[k];
-      for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-      if (lane == 0) tmp[i] = acc;
+  for (int j0 = 0; j0 < p; j0 += NB) {
+    const int jb = min(NB, p - j0);
+    if (warp == 0) {  // (a)
+      for (int jj = 0; jj < jb; ++jj) {
+        const int j = j0 + jj;
+        const float d = 1.0f / sm[packed(j, j)];
+        float v = 0.0f;
+        if (lane < jj)
+          for (int k = lane; k < jj; ++k) v += sm[packed(j0 + lane, j0 + k)] * sm[packed(j0 + k, j)];
+        __syncwarp();
+        if (lane < jj) sm[packed(j0 + lane, j)] = -d * v;
+        if (lane == 0) sm[packed(j, j)] = d;
+        __syncwarp();
+      }
     }
     __syncthreads();
-    const float d = 1.0f / colj[j];
-    float* w = sm + j * (j + 1) / 2;
-    for (int i = tid; i < j; i += blockDim.x) w[i] = -d * tmp[i];
-    if (tid == 0) w[j] = d;
+    if (j0 == 0) continue;
+    for (int i = tid; i < j0; i += nt) {  // (b)
+      float r[NB], o[NB];
+#pragma unroll
+      for (int u = 0; u < NB; ++u) r[u] = u < jb ? sm[packed(i, j0 + u)] : 0.0f;
+#pragma unroll
+      for (int c = 0; c < NB; ++c) {
+        float v = 0.0f;
+#pragma unroll
+        for (int u = 0; u <= c; ++u)
+          if (c < jb) v += r[u] * sm[packed(j0 + u, j0 + c)];
+        o[c] = v;
+      }
+#pragma unroll
+      for (int c = 0; c < NB; ++c)
+        if (c < jb) sm[packed(i, j0 + c)] = o[c];
+    }
+    __syncthreads();
+    // (c): tile (rg, cg) = rows 4 rg.., columns j0 + 8 cg..; at most ceil(288 / 4) * 4 = 288 <= nt tiles.
+    const int rgs = (j0 + 3) / 4, cgs = (jb + 7) / 8;
+    float acc[4][8] = {};
+    const int rg = tid / cgs, cg = tid % cgs;
+    const bool active = rg < rgs;
+    if (active) {
+      const int i0 = 4 * rg, cb = j0 + 8 * cg;
+      for (int k = i0; k < j0; ++k) {
+        float a[4], b[8];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a[e] = (i0 + e <= k) ? sm[packed(i0 + e, k)] : 0.0f;
+#pragma unroll
+        for (int f = 0; f < 8; ++f) b[f] = (8 * cg + f < jb) ? sm[packed(k, cb + f)] : 0.0f;
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+#pragma unroll
+          for (int f = 0; f < 8; ++f) acc[e][f] += a[e] * b[f];
+      }
+    }
+    __syncthreads();
+    if (active) {
+      const int i0 = 4 * rg, cb = j0 + 8 * cg;
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+#pragma unroll
+        for (int f = 0; f < 8; ++f)
+          if (i0 + e < j0 && 8 * cg + f < jb) sm[packed(i0 + e, cb + f)] = -acc[e][f];
+    }
     __syncthreads();
   }
   float* out = rinv[blockIdx.x];
-  for (int t = tid; t < p * p; t += blockDim.x) {
+  for (int t = tid; t < p * p; t += nt) {
     const int i = t % p, j = t / p;
-    out[t] = i <= j ? sm[j * (j + 1) / 2 + i] : 0.0f;
+    out[t] = i <= j ? sm[packed(i, j)] : 0.0f;
   }
   if (tid == 0 && bad != 0) info[2 * slot_ids[blockIdx.x] + pass] = bad;
 }

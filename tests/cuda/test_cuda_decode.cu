@@ -230,23 +230,31 @@ TEST_CASE("token-by-token GPU decode equals the CPU forward on all seven fixture
   }
 }
 
-TEST_CASE("MLA decode: rebuilt and absorbed latent caches equal the CPU forward of the converted model") {
+TEST_CASE("MLA decode: rebuilt and absorbed latent caches equal the CPU forward of the converted model (decoupled_rope: rebuilt)") {
   CACHESHRINK_REQUIRE_GPU();
   const auto valid = io::read_ids_u16(test::cuda_fixtures() / "data" / "wikitext2_valid.ids.u16");
   std::vector<std::vector<int>> calib;
   for (int i = 0; i < 16; ++i) calib.emplace_back(valid.begin() + i * 128, valid.begin() + (i + 1) * 128);
   for (const char* name : {"tiny-gpt2", "tiny-llama3", "tiny-qwen3", "tiny-mqa"})
-    for (const char* method : {"separate", "xkv", "joint"}) {
+    for (const char* method : {"separate", "xkv", "joint", "decoupled_rope"}) {
       auto m = model::load_model(model_dir(name));
       compression::ConvertOptions o;
       o.method = method;
       o.compression_ratio = 2.0;
+      const bool decoupled = std::string(method) == "decoupled_rope";
+      if (decoupled) o.d_rope = m.config.d_kv() / 4;  // exact key rows: the rebuilt K~ = [k_r | c_k W_uk^T]
       auto mm = compression::convert(m, o, calib);
       auto ids = reference_row(name, 1);
       ids.resize(std::min<std::size_t>(ids.size(), 70));
       const std::string label = std::string(name) + " MLA " + method;
       check_decode(mm, ids, cuda::LatentDecode::Rebuild, label);
-      if (!mm.config.uses_rope()) {
+      if (decoupled) {
+        dispatch_attention_kind(mm.config, [&](auto kind) {
+          model::Transformer<decltype(kind), Cuda> gpu(mm);
+          CHECK_THROWS_WITH_AS(gpu.make_cache(1, 8, cuda::LatentDecode::Absorbed), doctest::Contains("decoupled_rope"), InvalidArgument);
+          return 0;
+        });
+      } else if (!mm.config.uses_rope()) {
         check_decode(mm, ids, cuda::LatentDecode::Absorbed, label);
       } else {
         dispatch_attention_kind(mm.config, [&](auto kind) {

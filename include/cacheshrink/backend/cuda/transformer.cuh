@@ -222,7 +222,8 @@ class Transformer<Kind, Cuda> {
   }
 
   /// A device KV cache for `batch` sequences of up to `capacity` tokens (see DeviceKvCache).
-  /// mode = Absorbed requires every MLA layer to be absorbable (no RoPE, no k-norm).
+  /// mode = Absorbed requires every MLA layer to be absorbable (no RoPE, no k-norm, not
+  /// decoupled_rope); Rebuild takes every layer kind.
   cuda::DeviceKvCache make_cache(int batch, int capacity, cuda::LatentDecode mode = cuda::LatentDecode::Absorbed) {
     if (batch < 1) throw InvalidArgument("make_cache: batch must be >= 1 (got " + std::to_string(batch) + ")");
     if (capacity < 1) throw InvalidArgument("make_cache: capacity must be >= 1 (got " + std::to_string(capacity) + ")");
@@ -239,10 +240,9 @@ class Transformer<Kind, Cuda> {
       auto& C = kc.layers[l];
       C.latent = L.mla;
       if (L.mla) {
-        if (L.d_rope > 0)
+        if (L.d_rope > 0 && mode == cuda::LatentDecode::Absorbed)
           throw InvalidArgument("make_cache: layer " + std::to_string(l) +
-                                " is a decoupled_rope MLA layer, which the GPU decode does not run yet (the packed forward without a "
-                                "cache does)");
+                                " is a decoupled_rope MLA layer, which decodes on rebuilt keys only; use cuda::LatentDecode::Rebuild");
         if (mode == cuda::LatentDecode::Absorbed && (c_.uses_rope() || !L.k_norm.empty()))
           throw InvalidArgument("make_cache: layer " + std::to_string(l) + " cannot decode on absorbed latents: " +
                                 (c_.uses_rope() ? "RoPE rotates the reconstructed keys" : "a k-norm follows the reconstruction") +
@@ -813,7 +813,14 @@ class Transformer<Kind, Cuda> {
             const int rows = dec_host_[2 * B + b];
             T* kb = kbuf.data() + static_cast<std::size_t>(b) * cap * Dkv;
             T* vb = vbuf.data() + static_cast<std::size_t>(b) * cap * Dkv;
-            cuda::gemm_xwt<T, T>(hb, rows, Dkv, dl, ck + b * ss, lw, L.w_uk.template ptr<T>(), dl, kb, Dkv);
+            // decoupled_rope: K~ = [k_r | c_k W_uk^T], k_r the cached row's last d_rope columns (as
+            // the packed forward builds it).
+            const int dr = L.d_rope;
+            if (dr > 0)
+              CACHESHRINK_CUDA_CHECK(cudaMemcpy2DAsync(kb, static_cast<std::size_t>(Dkv) * sizeof(T), ca + b * ss + 2 * dl,
+                                                       static_cast<std::size_t>(lw) * sizeof(T), static_cast<std::size_t>(dr) * sizeof(T),
+                                                       static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice, s));
+            cuda::gemm_xwt<T, T>(hb, rows, Dkv - dr, dl, ck + b * ss, lw, L.w_uk.template ptr<T>(), dl, kb + dr, Dkv);
             cuda::gemm_xwt<T, T>(hb, rows, Dkv, dl, cv + b * ss, lw, L.w_uv.template ptr<T>(), dl, vb, Dkv);
             if (!L.b_qkv.empty()) {
               cuda::add_bias<T>(kb, Dkv, rows, Dkv, L.b_qkv.data() + Dq, s);

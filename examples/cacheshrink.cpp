@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "cli_cuda.hpp"
 #include "cli_train.hpp"
 
 #ifndef CACHESHRINK_DEFAULT_MODEL
@@ -117,7 +118,30 @@ nlohmann::json conversion_json(const compression::ConversionReport& r) {
           {"cache_floats_per_token_mla", r.cache_floats_per_token_mla}, {"layers", layers}, {"warnings", r.warnings}};
 }
 
-pipeline::PerplexityResult eval_model(const model::Model& m, const std::vector<int>& ids, const pipeline::PerplexityOptions& po) {
+// --device / --precision of eval and convert: the GPU only with a CUDA build and a visible device,
+// --precision bf16 only on the GPU (checked before any work).
+struct DeviceChoice {
+  std::string device = "cpu", precision = "f32";
+  bool gpu() const { return device == "cuda"; }
+  bool bf16() const { return precision == "bf16"; }
+  void check(const char* cmd) const {
+    if (bf16() && !gpu()) throw InvalidArgument(std::string(cmd) + ": --precision bf16 applies to --device cuda");
+    if (gpu()) {
+      if (cli::comm().size() > 1) throw InvalidArgument(std::string(cmd) + " --device cuda runs in one process on one GPU; run it without mpirun");
+      cli::require_gpu();
+    }
+  }
+};
+void add_device_options(CLI::App* cmd, DeviceChoice& d) {
+  cmd->add_option("--device", d.device, "cpu | cuda (one GPU)")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_option("--precision", d.precision, "--device cuda: f32 (float32 throughout) or bf16 (bf16 weights and activations, float32 accumulation)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "bf16"}));
+}
+
+pipeline::PerplexityResult eval_model(const model::Model& m, const std::vector<int>& ids, const pipeline::PerplexityOptions& po,
+                                      const DeviceChoice& dev = {}) {
+  if (dev.gpu()) return cli::eval_on_gpu(m, ids, po, dev.bf16(), nullptr);
   return dispatch_attention_kind(m.config, [&](auto kind) {
     model::Transformer<decltype(kind)> tf(m);
     return pipeline::perplexity(tf, ids, po);
@@ -156,6 +180,8 @@ int main(int argc, char** argv) {
   eval->add_option("--cache-dtype", cache_dtype, "KV/latent cache storage: f32, int8 or fp8 (E4M3), per-token scales; read back quantized")
       ->capture_default_str()
       ->check(CLI::IsMember({"f32", "int8", "fp8"}));
+  DeviceChoice eval_dev, conv_dev;
+  add_device_options(eval, eval_dev);
 
   std::string prompt_ids, prompt_text;
   model::SamplingOptions so;
@@ -203,6 +229,7 @@ int main(int argc, char** argv) {
   std::string plot_energy;
   conv->add_option("--plot-energy", plot_energy, "Write the per-layer energy curves (captured energy vs rank, K and V) to this SVG file");
   conv->add_flag("--json", json, "Print a JSON report");
+  add_device_options(conv, conv_dev);
 
   auto* demo = app.add_subcommand("demo", "The main job on the embedded model: summary, convert (auto, 2x), evaluate, generate");
   demo->add_option("--model", model_dir, "HF model directory")->capture_default_str();
@@ -227,6 +254,7 @@ int main(int argc, char** argv) {
         do_eval = true;
         if (eval_windows == 0) eval_windows = 64;
       }
+      if (!is_demo) conv_dev.check("convert");
       auto m = model::load_model(model_dir);
       if (is_demo) {
         print_summary(model_summary(m));
@@ -242,7 +270,8 @@ int main(int argc, char** argv) {
         calib = compression::encode_calibration(tok, paras, calib_len);
       }
       compression::ConversionReport rep;
-      auto mm = compression::convert(m, co, calib, &rep, is_demo ? dist::AnyComm{} : cli::comm());
+      auto mm = conv_dev.gpu() ? cli::convert_on_gpu(m, co, calib, &rep, conv_dev.bf16())
+                               : compression::convert(m, co, calib, &rep, is_demo ? dist::AnyComm{} : cli::comm());
       if (cli::comm().rank() != 0) return 0;  // mpirun: rank 0 reports, saves and evaluates
       nlohmann::json j{{"model", model_dir}, {"conversion", conversion_json(rep)}};
       if (!json) print_conversion(rep);
@@ -277,8 +306,8 @@ int main(int argc, char** argv) {
         pipeline::PerplexityOptions epo;
         epo.max_windows = eval_windows;
         epo.progress = true;
-        auto r0 = eval_model(m, ids, epo);
-        auto r1 = eval_model(mm, ids, epo);
+        auto r0 = eval_model(m, ids, epo, conv_dev);
+        auto r1 = eval_model(mm, ids, epo, conv_dev);
         j["perplexity_original"] = r0.perplexity;
         j["perplexity_converted"] = r1.perplexity;
         j["eval_windows"] = r1.windows;
@@ -305,6 +334,9 @@ int main(int argc, char** argv) {
       if (json) std::cout << j.dump(2) << "\n";
       else print_summary(j);
     } else if (*eval) {
+      eval_dev.check("eval");
+      if (eval_dev.gpu() && cache_dtype != "f32")
+        throw InvalidArgument("eval --device cuda: --cache-dtype " + cache_dtype + " is a CPU cache format (the GPU evaluates with f32)");
       auto m = pipeline::load_any(model_dir);
       std::vector<int> ids;
       std::string source;
@@ -318,12 +350,13 @@ int main(int argc, char** argv) {
       }
       po.progress = true;
       std::size_t kv_bytes = 0;
-      auto r = dispatch_attention_kind(m.config, [&](auto kind) {
+      auto r = eval_dev.gpu() ? cli::eval_on_gpu(m, ids, po, eval_dev.bf16(), &kv_bytes) : dispatch_attention_kind(m.config, [&](auto kind) {
         model::Transformer<decltype(kind)> tf(m);
         tf.set_cache_dtype(model::parse_cache_dtype(cache_dtype));
         kv_bytes = tf.make_cache(1).bytes_per_token();
         return pipeline::perplexity(tf, ids, po);
       });
+      if (eval_dev.gpu()) cache_dtype = eval_dev.bf16() ? "bf16 (device)" : "f32 (device)";
       if (json) {
         nlohmann::json j{{"model", model_dir},       {"source", source},           {"window", po.window},
                          {"stride", po.stride},      {"windows", r.windows},       {"predicted_tokens", r.predicted_tokens},

@@ -201,6 +201,8 @@ int main(int argc, char** argv) {
   gen->add_option("--cache-dtype", cache_dtype, "KV/latent cache storage: f32, int8 or fp8 (E4M3), per-token scales")
       ->capture_default_str()
       ->check(CLI::IsMember({"f32", "int8", "fp8"}));
+  DeviceChoice gen_dev;
+  add_device_options(gen, gen_dev);
 
   compression::ConvertOptions co;
   std::string out_dir, calib_file = CACHESHRINK_DEFAULT_CALIBRATION;
@@ -370,6 +372,10 @@ int main(int argc, char** argv) {
       }
       std::printf("perplexity: %.4f\n", r.perplexity);
     } else if (*gen) {
+      gen_dev.check("generate");
+      if (gen_dev.gpu() && cache_dtype != "f32")
+        throw InvalidArgument("generate --device cuda: --cache-dtype " + cache_dtype + " is a CPU cache format");
+      if (gen_dev.gpu() && no_cache) throw InvalidArgument("generate --device cuda: --no-cache (full recomputation) is a CPU option");
       auto m = pipeline::load_any(model_dir);
       std::optional<tokenizer::Tokenizer> tok;
       std::vector<int> prompt;
@@ -384,7 +390,7 @@ int main(int argc, char** argv) {
       so.greedy = !sample;
       so.use_cache = !no_cache;
       so.eos_token_id = -1;
-      auto out = dispatch_attention_kind(m.config, [&](auto kind) {
+      auto out = gen_dev.gpu() ? cli::generate_on_gpu(m, prompt, so, gen_dev.bf16()) : dispatch_attention_kind(m.config, [&](auto kind) {
         model::Transformer<decltype(kind)> tf(m);
         tf.set_cache_dtype(model::parse_cache_dtype(cache_dtype));
         return model::generate(tf, prompt, so);

@@ -34,6 +34,14 @@ pipeline::PerplexityResult eval_on_gpu(const model::Model& m, const std::vector<
   });
 }
 
+std::vector<int> generate_on_gpu(const model::Model& m, const std::vector<int>& prompt, const model::SamplingOptions& so, bool bf16) {
+  require_gpu();
+  return dispatch_attention_kind(m.config, [&](auto kind) {
+    model::Transformer<decltype(kind), Cuda> tf(m, cuda::Options{bf16 ? cuda::Precision::BFloat16 : cuda::Precision::Float32});
+    return cuda::generate(tf, prompt, so);
+  });
+}
+
 model::Model convert_on_gpu(model::Model m, const compression::ConvertOptions& o, const std::vector<std::vector<int>>& calib,
                             compression::ConversionReport* rep, bool bf16) {
   require_gpu();

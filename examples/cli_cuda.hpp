@@ -5,6 +5,7 @@
 // throw a clear error.
 #include <cacheshrink/compression/convert.hpp>
 #include <cacheshrink/core/error.hpp>
+#include <cacheshrink/model/generate.hpp>
 #include <cacheshrink/model/weights.hpp>
 #include <cacheshrink/pipeline/evaluate.hpp>
 #include <cacheshrink/train/trainer.hpp>
@@ -29,6 +30,9 @@ pipeline::PerplexityResult eval_on_gpu(const model::Model& m, const std::vector<
 /// calibration forward in float32 or bf16), the CPU convert's options and report.
 model::Model convert_on_gpu(model::Model m, const compression::ConvertOptions& o, const std::vector<std::vector<int>>& calib,
                             compression::ConversionReport* rep, bool bf16);
+/// `generate --device cuda`: cuda::generate (device KV cache, the prompt one token per step,
+/// rebuilt latent keys) in float32 or bf16.
+std::vector<int> generate_on_gpu(const model::Model& m, const std::vector<int>& prompt, const model::SamplingOptions& so, bool bf16);
 #else
 inline void require_gpu() {
   throw InvalidArgument("--device cuda: this cacheshrink was built without the CUDA backend (configure where nvcc is found, "
@@ -46,6 +50,10 @@ inline pipeline::PerplexityResult eval_on_gpu(const model::Model&, const std::ve
 }
 inline model::Model convert_on_gpu(model::Model, const compression::ConvertOptions&, const std::vector<std::vector<int>>&,
                                    compression::ConversionReport*, bool) {
+  require_gpu();
+  return {};
+}
+inline std::vector<int> generate_on_gpu(const model::Model&, const std::vector<int>&, const model::SamplingOptions&, bool) {
   require_gpu();
   return {};
 }

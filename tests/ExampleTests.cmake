@@ -56,13 +56,13 @@ if(TARGET cacheshrink_cli)
     "rm -rf cli_ft_gpu && $<TARGET_FILE:cacheshrink_cli> train --model ${CACHESHRINK_FIXTURES_DIR}/models/tiny-llama3 --ratio 2 --calibration-samples 8 --data ${CACHESHRINK_FIXTURES_DIR}/data/wikitext2_valid.txt --paragraphs 16 --epochs 1 --max-length 64 --warmup-steps 1 --recon-alpha 0.3 --out cli_ft_gpu --device cuda --json --quiet 2>&1")
   set_tests_properties(cli_train_device_cuda PROPERTIES
     PASS_REGULAR_EXPRESSION "^error: --device cuda: (no CUDA device is visible|this cacheshrink was built without the CUDA backend)|\"steps\": 4")
-  # eval / convert --device cuda against the CPU (tests/cli_device_cuda.sh): perplexities within
-  # 1e-5 (eval, float32), 1e-3 (eval, bf16) and 1e-4 (the converted model, float32 calibration);
-  # without a GPU or a CUDA build, the error naming --device cuda.
+  # eval / convert / generate --device cuda against the CPU (tests/cli_device_cuda.sh): perplexities
+  # within 1e-5 (eval, float32), 1e-3 (eval, bf16) and 1e-4 (the converted model, float32
+  # calibration), the same greedy tokens; without a GPU or a CUDA build, the error naming --device cuda.
   add_test(NAME cli_eval_convert_device_cuda COMMAND sh ${CMAKE_CURRENT_SOURCE_DIR}/cli_device_cuda.sh $<TARGET_FILE:cacheshrink_cli>
     ${CACHESHRINK_FIXTURES_DIR})
   set_tests_properties(cli_eval_convert_device_cuda PROPERTIES
-    PASS_REGULAR_EXPRESSION "^error: --device cuda: (no CUDA device is visible|this cacheshrink was built without the CUDA backend)|eval f32: .* ok\neval bf16: .* ok\nconvert f32: .* ok\n"
+    PASS_REGULAR_EXPRESSION "^error: --device cuda: (no CUDA device is visible|this cacheshrink was built without the CUDA backend)|eval f32: .* ok\neval bf16: .* ok\nconvert f32: .* ok\ngenerate f32: gpu = cpu ok\n"
     FAIL_REGULAR_EXPRESSION "MISMATCH|no perplexity")
   add_test(NAME cli_eval_bf16_needs_cuda COMMAND $<TARGET_FILE:cacheshrink_cli> eval --precision bf16 --windows 1)
   set_tests_properties(cli_eval_bf16_needs_cuda PROPERTIES PASS_REGULAR_EXPRESSION "error: eval: --precision bf16 applies to --device cuda")

@@ -1,5 +1,5 @@
 #!/bin/sh
-# `cacheshrink eval / convert --device cuda` against the same commands on the CPU (ctest
+# `cacheshrink eval / convert / generate --device cuda` against the same commands on the CPU (ctest
 # cli_eval_convert_device_cuda). Without a GPU or a CUDA build the first GPU run fails with an
 # error naming --device cuda: the script prints it and exits 0, and the test's regex accepts it.
 #   cli_device_cuda.sh CLI FIXTURES_DIR
@@ -21,3 +21,7 @@ args="convert --model $model --ratio 2 --calibration-samples 8 --eval --eval-win
 g=$("$cli" $args --device cuda 2>/dev/null | last 's/.*-> MLA \([0-9.]*\).*/\1/p')
 c=$("$cli" $args 2>/dev/null | last 's/.*-> MLA \([0-9.]*\).*/\1/p')
 check "convert f32" "$g" "$c" 1e-4 || exit 1
+gen="generate --model $model --prompt-ids 1489,1489,1489,3526,303,86,2610,1489 --max-new-tokens 16"
+g=$("$cli" $gen --device cuda 2>/dev/null | last 's/^generated ids: //p')
+c=$("$cli" $gen 2>/dev/null | last 's/^generated ids: //p')
+if [ -n "$g" ] && [ "$g" = "$c" ]; then echo "generate f32: gpu = cpu ok"; else echo "generate f32: MISMATCH gpu '$g' cpu '$c'"; exit 1; fi

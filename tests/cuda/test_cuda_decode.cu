@@ -9,6 +9,7 @@
 #include <cacheshrink/io/file.hpp>
 #include <cacheshrink/io/safetensors.hpp>
 #include <cmath>
+#include <nlohmann/json.hpp>
 
 #include "cuda/cuda_test_support.cuh"
 
@@ -307,6 +308,35 @@ TEST_CASE("absorbed decode equals rebuild on GQA/MQA models with learned positio
         return 0;
       });
     }
+}
+
+TEST_CASE("cuda::generate: greedy continuation equals HF generate on all seven fixtures; sampling follows the seed") {
+  CACHESHRINK_REQUIRE_GPU();
+  for (const char* name : kModels) {
+    auto m = model::load_model(model_dir(name));
+    const auto ref = nlohmann::json::parse(io::read_text_file(model_dir(name) / "reference.json"))["greedy"];  // HF, float32
+    const auto prompt = ref["prompt_ids"].get<std::vector<int>>();
+    const auto want = ref["generated_ids"].get<std::vector<int>>();
+    model::SamplingOptions o;
+    o.max_new_tokens = static_cast<int>(want.size());
+    dispatch_attention_kind(m.config, [&](auto kind) {
+      model::Transformer<decltype(kind), Cuda> gpu(m);
+      INFO(name);
+      CHECK(cuda::generate(gpu, prompt, o) == want);
+      model::SamplingOptions so = o;
+      so.greedy = false;
+      so.temperature = 0.8f;
+      so.top_k = 50;
+      so.top_p = 0.9f;
+      so.seed = 11;
+      const auto a = cuda::generate(gpu, prompt, so);
+      CHECK(a.size() == want.size());
+      CHECK(cuda::generate(gpu, prompt, so) == a);  // same seed, same tokens
+      so.use_cache = false;
+      CHECK_THROWS_WITH_AS(cuda::generate(gpu, prompt, so), doctest::Contains("use_cache"), InvalidArgument);
+      return 0;
+    });
+  }
 }
 
 TEST_CASE("decode rejects bad input with clear errors") {

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "cacheshrink/backend/cpu/cpu.hpp"
+#include "cacheshrink/model/generate.hpp"
 #include "cacheshrink/backend/cuda/attention.cuh"
 #include "cacheshrink/backend/cuda/check.cuh"
 #include "cacheshrink/backend/cuda/decode.cuh"
@@ -994,6 +995,32 @@ pipeline::PerplexityResult perplexity(Tf& tf, const std::vector<int>& ids, const
   r.perplexity = std::exp(r.mean_nll);
   r.tokens_per_second = r.seconds > 0 ? static_cast<double>(r.processed_tokens) / r.seconds : 0.0;
   return r;
+}
+
+/// model::generate on the GPU with a device KV cache (`mode`: the latent layers' decode, see
+/// LatentDecode; Rebuild takes every model). The prompt goes through the cache one token per
+/// step (no batched prefill into a device cache yet), then each new token is picked on the host
+/// by model::Sampler from that step's logits (greedy, or temperature / top-k / top-p with the
+/// seed), as the CPU's generate with its cache. Returns only the new tokens; use_cache = false
+/// is refused (the GPU decodes on its cache only).
+template <class Tf>
+std::vector<int> generate(Tf& tf, const std::vector<int>& prompt, const model::SamplingOptions& o, LatentDecode mode = LatentDecode::Rebuild) {
+  if (prompt.empty()) throw InvalidArgument("cuda::generate: empty prompt");
+  if (o.max_new_tokens < 0) throw InvalidArgument("cuda::generate: max_new_tokens must be >= 0");
+  if (!o.use_cache) throw InvalidArgument("cuda::generate: use_cache = false (full recomputation) is a CPU option");
+  model::Sampler sampler(o);
+  std::vector<int> out;
+  if (o.max_new_tokens == 0) return out;
+  auto cache = tf.make_cache(1, static_cast<int>(prompt.size()) + o.max_new_tokens, mode);
+  MatrixRf logits;
+  for (const int t : prompt) logits = tf.decode(cache, std::span<const int>(&t, 1));
+  for (int step = 0; step < o.max_new_tokens; ++step) {
+    const int t = sampler.next(logits.row(0));
+    out.push_back(t);
+    if (t == o.eos_token_id || step + 1 == o.max_new_tokens) break;
+    logits = tf.decode(cache, std::span<const int>(&t, 1));
+  }
+  return out;
 }
 
 }  // namespace cacheshrink::cuda

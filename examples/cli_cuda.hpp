@@ -30,7 +30,7 @@ pipeline::PerplexityResult eval_on_gpu(const model::Model& m, const std::vector<
 /// calibration forward in float32 or bf16), the CPU convert's options and report.
 model::Model convert_on_gpu(model::Model m, const compression::ConvertOptions& o, const std::vector<std::vector<int>>& calib,
                             compression::ConversionReport* rep, bool bf16);
-/// `generate --device cuda`: cuda::generate (device KV cache, the prompt one token per step,
+/// `generate --device cuda`: cuda::generate (device KV cache filled by prefill, then one decode step per token,
 /// rebuilt latent keys) in float32 or bf16.
 std::vector<int> generate_on_gpu(const model::Model& m, const std::vector<int>& prompt, const model::SamplingOptions& so, bool bf16);
 #else

@@ -211,7 +211,27 @@ void check_decode(const model::Model& m, const std::vector<int>& ids, cuda::Late
         }
       }
       CHECK(cache.len[0] == static_cast<int>(ids.size()));
+      // prefill: the first half of sequence 0 and three more tokens of sequence 1 in one packed
+      // forward, then token by token until sequence 1 ends; every step's logits against the CPU.
+      const std::size_t h0 = ids.size() / 2, h1 = std::min(ids.size() - 1, h0 + 3);
+      auto pc = gpu.make_cache(2, static_cast<int>(ids.size()), mode);
+      const std::vector<std::vector<int>> prompts = {{seqs[0].begin(), seqs[0].begin() + static_cast<std::ptrdiff_t>(h0)},
+                                                     {seqs[1].begin(), seqs[1].begin() + static_cast<std::ptrdiff_t>(h1)}};
+      double worst_p = 0;
+      const auto score = [&](const MatrixRf& got, std::size_t t0, std::size_t t1) {
+        for (int b = 0; b < 2; ++b) {
+          const auto w = want[b].row(static_cast<Eigen::Index>(b == 0 ? t0 : t1)).template cast<double>();
+          worst_p = std::max(worst_p, (got.row(b).template cast<double>() - w).norm() / w.norm());
+        }
+      };
+      score(gpu.prefill(pc, prompts), h0 - 1, h1 - 1);
+      for (std::size_t k = 0; h1 + k < ids.size(); ++k) {
+        const std::vector<int> tok = {seqs[0][h0 + k], seqs[1][h1 + k]};
+        score(gpu.decode(pc, tok), h0 + k, h1 + k);
+      }
       const double lim = p == cuda::Precision::Float32 ? 1e-4 : 2e-2;
+      MESSAGE(label, " ", std::string(cuda::precision_name(p)), " ", std::string(cuda::latent_decode_name(mode)), ": prefill + decode, worst logits rel. error ", worst_p);
+      CHECK(worst_p <= lim);
       MESSAGE(label, " ", std::string(cuda::precision_name(p)), " ", std::string(cuda::latent_decode_name(mode)), ": worst step logits rel. error ", worst, " (limit ", lim, ")");
       CHECK(worst <= lim);
     }
@@ -353,4 +373,14 @@ TEST_CASE("decode rejects bad input with clear errors") {
   std::vector<int> ok = {1, 2};
   for (int i = 0; i < cache.capacity; ++i) gpu.decode(cache, ok);
   CHECK_THROWS_WITH_AS(gpu.decode(cache, ok), doctest::Contains("full"), InvalidArgument);
+  const std::vector<std::vector<int>> prompts = {{1, 2}, {3}};
+  CHECK_THROWS_WITH_AS(gpu.prefill(cache, prompts), doctest::Contains("already holds"), InvalidArgument);
+  cache.reset();
+  CHECK_THROWS_WITH_AS(gpu.prefill(cache, std::vector<std::vector<int>>{{1}}), doctest::Contains("batch 2"), InvalidArgument);
+  CHECK_THROWS_WITH_AS(gpu.prefill(cache, std::vector<std::vector<int>>{{1}, std::vector<int>(cache.capacity + 1, 1)}),
+                       doctest::Contains("capacity"), InvalidArgument);
+  const MatrixRf last = gpu.prefill(cache, prompts);
+  CHECK(last.rows() == 2);
+  CHECK(cache.len[0] == 2);
+  CHECK(cache.len[1] == 1);
 }

@@ -148,9 +148,12 @@ class Transformer<Kind, Cuda> {
   cudaStream_t stream() const { return stream_->get(); }
 
   /// Logits on the host, like the CPU Transformer: All -> one row per packed token; Last ->
-  /// one row per sequence; None -> empty. `cache` must be nullptr (decode is CPU-only so far).
+  /// one row per sequence; None -> empty. `cache` must be nullptr (the GPU's cache is
+  /// cuda::DeviceKvCache: make_cache, prefill, decode).
   MatrixRf forward(std::span<const std::vector<int>> seqs, KvCache* cache = nullptr, const ForwardOptions& opt = {}) {
-    if (cache != nullptr) throw InvalidArgument("Transformer<Cuda>::forward: KV-cache decode is not implemented on the GPU; pass cache = nullptr");
+    if (cache != nullptr)
+      throw InvalidArgument("Transformer<Cuda>::forward: the host KV-cache is the CPU's; on the GPU use make_cache, prefill and decode "
+                            "(cuda::DeviceKvCache), and pass cache = nullptr here");
     if (opt.hooks != nullptr || opt.stop_after_attn_input >= 0)
       throw InvalidArgument("Transformer<Cuda>::forward: hooks and stop_after_attn_input are CPU-only");
     prepare(seqs, nullptr);
@@ -278,6 +281,43 @@ class Transformer<Kind, Cuda> {
 
   /// One decode step: tokens[b] is appended to sequence b of the cache (at position len[b]) and
   /// the next-token logits (batch, vocab) come back to the host.
+  /// Fills an empty device cache with the prompts in one packed forward (the rows decode would
+  /// have appended token by token) and returns each sequence's last-token logits (batch x vocab);
+  /// decode() continues from there. seqs.size() == kc.batch, every sequence non-empty and at most
+  /// kc.capacity tokens, every slot of the cache empty (reset() it to reuse).
+  MatrixRf prefill(cuda::DeviceKvCache& kc, std::span<const std::vector<int>> seqs) {
+    const int B = kc.batch, V = c_.vocab_size;
+    if (static_cast<int>(seqs.size()) != B)
+      throw InvalidArgument("prefill: " + std::to_string(seqs.size()) + " sequences for a cache of batch " + std::to_string(B));
+    if (kc.layers.size() != layers_.size()) throw InvalidArgument("prefill: the cache was made for another model");
+    for (int b = 0; b < B; ++b) {
+      if (kc.len[b] != 0)
+        throw InvalidArgument("prefill: sequence " + std::to_string(b) + " of the cache already holds " + std::to_string(kc.len[b]) +
+                              " tokens (prefill fills an empty cache; reset() it first)");
+      if (static_cast<int>(seqs[b].size()) > kc.capacity)
+        throw InvalidArgument("prefill: sequence " + std::to_string(b) + " has " + std::to_string(seqs[b].size()) +
+                              " tokens, more than the cache's capacity " + std::to_string(kc.capacity));
+    }
+    prepare(seqs, nullptr);
+    prefill_ = &kc;
+    try {
+      if (bf16()) run_layers<__nv_bfloat16>();
+      else run_layers<float>();
+    } catch (...) {
+      prefill_ = nullptr;
+      throw;
+    }
+    prefill_ = nullptr;
+    logits_.reserve(static_cast<std::size_t>(B) * V);
+    if (bf16()) head<__nv_bfloat16>(true);
+    else head<float>(true);
+    MatrixRf out(B, V);
+    CACHESHRINK_CUDA_CHECK(cudaMemcpyAsync(out.data(), logits_.data(), sizeof(float) * B * V, cudaMemcpyDeviceToHost, st()));
+    stream_->synchronize();
+    for (int b = 0; b < B; ++b) kc.len[b] = static_cast<int>(seqs[b].size());
+    return out;
+  }
+
   MatrixRf decode(cuda::DeviceKvCache& kc, std::span<const int> tokens) {
     decode_device(kc, tokens);
     const int B = kc.batch, V = c_.vocab_size;
@@ -589,6 +629,7 @@ class Transformer<Kind, Cuda> {
     if (c_.uses_rope()) ensure_rope(maxlen);
     last_rows_.assign(off.begin() + 1, off.end());
     for (auto& r : last_rows_) --r;
+    off_host_ = off;
     auto plan = cuda::AttentionPlan::from_offsets(off);
     n_tiles_ = static_cast<int>(plan.tiles.size());
     // meta: [tiles (4 ints each) | ids | pos | row_begin | targets]
@@ -627,6 +668,33 @@ class Transformer<Kind, Cuda> {
   cuda::DeviceBuffer<T>& act(cuda::DeviceBuffer<float>& f, cuda::DeviceBuffer<__nv_bfloat16>& b) {
     if constexpr (std::is_same_v<T, float>) return f;
     else return b;
+  }
+
+  // prefill: the rows decode would have appended, per sequence into rows [0, len) of its cache
+  // slot: a standard layer's K and V after bias, k-norm and RoPE (qkv), an MLA layer's latents
+  // [c_k | c_v | k_r] as the input projection made them (lat).
+  template <class T>
+  void cache_rows(std::size_t li, const T* qkv, const T* lat) {
+    const DevLayer& L = layers_[li];
+    auto& C = prefill_->layers[li];
+    const int Dq = c_.d_q(), Dkv = c_.d_kv(), Wqkv = Dq + 2 * Dkv, cap = prefill_->capacity;
+    const auto copy = [&](T* dst, int ld, const T* src, int lds, int width, int rows) {
+      CACHESHRINK_CUDA_CHECK(cudaMemcpy2DAsync(dst, static_cast<std::size_t>(ld) * sizeof(T), src, static_cast<std::size_t>(lds) * sizeof(T),
+                                               static_cast<std::size_t>(width) * sizeof(T), static_cast<std::size_t>(rows),
+                                               cudaMemcpyDeviceToDevice, st()));
+    };
+    for (std::size_t b = 0; b + 1 < off_host_.size(); ++b) {
+      const int first = off_host_[b], rows = off_host_[b + 1] - first;
+      if (L.mla) {
+        const int lw = C.width_a;
+        copy(const_cast<T*>(C.a.template ptr<T>()) + b * static_cast<std::size_t>(cap) * lw, lw, lat + static_cast<std::size_t>(first) * lw, lw,
+             lw, rows);
+      } else {
+        const T* row = qkv + static_cast<std::size_t>(first) * Wqkv + Dq;
+        copy(const_cast<T*>(C.a.template ptr<T>()) + b * static_cast<std::size_t>(cap) * Dkv, Dkv, row, Wqkv, Dkv, rows);
+        copy(const_cast<T*>(C.b.template ptr<T>()) + b * static_cast<std::size_t>(cap) * Dkv, Dkv, row + Dkv, Wqkv, Dkv, rows);
+      }
+    }
   }
 
   template <class T>
@@ -682,6 +750,7 @@ class Transformer<Kind, Cuda> {
       if (!L.q_norm.empty()) cuda::head_rms_norm<T>(qkv.data(), Wqkv, 0, N, nh, hd, L.q_norm.data(), eps, s);
       if (!L.k_norm.empty()) cuda::head_rms_norm<T>(qkv.data(), Wqkv, Dq, N, nkv, hd, L.k_norm.data(), eps, s);
       if (c_.uses_rope()) cuda::rope<T>(qkv.data(), Wqkv, 0, N, nh + nkv, hd, d_pos_, rope_cos_.data(), rope_sin_.data(), s);
+      if (prefill_ != nullptr) cache_rows<T>(li, qkv.data(), lat.data());
       cuda::AttentionArgs<T> aa;
       aa.q = qkv.data();
       aa.k = qkv.data() + Dq;
@@ -924,7 +993,7 @@ class Transformer<Kind, Cuda> {
   // per-batch state
   int n_ = 0, n_tiles_ = 0;
   long long scored_ = 0;
-  std::vector<int> meta_host_, targets_host_, last_rows_;
+  std::vector<int> meta_host_, targets_host_, last_rows_, off_host_;
   cuda::DeviceBuffer<int> meta_;
   const int4* d_tiles_ = nullptr;
   const int *d_ids_ = nullptr, *d_pos_ = nullptr, *d_row_begin_ = nullptr, *d_targets_ = nullptr;
@@ -941,6 +1010,7 @@ class Transformer<Kind, Cuda> {
   bool force_latent_rows_ = false;
   const AttnInputFn* attn_hook_ = nullptr;  // set during attention_inputs
   int stop_after_ = -1;
+  cuda::DeviceKvCache* prefill_ = nullptr;  // set during prefill: run_layers writes each layer's cache rows
 };
 
 }  // namespace cacheshrink::model
@@ -998,8 +1068,8 @@ pipeline::PerplexityResult perplexity(Tf& tf, const std::vector<int>& ids, const
 }
 
 /// model::generate on the GPU with a device KV cache (`mode`: the latent layers' decode, see
-/// LatentDecode; Rebuild takes every model). The prompt goes through the cache one token per
-/// step (no batched prefill into a device cache yet), then each new token is picked on the host
+/// LatentDecode; Rebuild takes every model). The prompt fills the cache in one packed forward
+/// (Transformer::prefill), then each new token is picked on the host
 /// by model::Sampler from that step's logits (greedy, or temperature / top-k / top-p with the
 /// seed), as the CPU's generate with its cache. Returns only the new tokens; use_cache = false
 /// is refused (the GPU decodes on its cache only).
@@ -1012,8 +1082,7 @@ std::vector<int> generate(Tf& tf, const std::vector<int>& prompt, const model::S
   std::vector<int> out;
   if (o.max_new_tokens == 0) return out;
   auto cache = tf.make_cache(1, static_cast<int>(prompt.size()) + o.max_new_tokens, mode);
-  MatrixRf logits;
-  for (const int t : prompt) logits = tf.decode(cache, std::span<const int>(&t, 1));
+  MatrixRf logits = tf.prefill(cache, std::span<const std::vector<int>>(&prompt, 1));
   for (int step = 0; step < o.max_new_tokens; ++step) {
     const int t = sampler.next(logits.row(0));
     out.push_back(t);

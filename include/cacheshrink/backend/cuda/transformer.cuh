@@ -30,7 +30,6 @@
 #include <vector>
 
 #include "cacheshrink/backend/cpu/cpu.hpp"
-#include "cacheshrink/model/generate.hpp"
 #include "cacheshrink/backend/cuda/attention.cuh"
 #include "cacheshrink/backend/cuda/check.cuh"
 #include "cacheshrink/backend/cuda/decode.cuh"
@@ -38,6 +37,7 @@
 #include "cacheshrink/backend/cuda/kernels.cuh"
 #include "cacheshrink/backend/cuda/memory.cuh"
 #include "cacheshrink/core/progress.hpp"
+#include "cacheshrink/model/generate.hpp"
 #include "cacheshrink/model/transformer.hpp"
 #include "cacheshrink/pipeline/evaluate.hpp"
 
@@ -279,8 +279,6 @@ class Transformer<Kind, Cuda> {
     stream_->synchronize();
   }
 
-  /// One decode step: tokens[b] is appended to sequence b of the cache (at position len[b]) and
-  /// the next-token logits (batch, vocab) come back to the host.
   /// Fills an empty device cache with the prompts in one packed forward (the rows decode would
   /// have appended token by token) and returns each sequence's last-token logits (batch x vocab);
   /// decode() continues from there. seqs.size() == kc.batch, every sequence non-empty and at most
@@ -318,6 +316,8 @@ class Transformer<Kind, Cuda> {
     return out;
   }
 
+  /// One decode step: tokens[b] is appended to sequence b of the cache (at position len[b]) and
+  /// the next-token logits (batch, vocab) come back to the host.
   MatrixRf decode(cuda::DeviceKvCache& kc, std::span<const int> tokens) {
     decode_device(kc, tokens);
     const int B = kc.batch, V = c_.vocab_size;

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "cacheshrink/core/error.hpp"
@@ -77,33 +78,46 @@ class Sampler {
   std::mt19937_64 rng_;
 };
 
+namespace detail {
+// `who`'s argument checks of every generate.
+inline void check_generate(const char* who, const std::vector<int>& prompt, const SamplingOptions& o) {
+  if (prompt.empty()) throw InvalidArgument(std::string(who) + ": empty prompt");
+  if (o.max_new_tokens < 0) throw InvalidArgument(std::string(who) + ": max_new_tokens must be >= 0");
+}
+// The cached generation loop: picks a token from `logits` (row 0: the prompt's last-token
+// logits), appends it, and asks step(token) for the next logits until max_new_tokens or EOS.
+template <class Step>
+std::vector<int> sample_loop(Sampler& sampler, MatrixRf logits, const SamplingOptions& o, Step&& step) {
+  std::vector<int> out;
+  for (int s = 0; s < o.max_new_tokens; ++s) {
+    const int t = sampler.next(logits.row(0));
+    out.push_back(t);
+    if (t == o.eos_token_id || s + 1 == o.max_new_tokens) break;
+    logits = step(t);
+  }
+  return out;
+}
+}  // namespace detail
+
 /// Generates up to max_new_tokens after `prompt`; returns only the new tokens.
 template <class Tf>
 std::vector<int> generate(Tf& tf, const std::vector<int>& prompt, const SamplingOptions& o) {
-  if (prompt.empty()) throw InvalidArgument("generate: empty prompt");
-  if (o.max_new_tokens < 0) throw InvalidArgument("generate: max_new_tokens must be >= 0");
+  detail::check_generate("generate", prompt, o);
   Sampler sampler(o);
-  std::vector<int> out;
   ForwardOptions last;
   last.logits = LogitsFor::Last;
   if (o.use_cache) {
     KvCache cache = tf.make_cache(1);
-    MatrixRf logits = tf.forward(prompt, &cache, last);
-    for (int step = 0; step < o.max_new_tokens; ++step) {
-      const int t = sampler.next(logits.row(0));
-      out.push_back(t);
-      if (t == o.eos_token_id || step + 1 == o.max_new_tokens) break;
-      logits = tf.forward(std::vector<int>{t}, &cache, last);
-    }
-  } else {
-    std::vector<int> seq = prompt;
-    for (int step = 0; step < o.max_new_tokens; ++step) {
-      MatrixRf logits = tf.forward(seq, nullptr, last);
-      const int t = sampler.next(logits.row(0));
-      out.push_back(t);
-      seq.push_back(t);
-      if (t == o.eos_token_id) break;
-    }
+    return detail::sample_loop(sampler, tf.forward(prompt, &cache, last), o,
+                               [&](int t) { return tf.forward(std::vector<int>{t}, &cache, last); });
+  }
+  std::vector<int> out, seq = prompt;
+  for (int step = 0; step < o.max_new_tokens; ++step) {
+    MatrixRf logits = tf.forward(seq, nullptr, last);
+    const int t = sampler.next(logits.row(0));
+    out.push_back(t);
+    seq.push_back(t);
+    if (t == o.eos_token_id) break;
   }
   return out;
 }

@@ -678,23 +678,37 @@ class Transformer<Kind, Cuda> {
     const DevLayer& L = layers_[li];
     auto& C = prefill_->layers[li];
     const int Dq = c_.d_q(), Dkv = c_.d_kv(), Wqkv = Dq + 2 * Dkv, cap = prefill_->capacity;
-    const auto copy = [&](T* dst, int ld, const T* src, int lds, int width, int rows) {
-      CACHESHRINK_CUDA_CHECK(cudaMemcpy2DAsync(dst, static_cast<std::size_t>(ld) * sizeof(T), src, static_cast<std::size_t>(lds) * sizeof(T),
-                                               static_cast<std::size_t>(width) * sizeof(T), static_cast<std::size_t>(rows),
-                                               cudaMemcpyDeviceToDevice, st()));
-    };
     for (std::size_t b = 0; b + 1 < off_host_.size(); ++b) {
       const int first = off_host_[b], rows = off_host_[b + 1] - first;
       if (L.mla) {
         const int lw = C.width_a;
-        copy(const_cast<T*>(C.a.template ptr<T>()) + b * static_cast<std::size_t>(cap) * lw, lw, lat + static_cast<std::size_t>(first) * lw, lw,
-             lw, rows);
+        copy_rows(const_cast<T*>(C.a.template ptr<T>()) + b * static_cast<std::size_t>(cap) * lw, lw, lat + static_cast<std::size_t>(first) * lw,
+                  lw, lw, rows);
       } else {
         const T* row = qkv + static_cast<std::size_t>(first) * Wqkv + Dq;
-        copy(const_cast<T*>(C.a.template ptr<T>()) + b * static_cast<std::size_t>(cap) * Dkv, Dkv, row, Wqkv, Dkv, rows);
-        copy(const_cast<T*>(C.b.template ptr<T>()) + b * static_cast<std::size_t>(cap) * Dkv, Dkv, row + Dkv, Wqkv, Dkv, rows);
+        copy_rows(const_cast<T*>(C.a.template ptr<T>()) + b * static_cast<std::size_t>(cap) * Dkv, Dkv, row, Wqkv, Dkv, rows);
+        copy_rows(const_cast<T*>(C.b.template ptr<T>()) + b * static_cast<std::size_t>(cap) * Dkv, Dkv, row + Dkv, Wqkv, Dkv, rows);
       }
     }
+  }
+
+  // dst[r, 0:width) = src[r, 0:width) for `rows` rows (row strides ld, lds), on the stream.
+  template <class T>
+  void copy_rows(T* dst, int ld, const T* src, int lds, int width, int rows) {
+    CACHESHRINK_CUDA_CHECK(cudaMemcpy2DAsync(dst, static_cast<std::size_t>(ld) * sizeof(T), src, static_cast<std::size_t>(lds) * sizeof(T),
+                                             static_cast<std::size_t>(width) * sizeof(T), static_cast<std::size_t>(rows),
+                                             cudaMemcpyDeviceToDevice, st()));
+  }
+  // An MLA layer's K~ = c_k W_uk^T and V~ = c_v W_uv^T for `rows` latent rows [c_k | c_v | k_r]
+  // (stride lw), into k and v (stride ld), before biases; decoupled_rope: K~ = [k_r | c_k W_uk^T],
+  // k_r the rows' exact key features. The packed forward and the rebuilding decode both use it.
+  template <class T>
+  void rebuild_kv(const DevLayer& L, const T* lat, int lw, int rows, T* k, T* v, int ld) {
+    const int dl = L.d_latent, dr = L.d_rope, Dkv = c_.d_kv();
+    cublasHandle_t hb = blas_->get();
+    if (dr > 0) copy_rows(k, ld, lat + 2 * dl, lw, dr, rows);
+    cuda::gemm_xwt<T, T>(hb, rows, Dkv - dr, dl, lat, lw, L.w_uk.template ptr<T>(), dl, k + dr, ld);
+    cuda::gemm_xwt<T, T>(hb, rows, Dkv, dl, lat + (L.joint ? 0 : dl), lw, L.w_uv.template ptr<T>(), dl, v, ld);
   }
 
   template <class T>
@@ -730,21 +744,14 @@ class Transformer<Kind, Cuda> {
       if (!L.mla) {
         cuda::gemm_xwt<T, T>(hb, N, Wqkv, H, h.data(), H, L.w_qkv.template ptr<T>(), H, qkv.data(), Wqkv);
       } else {
-        const int dl = L.d_latent, lw = L.latent_width();
+        const int lw = L.latent_width();
         lat.reserve(static_cast<std::size_t>(N) * lw);
         // q into qkv, [c_k | c_v] into lat (K~ / V~ are written into qkv next, so the latents
         // cannot share its columns here)
         cuda::gemm_xwt<T, T>(hb, N, Dq, H, h.data(), H, L.w_qkv.template ptr<T>(), H, qkv.data(), Wqkv);
         cuda::gemm_xwt<T, T>(hb, N, lw, H, h.data(), H, L.w_qkv.template ptr<T>() + static_cast<std::size_t>(Dq) * H, H, lat.data(), lw);
-        // K~ = c_k Wuk^T, V~ = c_v Wuv^T (biases below with the fused bias); decoupled_rope:
-        // K~ = [k_r | c_k Wuk^T], k_r = h Wr^T the latents' last d_rope columns.
-        const int dr = L.d_rope;
-        if (dr > 0)
-          CACHESHRINK_CUDA_CHECK(cudaMemcpy2DAsync(qkv.data() + Dq, static_cast<std::size_t>(Wqkv) * sizeof(T), lat.data() + 2 * dl,
-                                                   static_cast<std::size_t>(lw) * sizeof(T), static_cast<std::size_t>(dr) * sizeof(T),
-                                                   static_cast<std::size_t>(N), cudaMemcpyDeviceToDevice, s));
-        cuda::gemm_xwt<T, T>(hb, N, Dkv - dr, dl, lat.data(), lw, L.w_uk.template ptr<T>(), dl, qkv.data() + Dq + dr, Wqkv);
-        cuda::gemm_xwt<T, T>(hb, N, Dkv, dl, lat.data() + (L.joint ? 0 : dl), lw, L.w_uv.template ptr<T>(), dl, qkv.data() + Dq + Dkv, Wqkv);
+        // K~, V~ from the latents (biases below with the fused bias).
+        rebuild_kv<T>(L, lat.data(), lw, N, qkv.data() + Dq, qkv.data() + Dq + Dkv, Wqkv);
       }
       if (!L.b_qkv.empty()) cuda::add_bias<T>(qkv.data(), Wqkv, N, Wqkv, L.b_qkv.data(), s);
       if (!L.q_norm.empty()) cuda::head_rms_norm<T>(qkv.data(), Wqkv, 0, N, nh, hd, L.q_norm.data(), eps, s);
@@ -883,15 +890,7 @@ class Transformer<Kind, Cuda> {
             const int rows = dec_host_[2 * B + b];
             T* kb = kbuf.data() + static_cast<std::size_t>(b) * cap * Dkv;
             T* vb = vbuf.data() + static_cast<std::size_t>(b) * cap * Dkv;
-            // decoupled_rope: K~ = [k_r | c_k W_uk^T], k_r the cached row's last d_rope columns (as
-            // the packed forward builds it).
-            const int dr = L.d_rope;
-            if (dr > 0)
-              CACHESHRINK_CUDA_CHECK(cudaMemcpy2DAsync(kb, static_cast<std::size_t>(Dkv) * sizeof(T), ca + b * ss + 2 * dl,
-                                                       static_cast<std::size_t>(lw) * sizeof(T), static_cast<std::size_t>(dr) * sizeof(T),
-                                                       static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice, s));
-            cuda::gemm_xwt<T, T>(hb, rows, Dkv - dr, dl, ck + b * ss, lw, L.w_uk.template ptr<T>(), dl, kb + dr, Dkv);
-            cuda::gemm_xwt<T, T>(hb, rows, Dkv, dl, cv + b * ss, lw, L.w_uv.template ptr<T>(), dl, vb, Dkv);
+            rebuild_kv<T>(L, ca + b * ss, lw, rows, kb, vb, Dkv);
             if (!L.b_qkv.empty()) {
               cuda::add_bias<T>(kb, Dkv, rows, Dkv, L.b_qkv.data() + Dq, s);
               cuda::add_bias<T>(vb, Dkv, rows, Dkv, L.b_qkv.data() + Dq + Dkv, s);
@@ -1075,21 +1074,13 @@ pipeline::PerplexityResult perplexity(Tf& tf, const std::vector<int>& ids, const
 /// is refused (the GPU decodes on its cache only).
 template <class Tf>
 std::vector<int> generate(Tf& tf, const std::vector<int>& prompt, const model::SamplingOptions& o, LatentDecode mode = LatentDecode::Rebuild) {
-  if (prompt.empty()) throw InvalidArgument("cuda::generate: empty prompt");
-  if (o.max_new_tokens < 0) throw InvalidArgument("cuda::generate: max_new_tokens must be >= 0");
+  model::detail::check_generate("cuda::generate", prompt, o);
   if (!o.use_cache) throw InvalidArgument("cuda::generate: use_cache = false (full recomputation) is a CPU option");
   model::Sampler sampler(o);
-  std::vector<int> out;
-  if (o.max_new_tokens == 0) return out;
+  if (o.max_new_tokens == 0) return {};
   auto cache = tf.make_cache(1, static_cast<int>(prompt.size()) + o.max_new_tokens, mode);
-  MatrixRf logits = tf.prefill(cache, std::span<const std::vector<int>>(&prompt, 1));
-  for (int step = 0; step < o.max_new_tokens; ++step) {
-    const int t = sampler.next(logits.row(0));
-    out.push_back(t);
-    if (t == o.eos_token_id || step + 1 == o.max_new_tokens) break;
-    logits = tf.decode(cache, std::span<const int>(&t, 1));
-  }
-  return out;
+  return model::detail::sample_loop(sampler, tf.prefill(cache, std::span<const std::vector<int>>(&prompt, 1)), o,
+                                    [&](int t) { return tf.decode(cache, std::span<const int>(&t, 1)); });
 }
 
 }  // namespace cacheshrink::cuda

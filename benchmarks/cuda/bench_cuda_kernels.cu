@@ -1,6 +1,7 @@
 // Google Benchmark suite of the CUDA backend's kernels, each against a baseline timed in the
 // same run (CUDA events, manual time; the reported time is ours):
-//   BM_FlashAttention/<shape>  the bf16 flash prefill kernel at 7B head shapes; counters: TFLOP/s
+//   BM_FlashAttention/<shape>/<k>  the bf16 flash prefill kernels at 7B head shapes (k = 0: mma.sync,
+//                              1: wgmma, sm_90a builds on Hopper only); counters: TFLOP/s
 //                              (causal pairs) and its fraction of cuBLAS's bf16 GEMM rate on this
 //                              card (8192^3, measured once per run): the roofline in issue 8's sense.
 //   BM_TrainGemm/<shape>       cuda::TunedGemm (cublasLt, timed kernel choice, TF32) on the Qwen2.5-7B
@@ -59,9 +60,14 @@ const std::vector<std::tuple<int, int, int, int>> kAttnShapes = {{32, 32, 1024, 
 
 void BM_FlashAttention(benchmark::State& state) {
   const auto [nh, nkv, T, B] = kAttnShapes[static_cast<std::size_t>(state.range(0))];
+  const auto kind = state.range(1) == 0 ? cuda::FlashKernel::MmaSync : cuda::FlashKernel::Wgmma;
+  if (kind == cuda::FlashKernel::Wgmma && !cuda::wgmma_available()) {
+    state.SkipWithError("no sm_90a code for this device");
+    return;
+  }
   cuda::Stream st;
   bench::FlashCase fc(nh, nkv, T, B, st.get());
-  auto run = [&] { fc.run(st.get()); };
+  auto run = [&] { fc.run(st.get(), kind); };
   run();
   const double flops = fc.flops();
   double total = 0;
@@ -73,7 +79,8 @@ void BM_FlashAttention(benchmark::State& state) {
   const double tflops = flops / (total / static_cast<double>(state.iterations()) * 1e9);
   state.counters["TFLOPs"] = tflops;
   state.counters["of_bf16_gemm"] = tflops / bf16_gemm_rate();
-  state.SetLabel("nh " + std::to_string(nh) + " nkv " + std::to_string(nkv) + " " + std::to_string(B) + "x" + std::to_string(T));
+  state.SetLabel(std::string(kind == cuda::FlashKernel::Wgmma ? "wgmma" : "mma.sync") + " nh " + std::to_string(nh) + " nkv " + std::to_string(nkv) + " " +
+                 std::to_string(B) + "x" + std::to_string(T));
 }
 
 // Column-major (cuBLAS view) GEMMs of one Qwen2.5-7B training step (bench_cuda_train --gemm-profile),
@@ -121,7 +128,9 @@ void BM_TrainGemm(benchmark::State& state) {
                  std::to_string(n) + " k " + std::to_string(k));
 }
 
-BENCHMARK(BM_FlashAttention)->DenseRange(0, static_cast<int>(kAttnShapes.size()) - 1)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_FlashAttention)
+    ->ArgsProduct({benchmark::CreateDenseRange(0, static_cast<int>(kAttnShapes.size()) - 1, 1), {0, 1}})
+    ->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_TrainGemm)->DenseRange(0, static_cast<int>(kGemmShapes.size()) - 1)->UseManualTime()->Unit(benchmark::kMillisecond);
 
 }  // namespace

@@ -38,7 +38,9 @@ struct FlashCase {
     args.head_dim = hd;
     args.scale = 0.088388f;  // 1 / sqrt(128)
   }
-  void run(cudaStream_t s) { cuda::flash_attention(args, tiles.data(), static_cast<int>(plan.tiles.size()), s); }
+  void run(cudaStream_t s, cuda::FlashKernel k = cuda::FlashKernel::Auto) {
+    cuda::flash_attention(args, tiles.data(), static_cast<int>(plan.tiles.size()), s, k);
+  }
   /// Causal FLOPs: 4 hd per (query, visible key) pair and head.
   double flops() const { return 4.0 * B * (static_cast<double>(T) * (T + 1) / 2) * hd * nh; }
 };

@@ -3,7 +3,10 @@
 throughput (forward + float32 cross-entropy) in PyTorch bf16 with sdpa attention, timed with
 CUDA events, on the same fixtures / protocol and the same random-weight 7B shapes.
 
-    python3 benchmarks/python/bench_hf_eval.py [--part fixtures|7b|all] [--fixtures DIR] [--json PATH]
+    python3 benchmarks/python/bench_hf_eval.py [--part fixtures|attention|7b|all] [--fixtures DIR] [--json PATH]
+
+--part attention times torch's causal sdpa kernel alone on bench_cuda_eval --part attention's shapes
+(head_dim 128; the backend torch picks, and the flash / cuDNN ones forced where available).
 """
 import argparse
 import json
@@ -92,6 +95,37 @@ def part_7b(iters):
         torch.cuda.empty_cache()
 
 
+def part_attention(iters):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backends = [("default", None), ("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]
+    for nh, nkv, T, B in [(32, 32, 1024, 4), (32, 32, 4096, 1), (28, 4, 4096, 1)]:
+        hd = 128
+        g = torch.Generator(device="cuda").manual_seed(7)
+        q = torch.rand(B, nh, T, hd, device="cuda", generator=g, dtype=torch.bfloat16) * 2 - 1
+        k = torch.rand(B, nkv, T, hd, device="cuda", generator=g, dtype=torch.bfloat16) * 2 - 1
+        v = torch.rand(B, nkv, T, hd, device="cuda", generator=g, dtype=torch.bfloat16) * 2 - 1
+        flops = 4.0 * B * (T * (T + 1) / 2) * hd * nh  # causal pairs, as bench_cuda_eval counts them
+        for name, be in backends:
+            def run():
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != nh, scale=0.088388)
+            try:
+                if be is None:
+                    for _ in range(3):
+                        run()
+                    ms, _ = timed(run, 20 * iters)
+                else:
+                    with sdpa_kernel([be]):
+                        for _ in range(3):
+                            run()
+                        ms, _ = timed(run, 20 * iters)
+            except RuntimeError as e:
+                print(f"sdpa {name:8s} nh={nh} nkv={nkv} B={B} T={T}: not available ({str(e).splitlines()[0][:80]})", flush=True)
+                continue
+            ms /= 20 * iters
+            print(f"sdpa {name:8s} nh={nh} nkv={nkv} hd={hd} B={B} T={T}: {ms:.3f} ms  {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
+            rows.append(dict(part="attention", kernel="sdpa-" + name, n_heads=nh, n_kv_heads=nkv, batch=B, seq_len=T, ms=ms, tflops=flops / ms / 1e9))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", default="all")
@@ -102,6 +136,8 @@ def main():
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
     if a.part in ("fixtures", "all"):
         part_fixtures(a.fixtures)
+    if a.part in ("attention", "all"):
+        part_attention(a.iters)
     if a.part in ("7b", "all"):
         part_7b(a.iters)
     if a.json:

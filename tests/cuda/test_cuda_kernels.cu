@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <optional>
 
 #include "cuda/cuda_test_support.cuh"
 
@@ -120,8 +121,10 @@ std::vector<double> attention_ref(const std::vector<float>& qkv, int ld, const A
   return out;
 }
 
+/// kernel: nullopt = attention_rows, else the flash kernel forced to that kind.
 template <class T>
-void check_attention(const AttnCase& c, bool flash, std::mt19937& g) {
+void check_attention(const AttnCase& c, std::optional<cuda::FlashKernel> kernel, std::mt19937& g) {
+  const bool flash = kernel.has_value();
   const int Dq = c.nh * c.hd, Dkv = c.nkv * c.hd, ld = Dq + 2 * Dkv;
   std::vector<int> off{0};
   for (int l : c.lens) off.push_back(off.back() + l);
@@ -150,7 +153,7 @@ void check_attention(const AttnCase& c, bool flash, std::mt19937& g) {
   if constexpr (std::is_same_v<T, bf16>) {
     if (flash) {
       REQUIRE(cuda::flash_supported(a));
-      cuda::flash_attention(a, tiles.data(), static_cast<int>(plan.tiles.size()), nullptr);
+      cuda::flash_attention(a, tiles.data(), static_cast<int>(plan.tiles.size()), nullptr, *kernel);
     } else {
       cuda::attention_rows<T>(a, rb.data(), nullptr);
     }
@@ -158,7 +161,8 @@ void check_attention(const AttnCase& c, bool flash, std::mt19937& g) {
     cuda::attention_rows<T>(a, rb.data(), nullptr);
   }
   const double e = max_rel(test::to_host(out), attention_ref(qkv, ld, c));
-  INFO("attention nh ", c.nh, " nkv ", c.nkv, " hd ", c.hd, " window ", c.window, " flash ", flash, " seqs ", c.lens.size(), " err ", e);
+  INFO("attention nh ", c.nh, " nkv ", c.nkv, " hd ", c.hd, " window ", c.window, " flash ", flash ? static_cast<int>(*kernel) : -1, " seqs ",
+       c.lens.size(), " err ", e);
   CHECK(e < tol<T>(2e-5, 2e-2));
 }
 
@@ -392,15 +396,47 @@ TEST_CASE("attention (causal, sliding window, MHA/GQA/MQA, packed ragged sequenc
       {{67, 33}, 6, 2, 128, 64},   {{40, 9}, 4, 2, 64, 1},
   };
   for (const auto& c : cases) {
-    check_attention<float>(c, false, g);
-    check_attention<bf16>(c, false, g);
-    check_attention<bf16>(c, true, g);
+    check_attention<float>(c, std::nullopt, g);
+    check_attention<bf16>(c, std::nullopt, g);
+    check_attention<bf16>(c, cuda::FlashKernel::MmaSync, g);
   }
   // odd head sizes through the generic kernel only
   for (const auto& c : std::vector<AttnCase>{{{17, 5}, 3, 1, 24, 0}, {{33}, 2, 2, 80, 7}, {{9}, 4, 2, 256, 0}, {{11}, 1, 1, 3, 0}}) {
-    check_attention<float>(c, false, g);
-    check_attention<bf16>(c, false, g);
+    check_attention<float>(c, std::nullopt, g);
+    check_attention<bf16>(c, std::nullopt, g);
   }
+}
+
+TEST_CASE("wgmma attention (sm_90a, head_dim 128) matches float64 on ragged, windowed, GQA/MQA sequences") {
+  CACHESHRINK_REQUIRE_GPU();
+  if (!cuda::wgmma_available()) {
+    MESSAGE("skipped: this binary has no sm_90a code for the current device");
+    return;
+  }
+  std::mt19937 g(15);
+  // head_dim 128 (the kernel's one size): single and multi-tile sequences, tile-edge lengths,
+  // GQA / MQA, sliding windows shorter and longer than a tile.
+  const std::vector<AttnCase> cases = {
+      {{1}, 1, 1, 128, 0},       {{5, 1, 3}, 4, 2, 128, 0},      {{63, 64, 65}, 4, 2, 128, 0},  {{200, 7}, 4, 4, 128, 0},
+      {{150, 70}, 4, 2, 128, 16}, {{129}, 2, 1, 128, 70},        {{300}, 3, 3, 128, 0},         {{67, 33}, 6, 2, 128, 64},
+      {{40, 9}, 4, 2, 128, 1},   {{1, 2, 127, 128}, 2, 2, 128, 0}, {{1000, 77}, 8, 2, 128, 0},  {{700}, 7, 1, 128, 200},
+      {{513, 190}, 4, 1, 128, 0},
+  };
+  for (const auto& c : cases) check_attention<bf16>(c, cuda::FlashKernel::Wgmma, g);
+  // Auto takes it wherever it applies; head_dim 32 has no wgmma kernel and says so when forced.
+  check_attention<bf16>({{130, 9}, 4, 2, 128, 0}, cuda::FlashKernel::Auto, g);
+  cuda::AttentionArgs<bf16> a;
+  cuda::DeviceBuffer<bf16> buf(64 * 3 * 32);
+  a.q = buf.data();
+  a.k = buf.data() + 32;
+  a.v = buf.data() + 64;
+  a.out = buf.data();
+  a.ldq = a.ldkv = a.ldo = 96;
+  a.rows = 64;
+  a.n_heads = a.n_kv_heads = 1;
+  a.head_dim = 32;
+  CHECK_THROWS_WITH_AS(cuda::flash_attention(a, nullptr, 1, nullptr, cuda::FlashKernel::Wgmma), doctest::Contains("head_dim 32"),
+                       InvalidArgument);
 }
 
 TEST_CASE("errors name the operation and are cacheshrink::Error subclasses") {

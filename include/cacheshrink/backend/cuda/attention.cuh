@@ -14,12 +14,14 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <mutex>
 #include <string>
 #include <vector>
 
 #include "cacheshrink/backend/cuda/check.cuh"
 #include "cacheshrink/backend/cuda/kernels.cuh"
 #include "cacheshrink/backend/cuda/mma.cuh"
+#include "cacheshrink/backend/cuda/wgmma.cuh"
 
 namespace cacheshrink::cuda {
 
@@ -265,6 +267,192 @@ __global__ void __launch_bounds__(128, 3) flash_attn_bf16(AttentionArgs<__nv_bfl
   }
 }
 
+// ---- sm_90a: the same algorithm on warpgroup MMAs (wgmma.mma_async) ----
+// One warpgroup (128 threads) per block takes 64 queries of one head; S (64 x 64) = Q K^T is eight
+// (head_dim 128) m64n64k16 wgmma with Q's fragments in registers and K read from a swizzled
+// shared-memory tile, the softmax runs on S's accumulators in registers as above, and O (64 x HD)
+// += P V is four m64nHDk16 wgmma with P in registers and V read MN-major from its tile. The
+// tensor cores take the operand tiles straight from shared memory: no ldmatrix in the loop.
+constexpr int kWgBq = 64, kWgBk = 64;
+
+template <int HD>
+constexpr int wg_tile_bytes() {
+  return kWgBk * HD * 2;
+}
+template <int HD>
+constexpr int wg_smem_bytes() {
+  // Double-buffered K and V tiles (Q staged in buffer 1's K slot as in flash_attn_bf16), plus
+  // slack to round the dynamic shared memory up to the swizzle's 1024-byte boundary.
+  return 4 * wg_tile_bytes<HD>() + 1024;
+}
+
+/// cp.async of rows [row0, row0 + 64) of a (len rows) head slice into a swizzled (64, HD) tile
+/// (wgmma.cuh), zero-filling rows past the sequence end. The caller commits and waits.
+template <int HD>
+__device__ __forceinline__ void load_tile_sw128(unsigned char* dst, const __nv_bfloat16* src, int ld, int row0, int len) {
+  constexpr int kChunks = HD / 8;
+  for (int idx = threadIdx.x; idx < kWgBk * kChunks; idx += 128) {
+    const int r = idx / kChunks, c = idx % kChunks;
+    const bool in = row0 + r < len;
+    const __nv_bfloat16* g = src + static_cast<long long>(in ? row0 + r : 0) * ld + c * 8;
+    cp_async16(dst + sw128_offset(r, c), g, in ? 16 : 0);
+  }
+}
+
+template <int HD>
+__global__ void __launch_bounds__(128, 3) flash_attn_wgmma(AttentionArgs<__nv_bfloat16> a, const int4* tiles) {
+#if defined(CACHESHRINK_WGMMA_DEVICE)
+  using bf16 = __nv_bfloat16;
+  // head_dim 128 only: the same kernel at 64 (m64n64k16 for P V) gave wrong outputs past the
+  // first key tile on the H200 (stop 24, not diagnosed); head_dim 64 runs flash_attn_bf16.
+  static_assert(HD == 128, "wgmma attention: head_dim 128");
+  constexpr int BK = kWgBk, KD = HD / 16, NS = BK / 8, TILE = wg_tile_bytes<HD>();
+  constexpr float kLog2e = 1.4426950408889634f;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - static_cast<unsigned>(__cvta_generic_to_shared(smem_raw)) % 1024) % 1024);
+  auto sK = [&](int buf) { return smem + (2 * buf) * TILE; };
+  auto sV = [&](int buf) { return smem + (2 * buf + 1) * TILE; };
+
+  const int4 t = tiles[blockIdx.x];
+  const int begin = t.x, len = t.y, q0 = t.z;
+  const int h = blockIdx.y, group = a.n_heads / a.n_kv_heads, kvh = h / group;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, tq = lane & 3;
+
+  const int qlast = min(q0 + kWgBq, len) - 1;
+  int kstart = a.window > 0 ? max(0, q0 - a.window + 1) : 0;
+  kstart = (kstart / BK) * BK;
+  const bf16* kbase = a.k + static_cast<long long>(begin) * a.ldkv + kvh * HD;
+  const bf16* vbase = a.v + static_cast<long long>(begin) * a.ldkv + kvh * HD;
+
+  unsigned char* sQ = sK(1);
+  load_tile_sw128<HD>(sQ, a.q + static_cast<long long>(begin) * a.ldq + h * HD, a.ldq, q0, len);
+  load_tile_sw128<HD>(sK(0), kbase, a.ldkv, kstart, len);
+  load_tile_sw128<HD>(sV(0), vbase, a.ldkv, kstart, len);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  unsigned qa[KD][4];  // this warp's 16 query rows as wgmma A fragments (the m16n8k16 layout)
+#pragma unroll
+  for (int d = 0; d < KD; ++d) ldmatrix_x4(qa[d], sQ + sw128_offset(warp * 16 + (lane & 15), 2 * d + (lane >> 4)));
+  __syncthreads();
+
+  float o[HD / 2];  // O (64 x HD) accumulators: m16n8 tile j of this warp's rows at o[4j..4j+3]
+#pragma unroll
+  for (int j = 0; j < HD / 2; ++j) o[j] = 0.0f;
+  const int qr[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.0f, 0.0f};
+  const float sl = a.scale * kLog2e;
+
+  int buf = 0;
+  for (int k0 = kstart; k0 <= qlast; k0 += BK, buf ^= 1) {
+    const bool more = k0 + BK <= qlast;
+    if (more) {
+      load_tile_sw128<HD>(sK(buf ^ 1), kbase, a.ldkv, k0 + BK, len);
+      load_tile_sw128<HD>(sV(buf ^ 1), vbase, a.ldkv, k0 + BK, len);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();  // this tile landed (this thread's copies)
+    fence_proxy_async();  // ... and is visible to the tensor cores' operand reads
+    __syncthreads();
+    // S = Q K^T: K-major B, k-step d at column block d / 4, +32 bytes per 16 columns inside it.
+    float sc[NS * 4];
+    wgmma_fence_operands(qa);
+    wgmma_fence();
+#pragma unroll
+    for (int d = 0; d < KD; ++d)
+      wgmma_m64n64k16_rs(sc, qa[d], sw128_desc(sK(buf) + (d >> 2) * (64 * 128) + (d & 3) * 32, 16, 1024), d > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(sc);
+
+    const bool edge = k0 + BK - 1 > q0 + warp * 16 || k0 + BK > len || q0 + warp * 16 + 15 >= len || a.window > 0;
+    if (edge) {
+#pragma unroll
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = qr[e >> 1], j = k0 + n * 8 + 2 * tq + (e & 1);
+          if (!(i < len && j <= i && (a.window <= 0 || j > i - a.window))) sc[4 * n + e] = -INFINITY;
+        }
+    }
+    float alpha[2], neg_m[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(sc[4 * n + 2 * r], sc[4 * n + 2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_i[r], mx * sl);
+      alpha[r] = m_new == -INFINITY ? 1.0f : fast_exp2(m_i[r] - m_new);
+      m_i[r] = m_new;
+      neg_m[r] = m_new == -INFINITY ? 0.0f : -m_new;
+    }
+    unsigned pa[BK / 16][4];
+    float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int n = 0; n < NS; ++n) {
+      float p[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p[e] = fast_exp2(fmaf(sc[4 * n + e], sl, neg_m[e >> 1]));
+      sum[0] += p[0] + p[1];
+      sum[1] += p[2] + p[3];
+      pa[n / 2][(n & 1) * 2 + 0] = pack_bf16(p[0], p[1]);
+      pa[n / 2][(n & 1) * 2 + 1] = pack_bf16(p[2], p[3]);
+    }
+    l_i[0] = l_i[0] * alpha[0] + sum[0];
+    l_i[1] = l_i[1] * alpha[1] + sum[1];
+#pragma unroll
+    for (int j = 0; j < HD / 8; ++j) {
+      o[4 * j + 0] *= alpha[0];
+      o[4 * j + 1] *= alpha[0];
+      o[4 * j + 2] *= alpha[1];
+      o[4 * j + 3] *= alpha[1];
+    }
+    // O += P V: MN-major B, 16 keys (2048 bytes) per k-step, 64-wide head_dim blocks LBO apart.
+    wgmma_fence_operands(o);
+    wgmma_fence_operands(pa);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) wgmma_m64n128k16_rs_tb(o, pa[kk], sw128_desc(sV(buf) + kk * 2048, 64 * 128, 1024), 1);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(o);
+    __syncthreads();  // everyone done with this buffer before it is refilled
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 1);
+    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 2);
+  }
+  bf16* obase = a.out + static_cast<long long>(begin) * a.ldo + h * HD;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (qr[r] >= len) continue;
+    const float inv = l_i[r] > 0.0f ? 1.0f / l_i[r] : 0.0f;
+    bf16* orow = obase + static_cast<long long>(qr[r]) * a.ldo + 2 * tq;
+#pragma unroll
+    for (int j = 0; j < HD / 8; ++j)
+      *reinterpret_cast<__nv_bfloat162*>(orow + j * 8) = __floats2bfloat162_rn(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+  }
+#else
+  (void)a;
+  (void)tiles;
+  __trap();  // launched only when wgmma_available()
+#endif
+}
+
+/// Writes 1 when this binary carries sm_90a code for the running device (the wgmma kernels are
+/// real), 0 otherwise.
+__global__ void wgmma_probe(int* out) {
+#if defined(CACHESHRINK_WGMMA_DEVICE)
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+
 }  // namespace kernels
 
 /// Per-batch attention metadata: for each packed row its sequence's first row, and the
@@ -308,6 +496,32 @@ inline bool flash_supported(const AttentionArgs<__nv_bfloat16>& a) {
          aligned(a.out, 4);
 }
 
+/// Which flash kernel flash_attention() runs: Auto takes the wgmma kernel where it exists (this
+/// binary has sm_90a code for the device and head_dim is 128), else the mma.sync one.
+enum class FlashKernel { Auto, MmaSync, Wgmma };
+
+/// True when the current device runs this binary's sm_90a code (the wgmma kernels); probed once
+/// per device. A binary without sm_90a code, or a card that cannot run it, answers false.
+inline bool wgmma_available() {
+  static std::mutex mu;
+  static std::vector<int> known;  // per device: -1 unknown, 0, 1
+  int dev = 0;
+  CACHESHRINK_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mu);
+  if (static_cast<int>(known.size()) <= dev) known.resize(static_cast<std::size_t>(dev) + 1, -1);
+  if (known[static_cast<std::size_t>(dev)] < 0) {
+    int* d_flag = nullptr;
+    CACHESHRINK_CUDA_CHECK(cudaMalloc(&d_flag, sizeof(int)));
+    int flag = 0;
+    kernels::wgmma_probe<<<1, 1>>>(d_flag);
+    const cudaError_t launched = cudaGetLastError();  // no image for this device: not available
+    if (launched == cudaSuccess) CACHESHRINK_CUDA_CHECK(cudaMemcpy(&flag, d_flag, sizeof(int), cudaMemcpyDeviceToHost));
+    CACHESHRINK_CUDA_CHECK(cudaFree(d_flag));
+    known[static_cast<std::size_t>(dev)] = launched == cudaSuccess && flag == 1 ? 1 : 0;
+  }
+  return known[static_cast<std::size_t>(dev)] == 1;
+}
+
 template <int HD>
 void launch_flash(const AttentionArgs<__nv_bfloat16>& a, const int4* tiles, int n_tiles, cudaStream_t s) {
   constexpr int bytes = kernels::flash_smem_bytes<HD>();
@@ -320,11 +534,35 @@ void launch_flash(const AttentionArgs<__nv_bfloat16>& a, const int4* tiles, int 
   CACHESHRINK_CUDA_LAUNCH_CHECK("flash_attn_bf16");
 }
 
-/// Tensor-core attention; the caller checks flash_supported(). tiles: device (n_tiles).
-inline void flash_attention(const AttentionArgs<__nv_bfloat16>& a, const int4* tiles, int n_tiles, cudaStream_t s) {
+template <int HD>
+void launch_flash_wgmma(const AttentionArgs<__nv_bfloat16>& a, const int4* tiles, int n_tiles, cudaStream_t s) {
+  constexpr int bytes = kernels::wg_smem_bytes<HD>();
+  static const bool configured = [] {
+    CACHESHRINK_CUDA_CHECK(cudaFuncSetAttribute(kernels::flash_attn_wgmma<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    return true;
+  }();
+  (void)configured;
+  kernels::flash_attn_wgmma<HD><<<dim3(n_tiles, a.n_heads), 128, bytes, s>>>(a, tiles);
+  CACHESHRINK_CUDA_LAUNCH_CHECK("flash_attn_wgmma");
+}
+
+/// Tensor-core attention; the caller checks flash_supported(). tiles: device (n_tiles), the
+/// 64-query tiles of AttentionPlan (both kernels take 64 queries per block). `kind` forces a
+/// kernel (tests, benchmarks); Wgmma throws InvalidArgument where it cannot run.
+inline void flash_attention(const AttentionArgs<__nv_bfloat16>& a, const int4* tiles, int n_tiles, cudaStream_t s,
+                            FlashKernel kind = FlashKernel::Auto) {
   check_attention_shape(a.n_heads, a.n_kv_heads, a.head_dim);
-  if (n_tiles == 0) return;
   if (!flash_supported(a)) throw InvalidArgument("flash_attention: unsupported head_dim or alignment");
+  const bool wg_shape = a.head_dim == 128;
+  if (kind == FlashKernel::Wgmma && !(wg_shape && wgmma_available()))
+    throw InvalidArgument("flash_attention: the wgmma kernel needs head_dim 128 and a binary with sm_90a code running on an sm_90 device (head_dim " +
+                          std::to_string(a.head_dim) + ")");
+  if (n_tiles == 0) return;
+  const bool wg = kind == FlashKernel::Wgmma || (kind == FlashKernel::Auto && wg_shape && wgmma_available());
+  if (wg) {
+    launch_flash_wgmma<128>(a, tiles, n_tiles, s);
+    return;
+  }
   switch (a.head_dim) {
     case 32: launch_flash<32>(a, tiles, n_tiles, s); break;
     case 64: launch_flash<64>(a, tiles, n_tiles, s); break;

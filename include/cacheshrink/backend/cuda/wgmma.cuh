@@ -1,0 +1,107 @@
+#pragma once
+// Hopper (sm_90a) warpgroup MMA primitives, as inline PTX: wgmma.mma_async with A from registers
+// and B from a 128-byte-swizzled shared-memory tile, its fences, and the layout those tiles use.
+// The PTX here is compiled only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); kernels that use it
+// guard their bodies with CACHESHRINK_WGMMA_DEVICE and the host asks wgmma_available() before
+// launching them (a binary built without sm_90a, or another card, runs the mma.sync kernels).
+//
+// Shared-memory tiles (PTX ISA, "Shared Memory Matrix Layout", 128B swizzle): a (64 rows, W)
+// bf16 tile is stored as W / 64 column blocks of 64 rows x 128 bytes; inside a block, the 16-byte
+// chunk c (8 elements) of row r sits at r * 128 + ((c ^ (r % 8)) * 16). Every block starts on a
+// 1024-byte boundary (the swizzle repeats every 8 rows), so descriptors need no base offset.
+// The same bytes serve both operand orders:
+//  - K-major B (keys x head_dim rows, e.g. K in S = Q K^T): stride between 8-row groups (SBO)
+//    1024 bytes; a k-step of 16 elements advances the start address by 32 bytes inside a block;
+//  - MN-major B (e.g. V in O = P V, head_dim contiguous): SBO 1024 bytes between 8-key groups,
+//    LBO = 64 * 128 bytes between 64-wide head_dim blocks; a k-step of 16 keys is +2048 bytes.
+// Register fragments (PTX ISA, "wgmma .m64nNk16"): warp w of the warpgroup holds rows 16w..16w+15
+// of A and D in exactly the m16n8k16 layouts of mma.cuh, so S's accumulators rounded to bf16 are
+// the A operand of P V, as in the mma.sync kernels.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define CACHESHRINK_WGMMA_DEVICE 1
+#endif
+
+namespace cacheshrink::cuda::kernels {
+
+/// Byte offset of 16-byte chunk c (c = column / 8) of row r in a swizzled (64, W) tile.
+__device__ __forceinline__ int sw128_offset(int r, int c) { return (c >> 3) * (64 * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4); }
+
+#if defined(CACHESHRINK_WGMMA_DEVICE)
+
+/// Matrix descriptor of a 128B-swizzled operand starting at `smem` (PTX ISA, "Matrix Descriptor
+/// Format"): start address, leading and stride byte offsets (all >> 4), swizzle mode 1 = 128B.
+__device__ __forceinline__ std::uint64_t sw128_desc(const void* smem, unsigned lbo_bytes, unsigned sbo_bytes) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  return static_cast<std::uint64_t>((a & 0x3FFFF) >> 4) | (static_cast<std::uint64_t>((lbo_bytes & 0x3FFFF) >> 4) << 16) |
+         (static_cast<std::uint64_t>((sbo_bytes & 0x3FFFF) >> 4) << 32) | (std::uint64_t{1} << 62);
+}
+
+/// Orders this thread's earlier register writes (accumulators, A fragments) before the
+/// warpgroup's next wgmma.mma_async.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+/// Makes this thread's generic-proxy shared-memory writes (cp.async, st.shared) visible to the
+/// async proxy that wgmma reads operands through; a barrier then publishes them to the warpgroup.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+/// Pins registers in program order against the (operand-free) wgmma fences and waits: after a
+/// wgmma_wait, so that accumulators are not read before it (the compiler sees the wgmma asm as
+/// writing them at issue); before a wgmma_fence, so that accumulator and A-fragment writes (the
+/// rescale of O, the packing of P) are not moved past it.
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+template <int M, int N>
+__device__ __forceinline__ void wgmma_fence_operands(unsigned (&r)[M][N]) {
+#pragma unroll
+  for (int i = 0; i < M; ++i)
+#pragma unroll
+    for (int j = 0; j < N; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
+
+// D (64 x N, float) = A (64 x 16, bf16 registers) * B (16 x N, bf16 shared memory) + (scale_d ? D : 0).
+// _tb: B is MN-major (transposed); otherwise K-major.
+__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const unsigned (&a)[4], std::uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+      "{%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]),
+        "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),
+        "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_m64n128k16_rs_tb(float (&d)[64], const unsigned (&a)[4], std::uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%"
+      "35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+      "{%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]),
+        "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),
+        "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]),
+        "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]),
+        "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+}
+
+#endif  // CACHESHRINK_WGMMA_DEVICE
+
+}  // namespace cacheshrink::cuda::kernels

@@ -407,21 +407,34 @@ TEST_CASE("attention (causal, sliding window, MHA/GQA/MQA, packed ragged sequenc
   }
 }
 
-TEST_CASE("wgmma attention (sm_90a, head_dim 128) matches float64 on ragged, windowed, GQA/MQA sequences") {
+TEST_CASE("wgmma attention (sm_90a, head_dim 64 and 128) matches float64 on ragged, windowed, GQA/MQA sequences") {
   CACHESHRINK_REQUIRE_GPU();
   if (!cuda::wgmma_available()) {
     MESSAGE("skipped: this binary has no sm_90a code for the current device");
     return;
   }
   std::mt19937 g(15);
-  // head_dim 128 (the kernel's one size): single and multi-tile sequences, tile-edge lengths,
-  // GQA / MQA, sliding windows shorter and longer than a tile.
-  const std::vector<AttnCase> cases = {
-      {{1}, 1, 1, 128, 0},       {{5, 1, 3}, 4, 2, 128, 0},      {{63, 64, 65}, 4, 2, 128, 0},  {{200, 7}, 4, 4, 128, 0},
-      {{150, 70}, 4, 2, 128, 16}, {{129}, 2, 1, 128, 70},        {{300}, 3, 3, 128, 0},         {{67, 33}, 6, 2, 128, 64},
-      {{40, 9}, 4, 2, 128, 1},   {{1, 2, 127, 128}, 2, 2, 128, 0}, {{1000, 77}, 8, 2, 128, 0},  {{700}, 7, 1, 128, 200},
-      {{513, 190}, 4, 1, 128, 0},
-  };
+  // head_dim 128 (Q in registers) and 64 (Q read from shared memory): single and multi-tile
+  // sequences (a fault that only later key tiles show, like stop 24's miscompiled register Q at
+  // 64, needs these), tile-edge lengths, GQA / MQA, sliding windows shorter and longer than a tile.
+  std::vector<AttnCase> cases;
+  for (int hd : {128, 64})
+    for (AttnCase c : std::vector<AttnCase>{{{1}, 1, 1, 0, 0},
+                                            {{5, 1, 3}, 4, 2, 0, 0},
+                                            {{63, 64, 65}, 4, 2, 0, 0},
+                                            {{200, 7}, 4, 4, 0, 0},
+                                            {{150, 70}, 4, 2, 0, 16},
+                                            {{129}, 2, 1, 0, 70},
+                                            {{300}, 3, 3, 0, 0},
+                                            {{67, 33}, 6, 2, 0, 64},
+                                            {{40, 9}, 4, 2, 0, 1},
+                                            {{1, 2, 127, 128}, 2, 2, 0, 0},
+                                            {{1000, 77}, 8, 2, 0, 0},
+                                            {{700}, 7, 1, 0, 200},
+                                            {{513, 190}, 4, 1, 0, 0}}) {
+      c.hd = hd;
+      cases.push_back(c);
+    }
   for (const auto& c : cases) check_attention<bf16>(c, cuda::FlashKernel::Wgmma, g);
   // Auto takes it wherever it applies; head_dim 32 has no wgmma kernel and says so when forced.
   check_attention<bf16>({{130, 9}, 4, 2, 128, 0}, cuda::FlashKernel::Auto, g);

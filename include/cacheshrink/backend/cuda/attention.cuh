@@ -268,12 +268,24 @@ __global__ void __launch_bounds__(128, 3) flash_attn_bf16(AttentionArgs<__nv_bfl
 }
 
 // ---- sm_90a: the same algorithm on warpgroup MMAs (wgmma.mma_async) ----
-// One warpgroup (128 threads) per block takes 64 queries of one head; S (64 x 64) = Q K^T is eight
-// (head_dim 128) m64n64k16 wgmma with Q's fragments in registers and K read from a swizzled
-// shared-memory tile, the softmax runs on S's accumulators in registers as above, and O (64 x HD)
-// += P V is four m64nHDk16 wgmma with P in registers and V read MN-major from its tile. The
-// tensor cores take the operand tiles straight from shared memory: no ldmatrix in the loop.
+// One warpgroup (128 threads) per block takes 64 queries of one head; S (64 x 64) = Q K^T is
+// HD / 16 m64n64k16 wgmma with K read from a swizzled shared-memory tile, the softmax runs on S's
+// accumulators in registers as above, and O (64 x HD) += P V is four m64nHDk16 wgmma with P in
+// registers and V read MN-major from its tile. The tensor cores take the operand tiles straight
+// from shared memory: no ldmatrix in the loop.
+// Where Q comes from: at head_dim 128, registers (loaded once; the tile's 16 KB stay free, so three
+// blocks fit on an SM); at head_dim 64, its own shared-memory tile (8 KB). A register Q at 64 was
+// miscompiled by ptxas 13.0: the SASS packed P into the very registers that held Q's fragments,
+// so every key tile after the first multiplied K by the previous P (stop 24, found by a probe and
+// the SASS; the 128 instance keeps Q's registers intact through the loop, checked in its SASS).
+// Both instances are tested on multi-tile sequences, which is where such a fault shows.
 constexpr int kWgBq = 64, kWgBk = 64;
+
+/// True when flash_attn_wgmma<HD> reads Q from shared memory (wgmma A descriptor) rather than registers.
+template <int HD>
+constexpr bool wg_q_in_smem() {
+  return HD == 64;
+}
 
 template <int HD>
 constexpr int wg_tile_bytes() {
@@ -281,9 +293,10 @@ constexpr int wg_tile_bytes() {
 }
 template <int HD>
 constexpr int wg_smem_bytes() {
-  // Double-buffered K and V tiles (Q staged in buffer 1's K slot as in flash_attn_bf16), plus
-  // slack to round the dynamic shared memory up to the swizzle's 1024-byte boundary.
-  return 4 * wg_tile_bytes<HD>() + 1024;
+  // Double-buffered K and V tiles (a register Q is staged in buffer 1's K slot as in
+  // flash_attn_bf16; a shared-memory Q has a fifth tile), plus slack to round the dynamic shared
+  // memory up to the swizzle's 1024-byte boundary.
+  return (wg_q_in_smem<HD>() ? 5 : 4) * wg_tile_bytes<HD>() + 1024;
 }
 
 /// cp.async of rows [row0, row0 + 64) of a (len rows) head slice into a swizzled (64, HD) tile
@@ -303,9 +316,8 @@ template <int HD>
 __global__ void __launch_bounds__(128, 3) flash_attn_wgmma(AttentionArgs<__nv_bfloat16> a, const int4* tiles) {
 #if defined(CACHESHRINK_WGMMA_DEVICE)
   using bf16 = __nv_bfloat16;
-  // head_dim 128 only: the same kernel at 64 (m64n64k16 for P V) gave wrong outputs past the
-  // first key tile on the H200 (stop 24, not diagnosed); head_dim 64 runs flash_attn_bf16.
-  static_assert(HD == 128, "wgmma attention: head_dim 128");
+  static_assert(HD == 64 || HD == 128, "wgmma attention: head_dim 64 or 128");
+  constexpr bool kQSmem = wg_q_in_smem<HD>();
   constexpr int BK = kWgBk, KD = HD / 16, NS = BK / 8, TILE = wg_tile_bytes<HD>();
   constexpr float kLog2e = 1.4426950408889634f;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -324,17 +336,19 @@ __global__ void __launch_bounds__(128, 3) flash_attn_wgmma(AttentionArgs<__nv_bf
   const bf16* kbase = a.k + static_cast<long long>(begin) * a.ldkv + kvh * HD;
   const bf16* vbase = a.v + static_cast<long long>(begin) * a.ldkv + kvh * HD;
 
-  unsigned char* sQ = sK(1);
+  unsigned char* sQ = kQSmem ? smem + 4 * TILE : sK(1);
   load_tile_sw128<HD>(sQ, a.q + static_cast<long long>(begin) * a.ldq + h * HD, a.ldq, q0, len);
   load_tile_sw128<HD>(sK(0), kbase, a.ldkv, kstart, len);
   load_tile_sw128<HD>(sV(0), vbase, a.ldkv, kstart, len);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
-  unsigned qa[KD][4];  // this warp's 16 query rows as wgmma A fragments (the m16n8k16 layout)
+  unsigned qa[kQSmem ? 1 : KD][4];  // register Q: this warp's 16 query rows as wgmma A fragments (the m16n8k16 layout)
+  if constexpr (!kQSmem) {
 #pragma unroll
-  for (int d = 0; d < KD; ++d) ldmatrix_x4(qa[d], sQ + sw128_offset(warp * 16 + (lane & 15), 2 * d + (lane >> 4)));
-  __syncthreads();
+    for (int d = 0; d < KD; ++d) ldmatrix_x4(qa[d], sQ + sw128_offset(warp * 16 + (lane & 15), 2 * d + (lane >> 4)));
+    __syncthreads();
+  }
 
   float o[HD / 2];  // O (64 x HD) accumulators: m16n8 tile j of this warp's rows at o[4j..4j+3]
 #pragma unroll
@@ -354,13 +368,16 @@ __global__ void __launch_bounds__(128, 3) flash_attn_wgmma(AttentionArgs<__nv_bf
     cp_async_wait<1>();  // this tile landed (this thread's copies)
     fence_proxy_async();  // ... and is visible to the tensor cores' operand reads
     __syncthreads();
-    // S = Q K^T: K-major B, k-step d at column block d / 4, +32 bytes per 16 columns inside it.
+    // S = Q K^T: K-major A and B, k-step d at column block d / 4, +32 bytes per 16 columns inside it.
     float sc[NS * 4];
-    wgmma_fence_operands(qa);
+    if constexpr (!kQSmem) wgmma_fence_operands(qa);
     wgmma_fence();
 #pragma unroll
-    for (int d = 0; d < KD; ++d)
-      wgmma_m64n64k16_rs(sc, qa[d], sw128_desc(sK(buf) + (d >> 2) * (64 * 128) + (d & 3) * 32, 16, 1024), d > 0);
+    for (int d = 0; d < KD; ++d) {
+      const int off = (d >> 2) * (64 * 128) + (d & 3) * 32;
+      if constexpr (kQSmem) wgmma_m64n64k16_ss(sc, sw128_desc(sQ + off, 16, 1024), sw128_desc(sK(buf) + off, 16, 1024), d > 0);
+      else wgmma_m64n64k16_rs(sc, qa[d], sw128_desc(sK(buf) + off, 16, 1024), d > 0);
+    }
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operands(sc);
@@ -414,7 +431,10 @@ __global__ void __launch_bounds__(128, 3) flash_attn_wgmma(AttentionArgs<__nv_bf
     wgmma_fence_operands(pa);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) wgmma_m64n128k16_rs_tb(o, pa[kk], sw128_desc(sV(buf) + kk * 2048, 64 * 128, 1024), 1);
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      if constexpr (HD == 128) wgmma_m64n128k16_rs_tb(o, pa[kk], sw128_desc(sV(buf) + kk * 2048, 64 * 128, 1024), 1);
+      else wgmma_m64n64k16_rs_tb(o, pa[kk], sw128_desc(sV(buf) + kk * 2048, 64 * 128, 1024), 1);
+    }
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operands(o);
@@ -497,7 +517,7 @@ inline bool flash_supported(const AttentionArgs<__nv_bfloat16>& a) {
 }
 
 /// Which flash kernel flash_attention() runs: Auto takes the wgmma kernel where it exists (this
-/// binary has sm_90a code for the device and head_dim is 128), else the mma.sync one.
+/// binary has sm_90a code for the device and head_dim is 64 or 128), else the mma.sync one.
 enum class FlashKernel { Auto, MmaSync, Wgmma };
 
 /// True when the current device runs this binary's sm_90a code (the wgmma kernels); probed once
@@ -553,14 +573,15 @@ inline void flash_attention(const AttentionArgs<__nv_bfloat16>& a, const int4* t
                             FlashKernel kind = FlashKernel::Auto) {
   check_attention_shape(a.n_heads, a.n_kv_heads, a.head_dim);
   if (!flash_supported(a)) throw InvalidArgument("flash_attention: unsupported head_dim or alignment");
-  const bool wg_shape = a.head_dim == 128;
+  const bool wg_shape = a.head_dim == 64 || a.head_dim == 128;
   if (kind == FlashKernel::Wgmma && !(wg_shape && wgmma_available()))
-    throw InvalidArgument("flash_attention: the wgmma kernel needs head_dim 128 and a binary with sm_90a code running on an sm_90 device (head_dim " +
+    throw InvalidArgument("flash_attention: the wgmma kernel needs head_dim 64 or 128 and a binary with sm_90a code running on an sm_90 device (head_dim " +
                           std::to_string(a.head_dim) + ")");
   if (n_tiles == 0) return;
   const bool wg = kind == FlashKernel::Wgmma || (kind == FlashKernel::Auto && wg_shape && wgmma_available());
   if (wg) {
-    launch_flash_wgmma<128>(a, tiles, n_tiles, s);
+    if (a.head_dim == 64) launch_flash_wgmma<64>(a, tiles, n_tiles, s);
+    else launch_flash_wgmma<128>(a, tiles, n_tiles, s);
     return;
   }
   switch (a.head_dim) {

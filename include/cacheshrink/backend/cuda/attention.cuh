@@ -116,6 +116,78 @@ __device__ __forceinline__ void load_tile_async(__nv_bfloat16* dst, const __nv_b
   }
 }
 
+/// Online-softmax step shared by the flash kernels, on one warp's 16 rows x (8 NS) keys of S in the
+/// m16n8 accumulator layout (this lane: rows qr[0] and qr[1], key columns 2 tq and 2 tq + 1 of each
+/// 8): masks what the causal / window / length mask hides (only when `edge`: tiles that reach the
+/// diagonal, the window's edge or the sequence end), moves the running max m_i (log2 units: scores
+/// stay unscaled, the scale sl = scale * log2(e) joins the exponent's FFMA, scale > 0 keeps the
+/// order), writes P = exp2(S sl - m) as the bf16 A fragments of P V (the C fragments of two
+/// adjacent 8-key tiles are the A fragment of their 16 keys), adds the float32 row sums to this
+/// lane's share l_i and returns in alpha the factor the output accumulators must be scaled by.
+template <int NS>
+__device__ __forceinline__ void flash_softmax_tile(float (&sc)[NS][4], bool edge, const int (&qr)[2], int k0, int len, int window, int tq,
+                                                   float sl, float (&m_i)[2], float (&l_i)[2], float (&alpha)[2], unsigned (&pa)[NS / 2][4]) {
+  if (edge) {
+    const int q0r = qr[0], q1r = qr[1];  // (qr[e >> 1] through the reference cost the 128 kernels ~50 B of spills)
+#pragma unroll
+    for (int n = 0; n < NS; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = (e >> 1) ? q1r : q0r, j = k0 + n * 8 + 2 * tq + (e & 1);
+        if (!(i < len && j <= i && (window <= 0 || j > i - window))) sc[n][e] = -INFINITY;
+      }
+  }
+  float neg_m[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m_i[r], mx * sl);
+    alpha[r] = m_new == -INFINITY ? 1.0f : fast_exp2(m_i[r] - m_new);
+    m_i[r] = m_new;
+    // A row with every key so far masked has m = -inf and only -inf scores: exp2(-inf) = 0.
+    neg_m[r] = m_new == -INFINITY ? 0.0f : -m_new;
+  }
+  // P summed in float32 and rounded to bf16 for P V (as FlashAttention-2).
+  float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int n = 0; n < NS; ++n) {
+    float p[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) p[e] = fast_exp2(fmaf(sc[n][e], sl, neg_m[e >> 1]));
+    sum[0] += p[0] + p[1];
+    sum[1] += p[2] + p[3];
+    pa[n / 2][(n & 1) * 2 + 0] = pack_bf16(p[0], p[1]);  // rows g: a0 (n even) / a2 (n odd)
+    pa[n / 2][(n & 1) * 2 + 1] = pack_bf16(p[2], p[3]);  // rows g + 8: a1 / a3
+  }
+  l_i[0] = l_i[0] * alpha[0] + sum[0];
+  l_i[1] = l_i[1] * alpha[1] + sum[1];
+}
+
+/// The flash kernels' epilogue: completes the row sums over the quad and writes this lane's two
+/// rows of O / l (m16n8 layout, NO 8-column tiles) as bf16 pairs; rows past the sequence are skipped.
+template <int NO>
+__device__ __forceinline__ void flash_store_rows(const float (&o)[NO][4], float (&l_i)[2], const int (&qr)[2], int len, int tq,
+                                                 __nv_bfloat16* obase, int ldo) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 1);
+    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (qr[r] >= len) continue;
+    const float inv = l_i[r] > 0.0f ? 1.0f / l_i[r] : 0.0f;
+    __nv_bfloat16* orow = obase + static_cast<long long>(qr[r]) * ldo + 2 * tq;
+#pragma unroll
+    for (int j = 0; j < NO; ++j)
+      *reinterpret_cast<__nv_bfloat162*>(orow + j * 8) = __floats2bfloat162_rn(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
+  }
+}
+
 // tiles[b] = {first packed row of the sequence, sequence length, first query position, 0}.
 // Block: 64 queries of one head, four warps of 16 query rows; walks 64-key tiles (only those the
 // mask leaves visible), K/V double-buffered by cp.async. Per warp and key tile: S (16 x 64) =
@@ -193,48 +265,10 @@ __global__ void __launch_bounds__(128, 3) flash_attn_bf16(AttentionArgs<__nv_bfl
           mma_bf16(sc[n], qa[d], kb[0], kb[1]);
           mma_bf16(sc[n + 1], qa[d], kb[2], kb[3]);
         }
-      // Mask (only tiles that reach the diagonal, the window's edge or the sequence end). Scores
-      // stay unscaled: the scale joins the exponent's FFMA below (scale > 0 keeps the order).
       const bool edge = k0 + BK - 1 > q0 + warp * 16 || k0 + BK > len || q0 + warp * 16 + 15 >= len || a.window > 0;
-      if (edge) {
-#pragma unroll
-        for (int n = 0; n < NS; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = qr[e >> 1], j = k0 + n * 8 + 2 * tq + (e & 1);
-            if (!(i < len && j <= i && (a.window <= 0 || j > i - a.window))) sc[n][e] = -INFINITY;
-          }
-      }
-      float alpha[2], neg_m[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_i[r], mx * sl);  // running max in log2 units
-        alpha[r] = m_new == -INFINITY ? 1.0f : fast_exp2(m_i[r] - m_new);
-        m_i[r] = m_new;
-        // A row with every key so far masked has m = -inf and only -inf scores: exp2(-inf) = 0.
-        neg_m[r] = m_new == -INFINITY ? 0.0f : -m_new;
-      }
-      // P = exp2(S sl - m), summed in float32 and rounded to bf16 for P V (as FlashAttention-2).
+      float alpha[2];
       unsigned pa[BK / 16][4];
-      float sum[2] = {0.0f, 0.0f};
-#pragma unroll
-      for (int n = 0; n < NS; ++n) {
-        float p[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) p[e] = fast_exp2(fmaf(sc[n][e], sl, neg_m[e >> 1]));
-        sum[0] += p[0] + p[1];
-        sum[1] += p[2] + p[3];
-        const unsigned lo = pack_bf16(p[0], p[1]), hi = pack_bf16(p[2], p[3]);
-        pa[n / 2][(n & 1) * 2 + 0] = lo;  // rows g: a0 (n even) / a2 (n odd)
-        pa[n / 2][(n & 1) * 2 + 1] = hi;  // rows g + 8: a1 / a3
-      }
-      l_i[0] = l_i[0] * alpha[0] + sum[0];
-      l_i[1] = l_i[1] * alpha[1] + sum[1];
+      flash_softmax_tile<NS>(sc, edge, qr, k0, len, a.window, tq, sl, m_i, l_i, alpha, pa);
       rescale_rows(o, alpha);
       // O += P V over the tile's four 16-key blocks.
 #pragma unroll
@@ -250,21 +284,7 @@ __global__ void __launch_bounds__(128, 3) flash_attn_bf16(AttentionArgs<__nv_bfl
     __syncthreads();  // everyone done with this buffer before it is refilled
   }
   cp_async_wait<0>();
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 1);
-    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 2);
-  }
-  bf16* obase = a.out + static_cast<long long>(begin) * a.ldo + h * HD;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (qr[r] >= len) continue;
-    const float inv = l_i[r] > 0.0f ? 1.0f / l_i[r] : 0.0f;
-    bf16* orow = obase + static_cast<long long>(qr[r]) * a.ldo + 2 * tq;
-#pragma unroll
-    for (int j = 0; j < NO; ++j)
-      *reinterpret_cast<__nv_bfloat162*>(orow + j * 8) = __floats2bfloat162_rn(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
-  }
+  flash_store_rows<NO>(o, l_i, qr, len, tq, a.out + static_cast<long long>(begin) * a.ldo + h * HD, a.ldo);
 }
 
 // ---- sm_90a: the same algorithm on warpgroup MMAs (wgmma.mma_async) ----
@@ -350,9 +370,9 @@ __global__ void __launch_bounds__(128, 3) flash_attn_wgmma(AttentionArgs<__nv_bf
     __syncthreads();
   }
 
-  float o[HD / 2];  // O (64 x HD) accumulators: m16n8 tile j of this warp's rows at o[4j..4j+3]
+  float o[HD / 8][4];  // O (64 x HD) accumulators: this warp's rows, m16n8 tile j at o[j]
 #pragma unroll
-  for (int j = 0; j < HD / 2; ++j) o[j] = 0.0f;
+  for (int j = 0; j < HD / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
   const int qr[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
   float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.0f, 0.0f};
   const float sl = a.scale * kLog2e;
@@ -369,7 +389,7 @@ __global__ void __launch_bounds__(128, 3) flash_attn_wgmma(AttentionArgs<__nv_bf
     fence_proxy_async();  // ... and is visible to the tensor cores' operand reads
     __syncthreads();
     // S = Q K^T: K-major A and B, k-step d at column block d / 4, +32 bytes per 16 columns inside it.
-    float sc[NS * 4];
+    float sc[NS][4];
     if constexpr (!kQSmem) wgmma_fence_operands(qa);
     wgmma_fence();
 #pragma unroll
@@ -383,49 +403,10 @@ __global__ void __launch_bounds__(128, 3) flash_attn_wgmma(AttentionArgs<__nv_bf
     wgmma_fence_operands(sc);
 
     const bool edge = k0 + BK - 1 > q0 + warp * 16 || k0 + BK > len || q0 + warp * 16 + 15 >= len || a.window > 0;
-    if (edge) {
-#pragma unroll
-      for (int n = 0; n < NS; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = qr[e >> 1], j = k0 + n * 8 + 2 * tq + (e & 1);
-          if (!(i < len && j <= i && (a.window <= 0 || j > i - a.window))) sc[4 * n + e] = -INFINITY;
-        }
-    }
-    float alpha[2], neg_m[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(sc[4 * n + 2 * r], sc[4 * n + 2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_i[r], mx * sl);
-      alpha[r] = m_new == -INFINITY ? 1.0f : fast_exp2(m_i[r] - m_new);
-      m_i[r] = m_new;
-      neg_m[r] = m_new == -INFINITY ? 0.0f : -m_new;
-    }
+    float alpha[2];
     unsigned pa[BK / 16][4];
-    float sum[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int n = 0; n < NS; ++n) {
-      float p[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) p[e] = fast_exp2(fmaf(sc[4 * n + e], sl, neg_m[e >> 1]));
-      sum[0] += p[0] + p[1];
-      sum[1] += p[2] + p[3];
-      pa[n / 2][(n & 1) * 2 + 0] = pack_bf16(p[0], p[1]);
-      pa[n / 2][(n & 1) * 2 + 1] = pack_bf16(p[2], p[3]);
-    }
-    l_i[0] = l_i[0] * alpha[0] + sum[0];
-    l_i[1] = l_i[1] * alpha[1] + sum[1];
-#pragma unroll
-    for (int j = 0; j < HD / 8; ++j) {
-      o[4 * j + 0] *= alpha[0];
-      o[4 * j + 1] *= alpha[0];
-      o[4 * j + 2] *= alpha[1];
-      o[4 * j + 3] *= alpha[1];
-    }
+    flash_softmax_tile<NS>(sc, edge, qr, k0, len, a.window, tq, sl, m_i, l_i, alpha, pa);
+    rescale_rows(o, alpha);
     // O += P V: MN-major B, 16 keys (2048 bytes) per k-step, 64-wide head_dim blocks LBO apart.
     wgmma_fence_operands(o);
     wgmma_fence_operands(pa);
@@ -441,21 +422,7 @@ __global__ void __launch_bounds__(128, 3) flash_attn_wgmma(AttentionArgs<__nv_bf
     __syncthreads();  // everyone done with this buffer before it is refilled
   }
   cp_async_wait<0>();
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 1);
-    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 2);
-  }
-  bf16* obase = a.out + static_cast<long long>(begin) * a.ldo + h * HD;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (qr[r] >= len) continue;
-    const float inv = l_i[r] > 0.0f ? 1.0f / l_i[r] : 0.0f;
-    bf16* orow = obase + static_cast<long long>(qr[r]) * a.ldo + 2 * tq;
-#pragma unroll
-    for (int j = 0; j < HD / 8; ++j)
-      *reinterpret_cast<__nv_bfloat162*>(orow + j * 8) = __floats2bfloat162_rn(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
-  }
+  flash_store_rows<HD / 8>(o, l_i, qr, len, tq, a.out + static_cast<long long>(begin) * a.ldo + h * HD, a.ldo);
 #else
   (void)a;
   (void)tiles;

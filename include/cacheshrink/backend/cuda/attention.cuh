@@ -320,15 +320,21 @@ constexpr int wg_smem_bytes() {
 }
 
 /// cp.async of rows [row0, row0 + 64) of a (len rows) head slice into a swizzled (64, HD) tile
-/// (wgmma.cuh), zero-filling rows past the sequence end. The caller commits and waits.
+/// (wgmma.cuh), zero-filling rows past the sequence end; for 128-thread blocks. Each thread copies
+/// the same 16-byte column chunk of every (128 / (HD / 8))-th row, so its shared-memory offsets
+/// differ by whole swizzle atoms and its global addresses by a fixed row stride: one add per copy.
+/// The caller commits and waits.
 template <int HD>
 __device__ __forceinline__ void load_tile_sw128(unsigned char* dst, const __nv_bfloat16* src, int ld, int row0, int len) {
-  constexpr int kChunks = HD / 8;
-  for (int idx = threadIdx.x; idx < kWgBk * kChunks; idx += 128) {
-    const int r = idx / kChunks, c = idx % kChunks;
-    const bool in = row0 + r < len;
-    const __nv_bfloat16* g = src + static_cast<long long>(in ? row0 + r : 0) * ld + c * 8;
-    cp_async16(dst + sw128_offset(r, c), g, in ? 16 : 0);
+  constexpr int kChunks = HD / 8, kRowStep = 128 / kChunks;  // rows one pass of the block covers: 8 at 128, 16 at 64
+  static_assert(kRowStep % 8 == 0 && kWgBk % kRowStep == 0, "a pass must cover whole swizzle atoms");
+  const int r0 = static_cast<int>(threadIdx.x) / kChunks, c = static_cast<int>(threadIdx.x) % kChunks;
+  unsigned char* d = dst + sw128_offset(r0, c);
+  const __nv_bfloat16* g = src + static_cast<long long>(row0 + r0) * ld + c * 8;
+#pragma unroll
+  for (int i = 0; i < kWgBk / kRowStep; ++i) {
+    const bool in = row0 + r0 + i * kRowStep < len;
+    cp_async16(d + i * kRowStep * 128, in ? g + static_cast<long long>(i * kRowStep) * ld : src, in ? 16 : 0);
   }
 }
 
@@ -373,6 +379,10 @@ __global__ void __launch_bounds__(128, 3) flash_attn_wgmma(AttentionArgs<__nv_bf
   float o[HD / 8][4];  // O (64 x HD) accumulators: this warp's rows, m16n8 tile j at o[j]
 #pragma unroll
   for (int j = 0; j < HD / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  // Operand descriptors of buffer 0's tiles; a tile and a k-step are byte offsets added to the
+  // start-address field (sw128_desc_add), not a new descriptor per wgmma.
+  const std::uint64_t desc_k0 = sw128_desc(sK(0), 16, 1024), desc_v0 = sw128_desc(sV(0), 64 * 128, 1024), desc_q = sw128_desc(sQ, 16, 1024);
+  (void)desc_q;
   const int qr[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
   float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.0f, 0.0f};
   const float sl = a.scale * kLog2e;
@@ -392,11 +402,12 @@ __global__ void __launch_bounds__(128, 3) flash_attn_wgmma(AttentionArgs<__nv_bf
     float sc[NS][4];
     if constexpr (!kQSmem) wgmma_fence_operands(qa);
     wgmma_fence();
+    const std::uint64_t desc_k = sw128_desc_add(desc_k0, buf * 2 * TILE), desc_v = sw128_desc_add(desc_v0, buf * 2 * TILE);
 #pragma unroll
     for (int d = 0; d < KD; ++d) {
       const int off = (d >> 2) * (64 * 128) + (d & 3) * 32;
-      if constexpr (kQSmem) wgmma_m64n64k16_ss(sc, sw128_desc(sQ + off, 16, 1024), sw128_desc(sK(buf) + off, 16, 1024), d > 0);
-      else wgmma_m64n64k16_rs(sc, qa[d], sw128_desc(sK(buf) + off, 16, 1024), d > 0);
+      if constexpr (kQSmem) wgmma_m64n64k16_ss(sc, sw128_desc_add(desc_q, off), sw128_desc_add(desc_k, off), d > 0);
+      else wgmma_m64n64k16_rs(sc, qa[d], sw128_desc_add(desc_k, off), d > 0);
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -406,15 +417,17 @@ __global__ void __launch_bounds__(128, 3) flash_attn_wgmma(AttentionArgs<__nv_bf
     float alpha[2];
     unsigned pa[BK / 16][4];
     flash_softmax_tile<NS>(sc, edge, qr, k0, len, a.window, tq, sl, m_i, l_i, alpha, pa);
-    rescale_rows(o, alpha);
+    // Once a row's running max settles (most tiles of a long row) alpha is 1: skip the HD / 2
+    // multiplies unless some row of this warp moved.
+    if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) rescale_rows(o, alpha);
     // O += P V: MN-major B, 16 keys (2048 bytes) per k-step, 64-wide head_dim blocks LBO apart.
     wgmma_fence_operands(o);
     wgmma_fence_operands(pa);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
-      if constexpr (HD == 128) wgmma_m64n128k16_rs_tb(o, pa[kk], sw128_desc(sV(buf) + kk * 2048, 64 * 128, 1024), 1);
-      else wgmma_m64n64k16_rs_tb(o, pa[kk], sw128_desc(sV(buf) + kk * 2048, 64 * 128, 1024), 1);
+      if constexpr (HD == 128) wgmma_m64n128k16_rs_tb(o, pa[kk], sw128_desc_add(desc_v, kk * 2048), 1);
+      else wgmma_m64n64k16_rs_tb(o, pa[kk], sw128_desc_add(desc_v, kk * 2048), 1);
     }
     wgmma_commit();
     wgmma_wait<0>();

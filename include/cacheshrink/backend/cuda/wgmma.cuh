@@ -40,6 +40,11 @@ __device__ __forceinline__ std::uint64_t sw128_desc(const void* smem, unsigned l
          (static_cast<std::uint64_t>((sbo_bytes & 0x3FFFF) >> 4) << 32) | (std::uint64_t{1} << 62);
 }
 
+/// `desc` moved `bytes` (a multiple of 16) further into shared memory: the start address is the
+/// descriptor's low 14 bits (address >> 4), and shared addresses stay below 256 KB, so no carry
+/// reaches the other fields.
+__device__ __forceinline__ std::uint64_t sw128_desc_add(std::uint64_t desc, int bytes) { return desc + static_cast<std::uint64_t>(bytes >> 4); }
+
 /// Orders this thread's earlier register writes (accumulators, A fragments) before the
 /// warpgroup's next wgmma.mma_async.
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }

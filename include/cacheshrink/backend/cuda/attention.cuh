@@ -297,7 +297,7 @@ __global__ void __launch_bounds__(128, 3) flash_attn_bf16(AttentionArgs<__nv_bfl
 // blocks fit on an SM); at head_dim 64, its own shared-memory tile (8 KB). A register Q at 64 was
 // miscompiled by ptxas 13.0: the SASS packed P into the very registers that held Q's fragments,
 // so every key tile after the first multiplied K by the previous P (stop 24, found by a probe and
-// the SASS; the 128 instance keeps Q's registers intact through the loop, checked in its SASS).
+// the SASS; the 128 instance kept Q's registers intact through the loop in its SASS at the time).
 // Both instances are tested on multi-tile sequences, which is where such a fault shows.
 constexpr int kWgBq = 64, kWgBk = 64;
 

@@ -16,9 +16,13 @@
 //   bench_cuda_train [--shapes llama2,qwen25] [--batch 4] [--seq 512] [--steps 5] [--warmup 2]
 //                    [--recon-alpha 0.3] [--modes fp32,tf32] [--gemm-tuning on|off|both] [--gemm-profile]
 //                    [--stage-profile] [--gemm-candidates 8] [--gemm-splitk] [--materialised-attention]
+//                    [--flash-kernels auto|mma|wgmma[,...]]
 //                    [--one-stream] [--json PATH]
 // --materialised-attention: TF32 mode keeps the materialised attention (batched GEMMs, P kept)
 // instead of the fused TF32 kernels (cuda::TrainGraph::set_fused_attention(false)).
+// --flash-kernels auto|mma|wgmma[,...]: the fused attention's tensor-core form
+// (cuda::TrainGraph::set_flash_kernel), one row per entry: "mma,wgmma,mma,wgmma" alternates an
+// A/B in one process.
 // --one-stream: no side stream (cuda::TrainGraph::set_side_stream(false)): the reconstruction
 // residuals and the trainable weights' gradients in the main stream, in order.
 // --gemm-tuning: cuda::TunedGemm's timed kernel choice for the graph's GEMMs (on, the default),
@@ -43,11 +47,18 @@ using namespace cacheshrink;
 
 namespace {
 
+// The fused attention's kernel as it runs (Auto resolved).
+const char* flash_name(cuda::FlashKernel k) {
+  const bool wg = k == cuda::FlashKernel::Wgmma || (k == cuda::FlashKernel::Auto && cuda::wgmma_available());
+  return wg ? " wgmma" : " mma.sync";
+}
+
 struct Args {
   std::vector<std::string> shapes = {"llama2", "qwen25"};
   int batch = 4, seq = 512, steps = 5, warmup = 2;
   double recon_alpha = 0.3;
   std::vector<std::string> modes = {"fp32", "tf32"};
+  std::vector<cuda::FlashKernel> flash_kernels = {cuda::FlashKernel::Auto};
   std::vector<bool> tunings = {true};  // cuda::TunedGemm kernel choice: timed (on) / heuristic (off)
   bool gemm_profile = false, stage_profile = false;
   int gemm_candidates = cuda::TunedGemm::kCandidates;
@@ -120,109 +131,115 @@ nlohmann::json run(const std::string& shape, const Args& a) {
       2 * N * (c.n_layers * per_layer + H * c.vocab_size) + c.n_layers * 4.0 * c.n_heads * c.head_dim * score_entries * a.batch;
   nlohmann::json out = nlohmann::json::array();
   for (const auto& mode : a.modes)
-    for (const bool tuning : a.tunings) {
-      g.set_tf32(mode == "tf32");
-      g.set_fused_attention(!a.materialised);
-      g.set_side_stream(!a.one_stream);
-      g.set_gemm_tuning(tuning);
-      g.set_gemm_search(a.gemm_candidates, a.gemm_splitk);
-      train::LossParts last;
-      auto step = [&] {
-        g.zero_grad();
-        last = g.forward_backward(seqs, lo, 1.0);
-        opt.grad_norm_and_clip(1.0, false);
-        opt.step(1e-5, 1e-4);
-      };
-      for (int i = 0; i < a.warmup; ++i) step();
-      cuda::Event e0, e1;
-      auto timed = [&](auto&& f) {
-        e0.record(g.stream());
-        for (int i = 0; i < a.steps; ++i) f();
-        e1.record(g.stream());
-        e1.synchronize();
-        return e1.elapsed_since(e0) / a.steps;
-      };
-      const double step_ms = timed(step);
-      const std::size_t after = used_bytes();
-      const double fwd_ms = timed([&] { g.forward_backward(seqs, lo, 0.0); });
-      const double fb_ms = timed([&] {
-        g.zero_grad();
-        g.forward_backward(seqs, lo, 1.0);
-      });
-      const double opt_ms = timed([&] {
-        opt.grad_norm_and_clip(1.0, false);
-        opt.step(1e-5, 1e-4);
-      });
-      if (a.gemm_profile) {
-        // One more step (forward + backward) with every graph GEMM timed by CUDA events.
-        g.set_gemm_profile(true);
-        g.zero_grad();
-        g.forward_backward(seqs, lo, 1.0);
-        double total = 0, flops = 0;
-        std::printf("%-8s %s GEMM profile of one forward + backward (cuBLAS column-major view; attention's batched GEMMs excluded):\n",
-                    shape.c_str(), mode.c_str());
-        for (const auto& r : g.gemm_profile()) {
-          total += r.ms;
-          flops += 2.0 * r.m * r.n * static_cast<double>(r.k) * r.calls;
-          std::printf("  %c%c m %6d n %6d k %6d beta%s calls %4d  %8.3f ms  %6.1f TFLOP/s  (algo %d tile %d split-K %d)\n", r.ta, r.tb, r.m,
-                      r.n, r.k, r.beta0 ? "=0 " : "!=0", r.calls, r.ms, r.tflops(), r.algo_id, r.tile_id, r.splitk);
+    for (const bool tuning : a.tunings)
+      for (const cuda::FlashKernel fk : a.flash_kernels) {
+        g.set_flash_kernel(fk);
+        g.set_tf32(mode == "tf32");
+        g.set_fused_attention(!a.materialised);
+        g.set_side_stream(!a.one_stream);
+        g.set_gemm_tuning(tuning);
+        g.set_gemm_search(a.gemm_candidates, a.gemm_splitk);
+        train::LossParts last;
+        auto step = [&] {
+          g.zero_grad();
+          last = g.forward_backward(seqs, lo, 1.0);
+          opt.grad_norm_and_clip(1.0, false);
+          opt.step(1e-5, 1e-4);
+        };
+        for (int i = 0; i < a.warmup; ++i) step();
+        cuda::Event e0, e1;
+        auto timed = [&](auto&& f) {
+          e0.record(g.stream());
+          for (int i = 0; i < a.steps; ++i) f();
+          e1.record(g.stream());
+          e1.synchronize();
+          return e1.elapsed_since(e0) / a.steps;
+        };
+        const double step_ms = timed(step);
+        const std::size_t after = used_bytes();
+        const double fwd_ms = timed([&] { g.forward_backward(seqs, lo, 0.0); });
+        const double fb_ms = timed([&] {
+          g.zero_grad();
+          g.forward_backward(seqs, lo, 1.0);
+        });
+        const double opt_ms = timed([&] {
+          opt.grad_norm_and_clip(1.0, false);
+          opt.step(1e-5, 1e-4);
+        });
+        if (a.gemm_profile) {
+          // One more step (forward + backward) with every graph GEMM timed by CUDA events.
+          g.set_gemm_profile(true);
+          g.zero_grad();
+          g.forward_backward(seqs, lo, 1.0);
+          double total = 0, flops = 0;
+          std::printf("%-8s %s GEMM profile of one forward + backward (cuBLAS column-major view; attention's batched GEMMs excluded):\n",
+                      shape.c_str(), mode.c_str());
+          for (const auto& r : g.gemm_profile()) {
+            total += r.ms;
+            flops += 2.0 * r.m * r.n * static_cast<double>(r.k) * r.calls;
+            std::printf("  %c%c m %6d n %6d k %6d beta%s calls %4d  %8.3f ms  %6.1f TFLOP/s  (algo %d tile %d split-K %d)\n", r.ta, r.tb,
+                        r.m, r.n, r.k, r.beta0 ? "=0 " : "!=0", r.calls, r.ms, r.tflops(), r.algo_id, r.tile_id, r.splitk);
+          }
+          std::printf("  total %.2f ms, %.1f TFLOP/s\n", total, flops / (total * 1e9));
+          g.set_gemm_profile(false);
         }
-        std::printf("  total %.2f ms, %.1f TFLOP/s\n", total, flops / (total * 1e9));
-        g.set_gemm_profile(false);
+        if (a.stage_profile) {
+          g.set_stage_profile(true);
+          e0.record(g.stream());
+          g.zero_grad();
+          g.forward_backward(seqs, lo, 1.0);
+          e1.record(g.stream());
+          e1.synchronize();
+          const double whole = e1.elapsed_since(e0);
+          const auto rows = g.stage_profile();
+          double total = 0;
+          for (const auto& r : rows) total += r.ms;
+          std::printf(
+              "%-8s %s stage profile of one forward + backward (%.2f ms between the first and last mark, %.2f ms the whole call):\n",
+              shape.c_str(), mode.c_str(), total, whole);
+          for (const auto& r : rows)
+            std::printf("  %-28s calls %4d  %8.3f ms  %5.1f%%\n", r.name.c_str(), r.calls, r.ms, 100.0 * r.ms / total);
+          g.set_stage_profile(false);
+        }
+        const double tokens = static_cast<double>(a.batch) * a.seq;
+        // The MLP up-projection's shape: (tokens x hidden) x (hidden x intermediate).
+        const double sgemm = sgemm_rate(static_cast<int>(I), a.batch * a.seq, static_cast<int>(H), mode == "tf32");
+        const double tps = tokens / (step_ms / 1000.0);
+        std::printf(
+            "%-8s %s%s%s%s%s B=%d T=%d d_latent=%d: step %.1f ms (%.0f tok/s) = fwd+bwd %.1f + optimizer %.1f; forward alone %.1f ms "
+            "(step/forward "
+            "%.2fx); loss %.4f (lm %.4f, recon %.5f); device memory %.2f GiB (activations %.2f GiB); forward %.1f TFLOP/s, SGEMM %.1f "
+            "TFLOP/s\n",
+            shape.c_str(), mode.c_str(), tuning ? "" : " (heuristic GEMMs)", g.fused_attention() ? " fused-attn" : "",
+            g.fused_attention() ? flash_name(fk) : "", g.side_stream() ? "" : " one-stream", a.batch, a.seq, d_latent, step_ms, tps, fb_ms,
+            opt_ms, fwd_ms, step_ms / fwd_ms, last.total, last.lm, last.recon, static_cast<double>(after - before) / (1u << 30),
+            static_cast<double>(g.activation_bytes()) / (1u << 30), fwd_flops / (fwd_ms * 1e-3) / 1e12, sgemm);
+        std::fflush(stdout);
+        out.push_back({{"shape", shape},
+                       {"dtype", "float32"},
+                       {"batch", a.batch},
+                       {"seq", a.seq},
+                       {"d_latent", d_latent},
+                       {"recon_alpha", a.recon_alpha},
+                       {"step_ms", step_ms},
+                       {"tokens_per_s", tps},
+                       {"forward_backward_ms", fb_ms},
+                       {"optimizer_ms", opt_ms},
+                       {"forward_ms", fwd_ms},
+                       {"device_bytes", after - before},
+                       {"activation_bytes", g.activation_bytes()},
+                       {"trainable_params", param_floats},
+                       {"loss", last.total},
+                       {"lm", last.lm},
+                       {"recon", last.recon},
+                       {"math", mode},
+                       {"attention", g.fused_attention() ? "fused" : "materialised"},
+                       {"flash_kernel", g.fused_attention() ? flash_name(fk) + 1 : "-"},
+                       {"side_stream", g.side_stream()},
+                       {"gemm_tuning", tuning},
+                       {"forward_tflops", fwd_flops / (fwd_ms * 1e-3) / 1e12},
+                       {"sgemm_tflops", sgemm}});
       }
-      if (a.stage_profile) {
-        g.set_stage_profile(true);
-        e0.record(g.stream());
-        g.zero_grad();
-        g.forward_backward(seqs, lo, 1.0);
-        e1.record(g.stream());
-        e1.synchronize();
-        const double whole = e1.elapsed_since(e0);
-        const auto rows = g.stage_profile();
-        double total = 0;
-        for (const auto& r : rows) total += r.ms;
-        std::printf("%-8s %s stage profile of one forward + backward (%.2f ms between the first and last mark, %.2f ms the whole call):\n",
-                    shape.c_str(), mode.c_str(), total, whole);
-        for (const auto& r : rows)
-          std::printf("  %-28s calls %4d  %8.3f ms  %5.1f%%\n", r.name.c_str(), r.calls, r.ms, 100.0 * r.ms / total);
-        g.set_stage_profile(false);
-      }
-      const double tokens = static_cast<double>(a.batch) * a.seq;
-      // The MLP up-projection's shape: (tokens x hidden) x (hidden x intermediate).
-      const double sgemm = sgemm_rate(static_cast<int>(I), a.batch * a.seq, static_cast<int>(H), mode == "tf32");
-      const double tps = tokens / (step_ms / 1000.0);
-      std::printf(
-          "%-8s %s%s%s%s B=%d T=%d d_latent=%d: step %.1f ms (%.0f tok/s) = fwd+bwd %.1f + optimizer %.1f; forward alone %.1f ms (step/forward "
-          "%.2fx); loss %.4f (lm %.4f, recon %.5f); device memory %.2f GiB (activations %.2f GiB); forward %.1f TFLOP/s, SGEMM %.1f "
-          "TFLOP/s\n",
-          shape.c_str(), mode.c_str(), tuning ? "" : " (heuristic GEMMs)", g.fused_attention() ? " fused-attn" : "", g.side_stream() ? "" : " one-stream", a.batch, a.seq, d_latent, step_ms, tps, fb_ms, opt_ms, fwd_ms,
-          step_ms / fwd_ms, last.total, last.lm, last.recon, static_cast<double>(after - before) / (1u << 30),
-          static_cast<double>(g.activation_bytes()) / (1u << 30), fwd_flops / (fwd_ms * 1e-3) / 1e12, sgemm);
-      std::fflush(stdout);
-      out.push_back({{"shape", shape},
-                     {"dtype", "float32"},
-                     {"batch", a.batch},
-                     {"seq", a.seq},
-                     {"d_latent", d_latent},
-                     {"recon_alpha", a.recon_alpha},
-                     {"step_ms", step_ms},
-                     {"tokens_per_s", tps},
-                     {"forward_backward_ms", fb_ms},
-                     {"optimizer_ms", opt_ms},
-                     {"forward_ms", fwd_ms},
-                     {"device_bytes", after - before},
-                     {"activation_bytes", g.activation_bytes()},
-                     {"trainable_params", param_floats},
-                     {"loss", last.total},
-                     {"lm", last.lm},
-                     {"recon", last.recon},
-                     {"math", mode},
-                     {"attention", g.fused_attention() ? "fused" : "materialised"},
-                     {"side_stream", g.side_stream()},
-                     {"gemm_tuning", tuning},
-                     {"forward_tflops", fwd_flops / (fwd_ms * 1e-3) / 1e12},
-                     {"sgemm_tflops", sgemm}});
-    }
   return out;
 }
 
@@ -279,12 +296,24 @@ int main(int argc, char** argv) {
     else if (k == "--gemm-candidates") a.gemm_candidates = std::stoi(val());
     else if (k == "--gemm-splitk") a.gemm_splitk = true;
     else if (k == "--materialised-attention") a.materialised = true;
-    else if (k == "--one-stream") a.one_stream = true;
+    else if (k == "--flash-kernels") {
+      a.flash_kernels.clear();
+      std::stringstream ss(val());
+      for (std::string t; std::getline(ss, t, ',');) {
+        if (t == "auto") a.flash_kernels.push_back(cuda::FlashKernel::Auto);
+        else if (t == "mma") a.flash_kernels.push_back(cuda::FlashKernel::MmaSync);
+        else if (t == "wgmma") a.flash_kernels.push_back(cuda::FlashKernel::Wgmma);
+        else {
+          std::fprintf(stderr, "bench_cuda_train: --flash-kernels takes auto, mma or wgmma (comma-separated), not '%s'\n", t.c_str());
+          return 2;
+        }
+      }
+    } else if (k == "--one-stream") a.one_stream = true;
     else {
       std::fprintf(stderr,
                    "usage: bench_cuda_train [--shapes llama2,qwen25] [--batch 4] [--seq 512] [--steps 5] [--warmup 2] [--recon-alpha 0.3] "
                    "[--modes fp32,tf32] [--gemm-tuning on|off|both] [--gemm-profile] [--stage-profile] [--gemm-candidates N] "
-                   "[--gemm-splitk] [--materialised-attention] [--one-stream] [--json PATH]\n");
+                   "[--gemm-splitk] [--materialised-attention] [--flash-kernels auto|mma|wgmma[,...]] [--one-stream] [--json PATH]\n");
       return 2;
     }
   }

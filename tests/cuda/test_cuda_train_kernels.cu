@@ -240,7 +240,8 @@ float tf32_host(float x) {  // cvt.rna.tf32.f32: nearest, ties away from zero (f
   std::memcpy(&x, &b, 4);
   return x;
 }
-void check_flash(const std::vector<int>& lens, int nh, int nkv, int hd, int window, int pad, int shift, std::mt19937& g, bool pre = false) {
+void check_flash(const std::vector<int>& lens, int nh, int nkv, int hd, int window, int pad, int shift, std::mt19937& g, bool pre = false,
+                 cuda::FlashKernel kind = cuda::FlashKernel::MmaSync) {
   const int B = static_cast<int>(lens.size()), ldq = nh * hd + pad, ldkv = nkv * hd + pad, ldo = nh * hd, group = nh / nkv;
   std::vector<int> off(1, 0);
   std::vector<std::size_t> poff(1, 0);
@@ -249,7 +250,8 @@ void check_flash(const std::vector<int>& lens, int nh, int nkv, int hd, int wind
     poff.push_back(poff.back() + static_cast<std::size_t>(nh) * n * n);
   }
   const int N = off.back(), max_len = *std::max_element(lens.begin(), lens.end());
-  auto q = test::random_floats(static_cast<std::size_t>(N) * ldq, g, 2.0f), k = test::random_floats(static_cast<std::size_t>(N) * ldkv, g, 2.0f);
+  auto q = test::random_floats(static_cast<std::size_t>(N) * ldq, g, 2.0f),
+       k = test::random_floats(static_cast<std::size_t>(N) * ldkv, g, 2.0f);
   auto v = test::random_floats(static_cast<std::size_t>(N) * ldkv, g);
   const auto dout = test::random_floats(static_cast<std::size_t>(N) * ldq, g);
   if (pre)
@@ -331,11 +333,12 @@ void check_flash(const std::vector<int>& lens, int nh, int nkv, int hd, int wind
   a.window = window;
   a.scale = static_cast<float>(scale);
   a.rounded = pre;
-  cuda::flash_train_forward(a, kStream);
-  cuda::flash_train_backward(a, N, kStream);
+  cuda::flash_train_forward(a, kStream, kind);
+  cuda::flash_train_backward(a, N, kStream, kind);
   std::string ls;
   for (int n : lens) ls += std::to_string(n) + " ";
-  INFO("lengths ", ls, "heads ", nh, "/", nkv, " hd ", hd, " window ", window, " pad ", pad, " shift ", shift, " pre-rounded ", pre);
+  INFO("lengths ", ls, "heads ", nh, "/", nkv, " hd ", hd, " window ", window, " pad ", pad, " shift ", shift, " pre-rounded ", pre,
+       " kernel ", std::string(kind == cuda::FlashKernel::Wgmma ? "wgmma" : "mma.sync"));
   // TF32 operands (10 mantissa bits): ~1e-3 of the largest entry.
   CHECK(max_rel(test::to_host(dO_), o) < 4e-3);
   const auto gl = test::to_host(dL);
@@ -396,19 +399,44 @@ TEST_CASE("training GQA head-group sums match float64") {
     for (int shift : {0, 1}) check_sum_groups(rows, nkv, group, hd, shift, g);
 }
 
-TEST_CASE("fused TF32 training attention forward and backward match float64 (packed lengths, GQA/MQA, window, unaligned)") {
-  CACHESHRINK_REQUIRE_GPU();
+void check_flash_cases(cuda::FlashKernel kind) {
   std::mt19937 g(17);
   // lengths: partial tiles (37, 100), one token, a full 64-tile, several key blocks (200, 130)
-  check_flash({37, 1, 64, 200}, 4, 2, 64, 0, 0, 0, g);
-  check_flash({37, 1, 64, 200}, 4, 2, 64, 0, 3, 1, g);
-  check_flash({130, 9}, 2, 2, 128, 0, 4, 0, g);
-  check_flash({130, 9}, 8, 1, 32, 0, 0, 1, g);
-  check_flash({200, 100}, 4, 2, 64, 50, 0, 0, g);  // sliding window across tile edges
-  check_flash({200, 100}, 4, 4, 32, 7, 1, 0, g);
-  check_flash({300}, 7, 1, 128, 0, 0, 0, g);
+  check_flash({37, 1, 64, 200}, 4, 2, 64, 0, 0, 0, g, false, kind);
+  check_flash({37, 1, 64, 200}, 4, 2, 64, 0, 3, 1, g, false, kind);
+  check_flash({130, 9}, 2, 2, 128, 0, 4, 0, g, false, kind);
+  check_flash({130, 9}, 8, 1, 32, 0, 0, 1, g, false, kind);
+  check_flash({200, 100}, 4, 2, 64, 50, 0, 0, g, false, kind);  // sliding window across tile edges
+  check_flash({200, 100}, 4, 4, 32, 7, 1, 0, g, false, kind);
+  check_flash({300}, 7, 1, 128, 0, 0, 0, g, false, kind);
+  // several 128-key blocks and 64-query warpgroup halves; windows shorter than a warpgroup's keys
+  check_flash({517, 64, 129}, 4, 2, 128, 0, 0, 0, g, false, kind);
+  check_flash({517, 191}, 2, 1, 64, 70, 0, 0, g, false, kind);
+  check_flash({400}, 2, 2, 32, 3, 0, 0, g, false, kind);
   // q, k, v stored rounded by the caller (the training graph with RoPE): the kernels skip rounding them
-  check_flash({37, 1, 64, 200}, 4, 2, 64, 0, 0, 0, g, true);
-  check_flash({130, 9}, 8, 1, 128, 0, 3, 1, g, true);
-  check_flash({200, 100}, 4, 2, 32, 50, 0, 0, g, true);
+  check_flash({37, 1, 64, 200}, 4, 2, 64, 0, 0, 0, g, true, kind);
+  check_flash({130, 9}, 8, 1, 128, 0, 3, 1, g, true, kind);
+  check_flash({200, 100}, 4, 2, 32, 50, 0, 0, g, true, kind);
+}
+
+TEST_CASE("fused TF32 training attention forward and backward match float64 (packed lengths, GQA/MQA, window, unaligned)") {
+  CACHESHRINK_REQUIRE_GPU();
+  check_flash_cases(cuda::FlashKernel::MmaSync);
+}
+
+TEST_CASE("fused TF32 training attention on wgmma (sm_90a) matches float64 on the same cases") {
+  CACHESHRINK_REQUIRE_GPU();
+  cudaDeviceProp prop{};
+  CACHESHRINK_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+#if defined(CACHESHRINK_TEST_BUILT_SM90A)
+  // This build has sm_90a code: an sm_90 device must run it (a broken probe must not skip it).
+  if (prop.major == 9 && prop.minor == 0) REQUIRE(cuda::wgmma_available());
+#endif
+  if (!cuda::wgmma_available()) {
+    MESSAGE("no sm_90a code for this device: the wgmma kernels are not run (Auto takes mma.sync)");
+    cuda::FlashTrainArgs a;
+    CHECK_THROWS_WITH_AS(cuda::flash_train_forward(a, kStream, cuda::FlashKernel::Wgmma), doctest::Contains("sm_90a"), InvalidArgument);
+    return;
+  }
+  check_flash_cases(cuda::FlashKernel::Wgmma);
 }

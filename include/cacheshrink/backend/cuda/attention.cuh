@@ -92,7 +92,9 @@ constexpr int kFlashBq = 64, kFlashBk = 64, kFlashWarps = 4;
 // Padded shared-memory row stride (elements): the eight rows an ldmatrix reads start in
 // different banks.
 template <int HD>
-constexpr int flash_ld() { return HD + 8; }
+constexpr int flash_ld() {
+  return HD + 8;
+}
 
 template <int HD>
 constexpr int flash_smem_bytes() {
@@ -126,7 +128,8 @@ __device__ __forceinline__ void load_tile_async(__nv_bfloat16* dst, const __nv_b
 /// lane's share l_i and returns in alpha the factor the output accumulators must be scaled by.
 template <int NS>
 __device__ __forceinline__ void flash_softmax_tile(float (&sc)[NS][4], bool edge, const int (&qr)[2], int k0, int len, int window, int tq,
-                                                   float sl, float (&m_i)[2], float (&l_i)[2], float (&alpha)[2], unsigned (&pa)[NS / 2][4]) {
+                                                   float sl, float (&m_i)[2], float (&l_i)[2], float (&alpha)[2],
+                                                   unsigned (&pa)[NS / 2][4]) {
   if (edge) {
     const int q0r = qr[0], q1r = qr[1];  // (qr[e >> 1] through the reference cost the 128 kernels ~50 B of spills)
 #pragma unroll
@@ -395,7 +398,7 @@ __global__ void __launch_bounds__(128, 3) flash_attn_wgmma(AttentionArgs<__nv_bf
       load_tile_sw128<HD>(sV(buf ^ 1), vbase, a.ldkv, k0 + BK, len);
     }
     cp_async_commit();
-    cp_async_wait<1>();  // this tile landed (this thread's copies)
+    cp_async_wait<1>();   // this tile landed (this thread's copies)
     fence_proxy_async();  // ... and is visible to the tensor cores' operand reads
     __syncthreads();
     // S = Q K^T: K-major A and B, k-step d at column block d / 4, +32 bytes per 16 columns inside it.
@@ -443,16 +446,6 @@ __global__ void __launch_bounds__(128, 3) flash_attn_wgmma(AttentionArgs<__nv_bf
 #endif
 }
 
-/// Writes 1 when this binary carries sm_90a code for the running device (the wgmma kernels are
-/// real), 0 otherwise.
-__global__ void wgmma_probe(int* out) {
-#if defined(CACHESHRINK_WGMMA_DEVICE)
-  *out = 1;
-#else
-  *out = 0;
-#endif
-}
-
 }  // namespace kernels
 
 /// Per-batch attention metadata: for each packed row its sequence's first row, and the
@@ -473,7 +466,8 @@ struct AttentionPlan {
 
 inline void check_attention_shape(int n_heads, int n_kv_heads, int hd) {
   if (n_kv_heads <= 0 || n_heads % n_kv_heads != 0)
-    throw InvalidArgument("cuda attention: n_heads " + std::to_string(n_heads) + " is not a multiple of n_kv_heads " + std::to_string(n_kv_heads));
+    throw InvalidArgument("cuda attention: n_heads " + std::to_string(n_heads) + " is not a multiple of n_kv_heads " +
+                          std::to_string(n_kv_heads));
   if (hd <= 0 || hd > 256) throw InvalidArgument("cuda attention: head_dim " + std::to_string(hd) + " outside [1, 256]");
 }
 
@@ -494,32 +488,6 @@ inline bool flash_supported(const AttentionArgs<__nv_bfloat16>& a) {
   const auto aligned = [](const void* p, unsigned n) { return reinterpret_cast<std::uintptr_t>(p) % n == 0; };
   return hd_ok && a.ldq % 8 == 0 && a.ldkv % 8 == 0 && a.ldo % 2 == 0 && aligned(a.q, 16) && aligned(a.k, 16) && aligned(a.v, 16) &&
          aligned(a.out, 4);
-}
-
-/// Which flash kernel flash_attention() runs: Auto takes the wgmma kernel where it exists (this
-/// binary has sm_90a code for the device and head_dim is 64 or 128), else the mma.sync one.
-enum class FlashKernel { Auto, MmaSync, Wgmma };
-
-/// True when the current device runs this binary's sm_90a code (the wgmma kernels); probed once
-/// per device. A binary without sm_90a code, or a card that cannot run it, answers false.
-inline bool wgmma_available() {
-  static std::mutex mu;
-  static std::vector<int> known;  // per device: -1 unknown, 0, 1
-  int dev = 0;
-  CACHESHRINK_CUDA_CHECK(cudaGetDevice(&dev));
-  std::lock_guard<std::mutex> lock(mu);
-  if (static_cast<int>(known.size()) <= dev) known.resize(static_cast<std::size_t>(dev) + 1, -1);
-  if (known[static_cast<std::size_t>(dev)] < 0) {
-    int* d_flag = nullptr;
-    CACHESHRINK_CUDA_CHECK(cudaMalloc(&d_flag, sizeof(int)));
-    int flag = 0;
-    kernels::wgmma_probe<<<1, 1>>>(d_flag);
-    const cudaError_t launched = cudaGetLastError();  // no image for this device: not available
-    if (launched == cudaSuccess) CACHESHRINK_CUDA_CHECK(cudaMemcpy(&flag, d_flag, sizeof(int), cudaMemcpyDeviceToHost));
-    CACHESHRINK_CUDA_CHECK(cudaFree(d_flag));
-    known[static_cast<std::size_t>(dev)] = launched == cudaSuccess && flag == 1 ? 1 : 0;
-  }
-  return known[static_cast<std::size_t>(dev)] == 1;
 }
 
 template <int HD>
@@ -555,8 +523,9 @@ inline void flash_attention(const AttentionArgs<__nv_bfloat16>& a, const int4* t
   if (!flash_supported(a)) throw InvalidArgument("flash_attention: unsupported head_dim or alignment");
   const bool wg_shape = a.head_dim == 64 || a.head_dim == 128;
   if (kind == FlashKernel::Wgmma && !(wg_shape && wgmma_available()))
-    throw InvalidArgument("flash_attention: the wgmma kernel needs head_dim 64 or 128 and a binary with sm_90a code running on an sm_90 device (head_dim " +
-                          std::to_string(a.head_dim) + ")");
+    throw InvalidArgument(
+        "flash_attention: the wgmma kernel needs head_dim 64 or 128 and a binary with sm_90a code running on an sm_90 device (head_dim " +
+        std::to_string(a.head_dim) + ")");
   if (n_tiles == 0) return;
   const bool wg = kind == FlashKernel::Wgmma || (kind == FlashKernel::Auto && wg_shape && wgmma_available());
   if (wg) {

@@ -33,6 +33,7 @@
 
 #include "cacheshrink/backend/cuda/check.cuh"
 #include "cacheshrink/backend/cuda/mma.cuh"
+#include "cacheshrink/backend/cuda/wgmma.cuh"
 #include "cacheshrink/core/error.hpp"
 
 namespace cacheshrink::cuda {
@@ -50,10 +51,10 @@ struct FlashTrainArgs {
   float* lse2 = nullptr;  // (tokens, n_heads), written by the forward, read by the backward
   const float* dout = nullptr;
   int lddo = 0;
-  float* delta = nullptr;              // (tokens, n_heads) scratch of the backward
-  float* ds = nullptr;                 // P-shaped dS: sequence s, head h, query i, key j at
+  float* delta = nullptr;               // (tokens, n_heads) scratch of the backward
+  float* ds = nullptr;                  // P-shaped dS: sequence s, head h, query i, key j at
   const std::size_t* ds_off = nullptr;  //   ds[ds_off[s] + (h n + i) n + j] (ds_off on the device)
-  float* dk = nullptr;                 // dK, dV per query head h at column h head_dim
+  float* dk = nullptr;                  // dK, dV per query head h at column h head_dim
   float* dv = nullptr;
   int lddkv = 0;
   const int* off = nullptr;  // device: batch + 1 sequence offsets into the token rows
@@ -105,7 +106,8 @@ __device__ __forceinline__ void flash_load(float* sm, const float* g, int ld, in
     constexpr int C4 = HD / 4;
     for (int i = threadIdx.x; i < R * C4; i += NT) {
       const int r = i / C4, c = (i - r * C4) * 4;
-      kernels::cp_async16(sm + r * SP + (c ^ flash_swz<Swz>(r)), g + static_cast<long long>(r < valid ? r : 0) * ld + c, r < valid ? 16 : 0);
+      kernels::cp_async16(sm + r * SP + (c ^ flash_swz<Swz>(r)), g + static_cast<long long>(r < valid ? r : 0) * ld + c,
+                          r < valid ? 16 : 0);
     }
   } else {
     for (int i = threadIdx.x; i < R * HD; i += NT) {
@@ -127,6 +129,82 @@ __device__ __forceinline__ void flash_round(float* sm) {
 }
 // Two consecutive 32-bit words of shared memory (8-byte aligned) as one load.
 __device__ __forceinline__ uint2 lds64(const unsigned* p) { return *reinterpret_cast<const uint2*>(p); }
+
+// One 64-key tile of the forward's online softmax for the thread's two query rows rq0, rq1 (the
+// warp's rows start at wq): masks the scores sc (8 n8 tiles, keys from k0; causal / window) on
+// tiles that cross a limit, moves the running max m and sum l, rescales O, and leaves the
+// unnormalised P = 2^(c s - c m) in sc.
+template <int NO>
+__device__ __forceinline__ void flash_fwd_softmax(float (&sc)[8][4], float (&o)[NO][4], float (&m)[2], float (&l)[2], int k0, int wq,
+                                                  int rq0, int rq1, int t, int window, float c) {
+  // Masked on tiles reaching past the warp's first query or before its last query's window.
+  if (k0 + 63 > wq || (window > 0 && k0 <= wq + 15 - window)) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = k0 + j * 8 + 2 * t + (e & 1), row = e < 2 ? rq0 : rq1;
+        if (key > row || (window > 0 && row - key >= window)) sc[j][e] = -INFINITY;
+      }
+  }
+  float mx[2] = {m[0], m[1]};
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    mx[0] = fmaxf(mx[0], fmaxf(sc[j][0], sc[j][1]));
+    mx[1] = fmaxf(mx[1], fmaxf(sc[j][2], sc[j][3]));
+  }
+  float alpha[2], mc[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float mu = mx[r] == -INFINITY ? 0.0f : mx[r];  // a row with nothing visible yet
+    alpha[r] = kernels::fast_exp2((m[r] - mu) * c);
+    m[r] = mx[r];
+    mc[r] = mu * c;
+  }
+  float rs[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    sc[j][0] = kernels::fast_exp2(fmaf(sc[j][0], c, -mc[0]));
+    sc[j][1] = kernels::fast_exp2(fmaf(sc[j][1], c, -mc[0]));
+    sc[j][2] = kernels::fast_exp2(fmaf(sc[j][2], c, -mc[1]));
+    sc[j][3] = kernels::fast_exp2(fmaf(sc[j][3], c, -mc[1]));
+    rs[0] += sc[j][0] + sc[j][1];
+    rs[1] += sc[j][2] + sc[j][3];
+  }
+  l[0] = l[0] * alpha[0] + rs[0];
+  l[1] = l[1] * alpha[1] + rs[1];
+  // Once the rows' maxima settle (most tiles of a long row) alpha is exactly 1: skip the multiplies
+  // unless some row of the warp moved.
+  if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) kernels::rescale_rows(o, alpha);
+}
+
+// The forward's epilogue: O = acc / l and lse2 of the thread's two rows (the quad sums l first).
+template <int NO>
+__device__ __forceinline__ void flash_fwd_store(const FlashTrainArgs& a, const float (&o)[NO][4], float (&l)[2], const float (&m)[2],
+                                                int begin, int n, int h, int rq0, int rq1, int t, float c) {
+  constexpr int HD = NO * 8, KS = NO;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+  float* ob = a.o + static_cast<long long>(begin) * a.ldo + h * HD + 2 * t;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = r == 0 ? rq0 : rq1;
+    if (row >= n) continue;
+    const float inv = 1.0f / l[r];
+    float* orow = ob + static_cast<long long>(row) * a.ldo;
+#pragma unroll
+    for (int nt = 0; nt < KS; ++nt) {
+      orow[nt * 8] = o[nt][2 * r] * inv;
+      orow[nt * 8 + 1] = o[nt][2 * r + 1] * inv;
+    }
+    if (t == 0) a.lse2[static_cast<long long>(begin + row) * a.n_heads + h] = m[r] * c + log2f(l[r]);
+  }
+}
 
 template <int HD>
 static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_fwd(FlashTrainArgs a, bool v4) {
@@ -207,45 +285,7 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_fwd(Fl
           const uint2 b = lds64(Ku + (j * 8 + g) * SK + ks * 8 + 2 * t);
           mma_tf32(sc[j], qf[ks], b.x, b.y);
         }
-      // Masked on tiles reaching past the warp's first query or before its last query's window.
-      if (k0 + BK - 1 > wq || (a.window > 0 && k0 <= wq + 15 - a.window)) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int key = k0 + j * 8 + 2 * t + (e & 1), row = e < 2 ? rq0 : rq1;
-            if (key > row || (a.window > 0 && row - key >= a.window)) sc[j][e] = -INFINITY;
-          }
-      }
-      float mx[2] = {m[0], m[1]};
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        mx[0] = fmaxf(mx[0], fmaxf(sc[j][0], sc[j][1]));
-        mx[1] = fmaxf(mx[1], fmaxf(sc[j][2], sc[j][3]));
-      }
-      float alpha[2], mc[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-        const float mu = mx[r] == -INFINITY ? 0.0f : mx[r];  // a row with nothing visible yet
-        alpha[r] = kernels::fast_exp2((m[r] - mu) * c);
-        m[r] = mx[r];
-        mc[r] = mu * c;
-      }
-      float rs[2] = {0.0f, 0.0f};
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        sc[j][0] = kernels::fast_exp2(fmaf(sc[j][0], c, -mc[0]));
-        sc[j][1] = kernels::fast_exp2(fmaf(sc[j][1], c, -mc[0]));
-        sc[j][2] = kernels::fast_exp2(fmaf(sc[j][2], c, -mc[1]));
-        sc[j][3] = kernels::fast_exp2(fmaf(sc[j][3], c, -mc[1]));
-        rs[0] += sc[j][0] + sc[j][1];
-        rs[1] += sc[j][2] + sc[j][3];
-      }
-      l[0] = l[0] * alpha[0] + rs[0];
-      l[1] = l[1] * alpha[1] + rs[1];
-      kernels::rescale_rows(o, alpha);
+      flash_fwd_softmax(sc, o, m, l, k0, wq, rq0, rq1, t, a.window, c);
       // O += P V over the tile's 64 keys, 8 at a time (k permuted: slot t = key 2t, t + 4 = key 2t + 1).
 #pragma unroll
       for (int kk = 0; kk < 8; ++kk) {
@@ -257,25 +297,7 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_fwd(Fl
     }
     __syncthreads();  // this stage is free for the load two iterations on
   }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
-  float* ob = a.o + static_cast<long long>(begin) * a.ldo + h * HD + 2 * t;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = r == 0 ? rq0 : rq1;
-    if (row >= n) continue;
-    const float inv = 1.0f / l[r];
-    float* orow = ob + static_cast<long long>(row) * a.ldo;
-#pragma unroll
-    for (int nt = 0; nt < KS; ++nt) {
-      orow[nt * 8] = o[nt][2 * r] * inv;
-      orow[nt * 8 + 1] = o[nt][2 * r + 1] * inv;
-    }
-    if (t == 0) a.lse2[static_cast<long long>(begin + row) * a.n_heads + h] = m[r] * c + log2f(l[r]);
-  }
+  flash_fwd_store(a, o, l, m, begin, n, h, rq0, rq1, t, c);
 }
 
 // delta[row * heads + h] = sum_d dO o O over head h's hd columns. One warp per (row, head).
@@ -291,6 +313,59 @@ static __global__ void flash_delta(const float* o, int ldo, const float* dout, i
   for (int d = lane; d < hd; d += 32) acc += x[d] * y[d];
   for (int sh = 16; sh > 0; sh >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, sh);
   if (lane == 0) delta[w] = acc;
+}
+
+// The backward's P^T = 2^(c S^T - lse2) and dS^T = P^T o (dP^T - D) of a warp's (16 keys x 32
+// queries) tile, in place of S^T (st4) and dP^T (dp): keys kr0, kr1 (the warp's start at kw),
+// queries from q0, masked (causal, window, past the sequence) on tiles that cross a limit.
+__device__ __forceinline__ void flash_bwd_p_ds(float (&st4)[4][4], float (&dp)[4][4], const float* Ls, const float* Ds, int q0, int kw,
+                                               int kr0, int kr1, int n, int window, int t, float c) {
+  // Masks: causal / window on tiles crossing them, and queries past the sequence.
+  const bool edge = kw + 15 > q0 || (window > 0 && q0 + 32 - 1 - kw >= window) || q0 + 32 > n;
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = j * 8 + 2 * t + (e & 1), qi = q0 + col, key = e < 2 ? kr0 : kr1;
+      float p = kernels::fast_exp2(fmaf(st4[j][e], c, -Ls[col]));
+      if (edge && (qi < key || qi >= n || (window > 0 && qi - key >= window))) p = 0.0f;
+      st4[j][e] = p;                        // P^T
+      dp[j][e] = p * (dp[j][e] - Ds[col]);  // dS^T
+    }
+}
+
+// dS^T of a warp's tile (keys kr0, kr1; queries from q0) into the (query, key) rows of dsb (row
+// length n), inside the sequence.
+__device__ __forceinline__ void flash_store_ds(float* dsb, const float (&dp)[4][4], int q0, int kr0, int kr1, int n, int t) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int qi = q0 + j * 8 + 2 * t + (e & 1), key = e < 2 ? kr0 : kr1;
+      if (qi < n && key < n) dsb[static_cast<std::size_t>(qi) * n + key] = dp[j][e];
+    }
+}
+
+// The backward's epilogue: dK (times the scale) and dV rows of the thread's two keys.
+template <int NO>
+__device__ __forceinline__ void flash_bwd_store(const FlashTrainArgs& a, const float (&dk)[NO][4], const float (&dv)[NO][4], int begin,
+                                                int n, int h, int kr0, int kr1, int t) {
+  constexpr int HD = NO * 8, KS = NO;
+  float* dkb = a.dk + static_cast<long long>(begin) * a.lddkv + h * HD + 2 * t;
+  float* dvb = a.dv + static_cast<long long>(begin) * a.lddkv + h * HD + 2 * t;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = r == 0 ? kr0 : kr1;
+    if (key >= n) continue;
+    const long long at = static_cast<long long>(key) * a.lddkv;
+#pragma unroll
+    for (int nt = 0; nt < KS; ++nt) {
+      dkb[at + nt * 8] = dk[nt][2 * r] * a.scale;
+      dkb[at + nt * 8 + 1] = dk[nt][2 * r + 1] * a.scale;
+      dvb[at + nt * 8] = dv[nt][2 * r];
+      dvb[at + nt * 8 + 1] = dv[nt][2 * r + 1];
+    }
+  }
 }
 
 template <int HD>
@@ -387,18 +462,7 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_bwd(Fl
           mma_tf32(dp[j], va, dv2.x, dv2.y);  // dP^T = V dO^T
         }
       }
-      // Masks: causal / window on tiles crossing them, and queries past the sequence.
-      const bool edge = kw + 15 > q0 || (a.window > 0 && q0 + BQ - 1 - kw >= a.window) || q0 + BQ > n;
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = j * 8 + 2 * t + (e & 1), qi = q0 + col, key = e < 2 ? kr0 : kr1;
-          float p = kernels::fast_exp2(fmaf(st4[j][e], c, -Ls[col]));
-          if (edge && (qi < key || qi >= n || (a.window > 0 && qi - key >= a.window))) p = 0.0f;
-          st4[j][e] = p;                         // P^T
-          dp[j][e] = p * (dp[j][e] - Ds[col]);  // dS^T
-        }
+      flash_bwd_p_ds(st4, dp, Ls, Ds, q0, kw, kr0, kr1, n, a.window, t, c);
       // dV += P^T dO, dK += dS^T Q over the tile's 32 queries, 8 at a time (k permuted: slot t =
       // query 2t, t + 4 = query 2t + 1).
 #pragma unroll
@@ -413,33 +477,365 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_bwd(Fl
           mma_tf32(dk[nt], sa, Qu[row + col], Qu[row + SP + col]);
         }
       }
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int qi = q0 + j * 8 + 2 * t + (e & 1), key = e < 2 ? kr0 : kr1;
-          if (qi < n && key < n) dsb[static_cast<std::size_t>(qi) * n + key] = dp[j][e];
-        }
+      flash_store_ds(dsb, dp, q0, kr0, kr1, n, t);
     }
     __syncthreads();  // this stage is free for the load two iterations on
   }
-  float* dkb = a.dk + static_cast<long long>(begin) * a.lddkv + h * HD + 2 * t;
-  float* dvb = a.dv + static_cast<long long>(begin) * a.lddkv + h * HD + 2 * t;
+  flash_bwd_store(a, dk, dv, begin, n, h, kr0, kr1, t);
+}
+
+// ---- The wgmma (sm_90a) forms: every product on warpgroup MMAs ----
+// Same blocks as the mma.sync kernels (eight warps = two warpgroups of 64 rows); all tiles are
+// float32 in the 128-byte-swizzled layout of wgmma.cuh. tf32 wgmma takes only K-major operands,
+// so the products that contract over keys (forward O += P V) or queries (backward dV += P^T dO,
+// dK += dS^T Q) read a transposed copy of V, dO and Q made in shared memory for each tile. P (or
+// P^T, dS^T) stays in registers as the A operand: a thread's accumulator pair (columns 2t, 2t + 1)
+// becomes the fragment's (t, t + 4) slots, so the copy stores the rows of every 8 in that order.
+template <int HD>
+struct FlashFwdWgTiles {
+  // [Q | two stages of [K | V] | V^T], each piece a multiple of 1024 bytes; slack for the boundary.
+  static constexpr int BQ = 16 * kFlashWarps, BK = 64, QT = BQ * HD, KT = BK * HD;
+  static constexpr int smem = (QT + 5 * KT) * static_cast<int>(sizeof(float)) + 1024;
+};
+template <int HD>
+struct FlashBwdWgTiles {
+  // [K | V | two stages of [Q | dO] | Q^T | dO^T | two stages of [lse2 | delta]]; slack as above.
+  static constexpr int BK = 16 * kFlashWarps, BQ = 32, KV = BK * HD, QT = BQ * HD;
+  static constexpr int smem = (2 * KV + 6 * QT + 4 * BQ) * static_cast<int>(sizeof(float)) + 1024;
+};
+
+// The dynamic shared memory rounded up to the 1024-byte boundary of the swizzle (the smem sizes
+// above carry the slack).
+__device__ __forceinline__ float* flash_smem_1024(unsigned char* raw) {
+  return reinterpret_cast<float*>(raw + ((1024 - static_cast<unsigned>(__cvta_generic_to_shared(raw)) % 1024) % 1024));
+}
+
+// Rows [0, R) of an (R, HD) tile into the swizzled layout: valid rows from g (row stride ld), the
+// rest zero; v4 as flash_load. With v4 each thread copies the same 16-byte chunk of every
+// (NT / (HD / 4))-th row: its shared offsets differ by whole swizzle rows and its global ones by a
+// fixed stride, so a copy costs one add (the pass count is a compile-time constant).
+template <int HD, int R, int NT>
+__device__ __forceinline__ void flash_load_sw(float* sm, const float* g, int ld, int valid, bool v4) {
+  constexpr int C4 = HD / 4, RP = NT / C4;  // chunks per row, rows per pass
+  static_assert(NT % C4 == 0 && RP % 8 == 0 && R % RP == 0, "whole swizzle rows per pass");
+  if (v4) {
+    const int r0 = static_cast<int>(threadIdx.x) / C4, c = static_cast<int>(threadIdx.x) % C4;
+    unsigned char* d = reinterpret_cast<unsigned char*>(sm) + kernels::sw128_offset_rows<R>(r0, c);
+    const float* src = g + static_cast<long long>(r0) * ld + c * 4;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = r == 0 ? kr0 : kr1;
-    if (key >= n) continue;
-    const long long at = static_cast<long long>(key) * a.lddkv;
-#pragma unroll
-    for (int nt = 0; nt < KS; ++nt) {
-      dkb[at + nt * 8] = dk[nt][2 * r] * a.scale;
-      dkb[at + nt * 8 + 1] = dk[nt][2 * r + 1] * a.scale;
-      dvb[at + nt * 8] = dv[nt][2 * r];
-      dvb[at + nt * 8 + 1] = dv[nt][2 * r + 1];
+    for (int k = 0; k < R / RP; ++k) {
+      const bool in = r0 + k * RP < valid;
+      kernels::cp_async16(d + k * RP * 128, in ? src + static_cast<long long>(k) * RP * ld : g, in ? 16 : 0);
+    }
+  } else {
+    for (int i = threadIdx.x; i < R * HD; i += NT) {
+      const int r = i / HD, c = i - r * HD;
+      sm[kernels::sw128_index_f32<R>(r, c)] = r < valid ? g[static_cast<long long>(r) * ld + c] : 0.0f;
     }
   }
 }
 
+// Rounds COUNT contiguous floats (the swizzled tiles have no padding) to TF32 in place, one float4
+// per thread and pass.
+template <int COUNT, int NT>
+__device__ __forceinline__ void flash_round_flat(float* sm) {
+  static_assert(COUNT % (4 * NT) == 0, "whole passes");
+  float4* p = reinterpret_cast<float4*>(sm) + threadIdx.x;
+#pragma unroll 8
+  for (int k = 0; k < COUNT / (4 * NT); ++k) {
+    const float4 x = p[k * NT];
+    *reinterpret_cast<uint4*>(p + k * NT) =
+        make_uint4(kernels::to_tf32(x.x), kernels::to_tf32(x.y), kernels::to_tf32(x.z), kernels::to_tf32(x.w));
+  }
+}
+
+// dst (HD, R) = src (R, HD)^T, both swizzled, with src's rows stored in the fragment order: inside
+// every 8, row 2p' goes to slot p' and row 2p' + 1 to slot p' + 4. round: rounded to TF32 on the
+// way, and with WriteBack the rounded values also replace src's. Thread tid takes row tid % R and
+// the chunks tid / R + k CP (CP = NT / R per pass): a warp reads 32 rows' same chunk (whole
+// swizzle rows, no conflicts) and writes 32 slots of one dst row. Every offset is a per-thread
+// constant plus a compile-time one.
+template <int HD, int R, int NT, bool WriteBack>
+__device__ __forceinline__ void flash_transpose_sw(float* dst, float* src, bool round) {
+  constexpr int CP = NT / R;
+  static_assert(R % 32 == 0 && NT % R == 0 && 8 % CP == 0 && (HD / 4) % CP == 0, "passes of whole chunk groups");
+  const int r = static_cast<int>(threadIdx.x) % R, c0 = static_cast<int>(threadIdx.x) / R;
+  const int slot = (r & ~7) | ((r >> 1) & 3) | ((r & 1) << 2);
+  // src (row r, chunk c0 + k CP) = sbase + ((k CP) / 8) R 32 + ((sx ^ ((k CP) % 8)) << 2): c0 < CP
+  // and (k CP) % 8 is a multiple of CP, so the chunk's low bits are c0 | that.
+  float* sbase = src + r * 32;
+  const int sx = c0 ^ (r & 7);
+  // dst (row 4 c + j, slot) = dbase + 128 k CP + 32 j + dx[j]: (4 c + j) % 8 = 4 (c0 % 2) + j.
+  float* dbase = dst + (slot >> 5) * (HD * 32) + 128 * c0 + (slot & 3);
+  int dx[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) dx[j] = (((slot >> 2) & 7) ^ (4 * (c0 & 1) + j)) << 2;
+#pragma unroll
+  for (int k = 0; k < (HD / 4) / CP; ++k) {
+    float4* sp = reinterpret_cast<float4*>(sbase + ((k * CP) >> 3) * (R * 32) + ((sx ^ ((k * CP) & 7)) << 2));
+    float4 x = *sp;
+    if (round) {
+      x = make_float4(__uint_as_float(kernels::to_tf32(x.x)), __uint_as_float(kernels::to_tf32(x.y)),
+                      __uint_as_float(kernels::to_tf32(x.z)), __uint_as_float(kernels::to_tf32(x.w)));
+      if constexpr (WriteBack) *sp = x;
+    }
+    float* d = dbase + 128 * k * CP;
+    d[dx[0]] = x.x;
+    d[32 + dx[1]] = x.y;
+    d[64 + dx[2]] = x.z;
+    d[96 + dx[3]] = x.w;
+  }
+}
+
+// d (64 x N) = A B^T over the head dimension: A the warpgroup's 64 rows of a swizzled tile of
+// a_rows rows, B the b_rows rows of another (N = b_rows), 8 columns per wgmma; waits for it. Two
+// such products (d1, d2) share one commit group when given.
+template <int HD, int NJ>
+__device__ __forceinline__ void flash_wg_scores(float (&d1)[NJ][4], const float* a1, const float* b1, float (&d2)[NJ][4], const float* a2,
+                                                const float* b2, bool two, int a_rows) {
+#if defined(CACHESHRINK_WGMMA_DEVICE)
+  constexpr int b_rows = NJ * 8;
+  const std::uint64_t da1 = kernels::sw128_desc(a1, 16, 1024), db1 = kernels::sw128_desc(b1, 16, 1024);
+  const std::uint64_t da2 = kernels::sw128_desc(a2, 16, 1024), db2 = kernels::sw128_desc(b2, 16, 1024);
+  kernels::wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < HD / 8; ++ks) {
+    const int oa = (ks >> 2) * (a_rows * 128) + (ks & 3) * 32, ob = (ks >> 2) * (b_rows * 128) + (ks & 3) * 32;
+    if constexpr (NJ == 4) {
+      kernels::wgmma_m64n32k8_tf32_ss(d1, kernels::sw128_desc_add(da1, oa), kernels::sw128_desc_add(db1, ob), ks > 0);
+      if (two) kernels::wgmma_m64n32k8_tf32_ss(d2, kernels::sw128_desc_add(da2, oa), kernels::sw128_desc_add(db2, ob), ks > 0);
+    } else {
+      kernels::wgmma_m64n64k8_tf32_ss(d1, kernels::sw128_desc_add(da1, oa), kernels::sw128_desc_add(db1, ob), ks > 0);
+      if (two) kernels::wgmma_m64n64k8_tf32_ss(d2, kernels::sw128_desc_add(da2, oa), kernels::sw128_desc_add(db2, ob), ks > 0);
+    }
+  }
+  kernels::wgmma_commit();
+  kernels::wgmma_wait<0>();
+  kernels::wgmma_fence_operands(d1);
+  if (two) kernels::wgmma_fence_operands(d2);
+#else
+  (void)d1, (void)a1, (void)b1, (void)d2, (void)a2, (void)b2, (void)two, (void)a_rows;
+  __trap();
+#endif
+}
+
+// acc (64 x HD) += A B over KK k-steps of 8: A in registers (a[kk], fragment order), B a swizzled
+// transposed tile (HD rows; k-step kk at column block kk / 4, + 32 bytes per step inside it). Two
+// such products share one commit group when given. Returns with them in flight: the caller does
+// other work and then flash_wg_wait (acc and a must not be touched before).
+template <int HD, int KK>
+__device__ __forceinline__ void flash_wg_accumulate(float (&acc1)[HD / 8][4], unsigned (&a1)[KK][4], const float* b1,
+                                                    float (&acc2)[HD / 8][4], unsigned (&a2)[KK][4], const float* b2, bool two) {
+#if defined(CACHESHRINK_WGMMA_DEVICE)
+  const std::uint64_t d1 = kernels::sw128_desc(b1, 16, 1024), d2 = kernels::sw128_desc(b2, 16, 1024);
+  kernels::wgmma_fence_operands(acc1);
+  kernels::wgmma_fence_operands(a1);
+  if (two) {
+    kernels::wgmma_fence_operands(acc2);
+    kernels::wgmma_fence_operands(a2);
+  }
+  kernels::wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < KK; ++kk) {
+    const int off = (kk >> 2) * (HD * 128) + (kk & 3) * 32;
+    if constexpr (HD == 128) {
+      kernels::wgmma_m64n128k8_tf32_rs(acc1, a1[kk], kernels::sw128_desc_add(d1, off), 1);
+      if (two) kernels::wgmma_m64n128k8_tf32_rs(acc2, a2[kk], kernels::sw128_desc_add(d2, off), 1);
+    } else if constexpr (HD == 64) {
+      kernels::wgmma_m64n64k8_tf32_rs(acc1, a1[kk], kernels::sw128_desc_add(d1, off), 1);
+      if (two) kernels::wgmma_m64n64k8_tf32_rs(acc2, a2[kk], kernels::sw128_desc_add(d2, off), 1);
+    } else {
+      kernels::wgmma_m64n32k8_tf32_rs(acc1, a1[kk], kernels::sw128_desc_add(d1, off), 1);
+      if (two) kernels::wgmma_m64n32k8_tf32_rs(acc2, a2[kk], kernels::sw128_desc_add(d2, off), 1);
+    }
+  }
+  kernels::wgmma_commit();
+#else
+  (void)acc1, (void)a1, (void)b1, (void)acc2, (void)a2, (void)b2, (void)two;
+  __trap();
+#endif
+}
+// Waits for flash_wg_accumulate's products.
+template <int HD>
+__device__ __forceinline__ void flash_wg_wait(float (&acc1)[HD / 8][4], float (&acc2)[HD / 8][4], bool two) {
+#if defined(CACHESHRINK_WGMMA_DEVICE)
+  kernels::wgmma_wait<0>();
+  kernels::wgmma_fence_operands(acc1);
+  if (two) kernels::wgmma_fence_operands(acc2);
+#else
+  (void)acc1, (void)acc2, (void)two;
+#endif
+}
+
+// A fragments (fragment order) of an accumulator tile: rows g, g + 8; slot t = column 2t, t + 4 = 2t + 1.
+template <int NJ>
+__device__ __forceinline__ void flash_fragments(unsigned (&f)[NJ][4], const float (&x)[NJ][4]) {
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) {
+    f[j][0] = kernels::to_tf32(x[j][0]);
+    f[j][1] = kernels::to_tf32(x[j][2]);
+    f[j][2] = kernels::to_tf32(x[j][1]);
+    f[j][3] = kernels::to_tf32(x[j][3]);
+  }
+}
+
+template <int HD>
+static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_fwd_wg(FlashTrainArgs a, bool v4) {
+  using T = FlashFwdWgTiles<HD>;
+  constexpr int NT = kFlashWarps * 32, BQ = T::BQ, BK = T::BK, KT = T::KT;
+  extern __shared__ __align__(16) unsigned char flash_smem[];
+  float* Qs = flash_smem_1024(flash_smem);
+  float* stages = Qs + T::QT;  // two stages of [K | V]
+  float* Vt = stages + 4 * KT;
+  const int h = blockIdx.x, s = blockIdx.y;
+  const int begin = a.off[s], n = a.off[s + 1] - begin;
+  const int q0 = static_cast<int>(gridDim.z - 1 - blockIdx.z) * BQ;  // the most key tiles first
+  if (q0 >= n) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int kvh = h / (a.n_heads / a.n_kv_heads);
+  const int wq = q0 + warp * 16, wgq = q0 + (warp >> 2) * 64;  // the warp's and the warpgroup's first query
+  const int rq0 = wq + g, rq1 = rq0 + 8;
+  const int q_last = min(q0 + BQ, n) - 1;
+  const int kt0 = (a.window > 0 ? max(0, q0 - a.window + 1) : 0) / BK, tiles = q_last / BK - kt0 + 1;
+  const float* kb = a.k + static_cast<long long>(begin) * a.ldkv + kvh * HD;
+  const float* vb = a.v + static_cast<long long>(begin) * a.ldkv + kvh * HD;
+  auto load = [&](int it) {
+    const int k0 = (kt0 + it) * BK;
+    float* st = stages + 2 * (it & 1) * KT;
+    flash_load_sw<HD, BK, NT>(st, kb + static_cast<long long>(k0) * a.ldkv, a.ldkv, n - k0, v4);
+    flash_load_sw<HD, BK, NT>(st + KT, vb + static_cast<long long>(k0) * a.ldkv, a.ldkv, n - k0, v4);
+    kernels::cp_async_commit();
+  };
+  flash_load_sw<HD, BQ, NT>(Qs, a.q + static_cast<long long>(begin + q0) * a.ldq + h * HD, a.ldq, n - q0, v4);
+  load(0);  // Q rides in its commit group
+  float o[HD / 8][4];
+#pragma unroll
+  for (int j = 0; j < HD / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  const float c = a.scale * 1.4426950408889634f;
+  for (int it = 0; it < tiles; ++it) {
+    if (it + 1 < tiles) {
+      load(it + 1);
+      kernels::cp_async_wait<1>();
+    } else {
+      kernels::cp_async_wait<0>();
+    }
+    __syncthreads();
+    float* Ks = stages + 2 * (it & 1) * KT;
+    if (!a.rounded) {
+      if (it == 0) flash_round_flat<BQ * HD, NT>(Qs);
+      flash_round_flat<BK * HD, NT>(Ks);
+    }
+    flash_transpose_sw<HD, BK, NT, false>(Vt, Ks + KT, !a.rounded);
+    kernels::fence_proxy_async();  // the generic-proxy writes, visible to wgmma's operand reads
+    __syncthreads();
+    const int k0 = (kt0 + it) * BK;
+    // Nothing of the tile visible to the warp's (warpgroup's) rows: all keys after them, or all
+    // before their window. The warpgroup issues its products together.
+    const bool none = wq >= n || k0 > wq + 15 || (a.window > 0 && k0 + BK - 1 <= wq - a.window);
+    const bool wg_none = wgq >= n || k0 > wgq + 63 || (a.window > 0 && k0 + BK - 1 <= wgq - a.window);
+    if (!wg_none) {
+      float sc[8][4];
+      flash_wg_scores<HD, 8>(sc, Qs + (warp >> 2) * 64 * 32, Ks, sc, Qs, Ks, false, BQ);  // S = Q K^T
+      unsigned pa[8][4];
+      if (!none) {
+        flash_fwd_softmax(sc, o, m, l, k0, wq, rq0, rq1, t, a.window, c);
+        flash_fragments(pa, sc);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) pa[j][0] = pa[j][1] = pa[j][2] = pa[j][3] = 0u;
+      }
+      flash_wg_accumulate<HD, 8>(o, pa, Vt, o, pa, Vt, false);  // O += P V
+      flash_wg_wait<HD>(o, o, false);
+    }
+    __syncthreads();  // Vt and this stage are free again
+  }
+  flash_fwd_store(a, o, l, m, begin, n, h, rq0, rq1, t, c);
+}
+
+template <int HD>
+static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_bwd_wg(FlashTrainArgs a, bool v4) {
+  using T = FlashBwdWgTiles<HD>;
+  constexpr int NT = kFlashWarps * 32, BK = T::BK, BQ = T::BQ, KV = T::KV, QT = T::QT;
+  extern __shared__ __align__(16) unsigned char flash_smem[];
+  float* Ks = flash_smem_1024(flash_smem);
+  float* Vs = Ks + KV;
+  float* stages = Vs + KV;  // two stages of [Q | dO]
+  float* Qt = stages + 4 * QT;
+  float* Ot = Qt + QT;  // dO^T
+  float* LD = Ot + QT;  // two stages of [lse2 | delta]
+  const int h = blockIdx.x, s = blockIdx.y;
+  const int begin = a.off[s], n = a.off[s + 1] - begin;
+  const int k0 = static_cast<int>(blockIdx.z) * BK;  // the first key block (the most queries) first
+  if (k0 >= n) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int kvh = h / (a.n_heads / a.n_kv_heads);
+  flash_load_sw<HD, BK, NT>(Ks, a.k + static_cast<long long>(begin + k0) * a.ldkv + kvh * HD, a.ldkv, n - k0, v4);
+  flash_load_sw<HD, BK, NT>(Vs, a.v + static_cast<long long>(begin + k0) * a.ldkv + kvh * HD, a.ldkv, n - k0, v4);
+  const int kw = k0 + warp * 16, wgk = k0 + (warp >> 2) * 64;  // the warp's and the warpgroup's first key
+  const int kr0 = kw + g, kr1 = kr0 + 8;
+  const float c = a.scale * 1.4426950408889634f;
+  const int q_end = a.window > 0 ? min(n, k0 + BK - 1 + a.window) : n;
+  const int tiles = (q_end - k0 + BQ - 1) / BQ;
+  const float* qb = a.q + static_cast<long long>(begin) * a.ldq + h * HD;
+  const float* db = a.dout + static_cast<long long>(begin) * a.lddo + h * HD;
+  auto load = [&](int it) {
+    const int q0 = k0 + it * BQ;
+    float* st = stages + 2 * (it & 1) * QT;
+    flash_load_sw<HD, BQ, NT>(st, qb + static_cast<long long>(q0) * a.ldq, a.ldq, n - q0, v4);
+    flash_load_sw<HD, BQ, NT>(st + QT, db + static_cast<long long>(q0) * a.lddo, a.lddo, n - q0, v4);
+    if (threadIdx.x < 2 * BQ) {
+      const int j = static_cast<int>(threadIdx.x) % BQ, i = q0 + j;
+      const float* src = (threadIdx.x < BQ ? a.lse2 : a.delta) + static_cast<long long>(begin + min(i, n - 1)) * a.n_heads + h;
+      kernels::cp_async4(LD + 2 * BQ * (it & 1) + threadIdx.x, src, i < n ? 4 : 0);
+    }
+    kernels::cp_async_commit();
+  };
+  load(0);  // K and V ride in its commit group
+  float dk[HD / 8][4], dv[HD / 8][4];
+#pragma unroll
+  for (int j = 0; j < HD / 8; ++j) dk[j][0] = dk[j][1] = dk[j][2] = dk[j][3] = dv[j][0] = dv[j][1] = dv[j][2] = dv[j][3] = 0.0f;
+  float* dsb = a.ds + a.ds_off[s] + static_cast<std::size_t>(h) * n * n;
+  const int ko = (warp >> 2) * 64 * 32;  // the warpgroup's rows of K and V (row 64 x 128 bytes on)
+  for (int it = 0; it < tiles; ++it) {
+    if (it + 1 < tiles) {
+      load(it + 1);
+      kernels::cp_async_wait<1>();
+    } else {
+      kernels::cp_async_wait<0>();
+    }
+    __syncthreads();
+    float* st = stages + 2 * (it & 1) * QT;
+    if (!a.rounded && it == 0) flash_round_flat<2 * BK * HD, NT>(Ks);  // K and V are contiguous
+    flash_transpose_sw<HD, BQ, NT, true>(Qt, st, !a.rounded);
+    flash_transpose_sw<HD, BQ, NT, true>(Ot, st + QT, true);
+    kernels::fence_proxy_async();
+    __syncthreads();
+    const float* Ls = LD + 2 * BQ * (it & 1);
+    const float* Ds = Ls + BQ;
+    const int q0 = k0 + it * BQ;
+    const bool none = kw >= n || kw > q0 + BQ - 1 || (a.window > 0 && q0 - (kw + 15) >= a.window);
+    const bool wg_none = wgk >= n || wgk > q0 + BQ - 1 || (a.window > 0 && q0 - (wgk + 63) >= a.window);
+    if (!wg_none) {
+      float st4[4][4], dp[4][4];
+      flash_wg_scores<HD, 4>(st4, Ks + ko, st, dp, Vs + ko, st + QT, true, BK);  // S^T = K Q^T, dP^T = V dO^T
+      unsigned pa[4][4], sa[4][4];
+      if (!none) {
+        flash_bwd_p_ds(st4, dp, Ls, Ds, q0, kw, kr0, kr1, n, a.window, t, c);
+        flash_fragments(pa, st4);
+        flash_fragments(sa, dp);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) pa[j][0] = pa[j][1] = pa[j][2] = pa[j][3] = sa[j][0] = sa[j][1] = sa[j][2] = sa[j][3] = 0u;
+      }
+      flash_wg_accumulate<HD, 4>(dv, pa, Ot, dk, sa, Qt, true);  // dV += P^T dO, dK += dS^T Q
+      if (!none) flash_store_ds(dsb, dp, q0, kr0, kr1, n, t);    // while they run
+      flash_wg_wait<HD>(dv, dk, true);
+    }
+    __syncthreads();  // Qt, Ot and this stage are free again
+  }
+  flash_bwd_store(a, dk, dv, begin, n, h, kr0, kr1, t);
+}
 
 // f(std::integral_constant<int, HD>) for the head sizes the kernels are built for.
 template <class F>
@@ -479,26 +875,43 @@ void launch_flash(Kernel kernel, int smem_bytes, const FlashTrainArgs& a, cudaSt
 }
 }  // namespace train_kernels
 
-/// O and lse2 of a.q, a.k, a.v (see FlashTrainArgs).
-inline void flash_train_forward(const FlashTrainArgs& a, cudaStream_t st) {
+namespace train_kernels {
+// Whether the wgmma kernels run for `kind` (Auto: where wgmma_available(); every head size the
+// kernels take has a wgmma form). Forcing Wgmma where it cannot run throws.
+inline bool flash_train_wgmma(FlashKernel kind, const char* what) {
+  if (kind == FlashKernel::MmaSync) return false;
+  const bool ok = wgmma_available();
+  if (kind == FlashKernel::Wgmma && !ok)
+    throw InvalidArgument(std::string(what) + ": the wgmma kernel needs a binary with sm_90a code running on an sm_90 device");
+  return ok;
+}
+}  // namespace train_kernels
+
+/// O and lse2 of a.q, a.k, a.v (see FlashTrainArgs). `kind` picks the tensor-core form (Auto:
+/// wgmma where this binary and device have it; tests and benchmarks force one).
+inline void flash_train_forward(const FlashTrainArgs& a, cudaStream_t st, FlashKernel kind = FlashKernel::Auto) {
+  const bool wg = train_kernels::flash_train_wgmma(kind, "flash_train_forward");
   train_kernels::check_flash_args(a);
   train_kernels::with_flash_head_dim(a.head_dim, [&](auto HDc) {
     constexpr int HD = decltype(HDc)::value;
-    train_kernels::launch_flash(train_kernels::flash_train_fwd<HD>, train_kernels::FlashFwdTiles<HD>::smem, a, st);
+    if (wg) train_kernels::launch_flash(train_kernels::flash_train_fwd_wg<HD>, train_kernels::FlashFwdWgTiles<HD>::smem, a, st);
+    else train_kernels::launch_flash(train_kernels::flash_train_fwd<HD>, train_kernels::FlashFwdTiles<HD>::smem, a, st);
   });
   CACHESHRINK_CUDA_LAUNCH_CHECK("flash_train_fwd");
 }
 
 /// dK, dV per query head and dS (see FlashTrainArgs) from a.dout and the forward's O and lse2.
-inline void flash_train_backward(const FlashTrainArgs& a, int rows, cudaStream_t st) {
+inline void flash_train_backward(const FlashTrainArgs& a, int rows, cudaStream_t st, FlashKernel kind = FlashKernel::Auto) {
+  const bool wg = train_kernels::flash_train_wgmma(kind, "flash_train_backward");
   train_kernels::check_flash_args(a);
   const long long warps = static_cast<long long>(rows) * a.n_heads;
   train_kernels::flash_delta<<<static_cast<unsigned>((warps * 32 + 255) / 256), 256, 0, st>>>(a.o, a.ldo, a.dout, a.lddo, a.delta, rows,
-                                                                                            a.n_heads, a.head_dim);
+                                                                                              a.n_heads, a.head_dim);
   CACHESHRINK_CUDA_LAUNCH_CHECK("flash_delta");
   train_kernels::with_flash_head_dim(a.head_dim, [&](auto HDc) {
     constexpr int HD = decltype(HDc)::value;
-    train_kernels::launch_flash(train_kernels::flash_train_bwd<HD>, train_kernels::FlashBwdTiles<HD>::smem, a, st);
+    if (wg) train_kernels::launch_flash(train_kernels::flash_train_bwd_wg<HD>, train_kernels::FlashBwdWgTiles<HD>::smem, a, st);
+    else train_kernels::launch_flash(train_kernels::flash_train_bwd<HD>, train_kernels::FlashBwdTiles<HD>::smem, a, st);
   });
   CACHESHRINK_CUDA_LAUNCH_CHECK("flash_train_bwd");
 }

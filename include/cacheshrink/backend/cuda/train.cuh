@@ -1023,6 +1023,11 @@ class TrainGraph {
   void set_fused_attention(bool on) { fused_on_ = on; }
   /// Whether the next forward_backward runs the fused attention.
   bool fused_attention() const { return tf32_ && fused_on_ && flash_train_supported(c_.head_dim); }
+  /// Which tensor-core form the fused attention takes (FlashKernel::Auto, the default: the wgmma
+  /// kernels where this binary and device have them, else mma.sync; Wgmma throws at the next
+  /// forward where it cannot run).
+  void set_flash_kernel(FlashKernel k) { flash_kernel_ = k; }
+  FlashKernel flash_kernel() const { return flash_kernel_; }
   /// Kernel choice of the graph's (non-attention) GEMMs: timed among cublasLt's candidates on
   /// each shape's first call (on: ~1-3% faster at 7B shapes in TF32, but the pick rests on timings
   /// and can differ between processes) or cublasLt's first choice (off, the default: reproducible).
@@ -1180,8 +1185,8 @@ class TrainGraph {
   std::size_t activation_bytes() const {
     std::size_t b = 0;
     for (const auto& a : acts_)
-      for (const auto* p : {&a.x_mid, &a.h, &a.mean1, &a.rstd1, &a.y, &a.q_pre, &a.q_rstd, &a.k, &a.k_pre, &a.k_rstd, &a.v, &a.rk, &a.rv,
-                            &a.P, &a.lse, &a.attn, &a.h2, &a.mean2, &a.rstd2, &a.gu})
+      for (const auto* p : {&a.x_mid, &a.h,  &a.mean1, &a.rstd1, &a.y,   &a.q_pre, &a.q_rstd, &a.k,     &a.k_pre, &a.k_rstd,
+                            &a.v,     &a.rk, &a.rv,    &a.P,     &a.lse, &a.attn,  &a.h2,     &a.mean2, &a.rstd2, &a.gu})
         b += p->size() * sizeof(float);
     for (const auto& x : xs_) b += x.size() * sizeof(float);
     for (const auto* p : {&logits_, &teacher_logits_, &dz_, &hf_, &fmean_, &frstd_, &tmp_, &dx_, &dh_, &dcat_, &dk_, &dv_, &dkh_, &dvh_,
@@ -1458,8 +1463,8 @@ class TrainGraph {
         const std::size_t at = ptrs.size();
         const int count = static_cast<int>(seqs.size()) * nh;
         AttnCall c = kind == AttnKind::Scores ? AttnCall{CUBLAS_OP_T, CUBLAS_OP_N, hi, hi - lo, hd, A.ld, B.ld, n, at, count}
-                           : kind == AttnKind::Out  ? AttnCall{CUBLAS_OP_N, CUBLAS_OP_N, hd, hi - lo, hi, A.ld, n, C.ld, at, count}
-                                                    : AttnCall{CUBLAS_OP_N, CUBLAS_OP_T, hd, hi - lo, n - lo, A.ld, n, C.ld, at, count};
+                     : kind == AttnKind::Out  ? AttnCall{CUBLAS_OP_N, CUBLAS_OP_N, hd, hi - lo, hi, A.ld, n, C.ld, at, count}
+                                              : AttnCall{CUBLAS_OP_N, CUBLAS_OP_T, hd, hi - lo, n - lo, A.ld, n, C.ld, at, count};
         ptrs.resize(at + 3 * static_cast<std::size_t>(count));
         float** pa = ptrs.data() + at;
         float** pb = pa + count;
@@ -1485,7 +1490,8 @@ class TrainGraph {
             }
           }
         c.aligned = c.lda % 4 == 0 && c.ldb % 4 == 0 && c.ldc % 4 == 0 &&
-                    std::all_of(ptrs.begin() + static_cast<std::ptrdiff_t>(at), ptrs.end(), [](const float* p) { return train_kernels::aligned(p); });
+                    std::all_of(ptrs.begin() + static_cast<std::ptrdiff_t>(at), ptrs.end(),
+                                [](const float* p) { return train_kernels::aligned(p); });
         out.push_back(c);
       }
     }
@@ -1707,7 +1713,7 @@ class TrainGraph {
       if (pre_rounded()) train_kernels::round_to_tf32(a.v.data(), static_cast<long long>(N) * Dkv, st());
       stage("rope");
       if (fused_attention()) {
-        flash_train_forward(flash_args(l), st());
+        flash_train_forward(flash_args(l), st(), flash_kernel_);
         stage("attn fused fwd");
       } else {
         // Attention: the planned batched GEMMs (shared K/V heads read in place).
@@ -1801,7 +1807,7 @@ class TrainGraph {
       join();  // the layer above's side work has read dK, dV and dcat_, which this layer rewrites
       if (fused_attention()) {
         // dK, dV (per query head under GQA) and dS; then dQ = scale dS K, the one batched GEMM left.
-        flash_train_backward(flash_args(static_cast<std::size_t>(l)), N, st());
+        flash_train_backward(flash_args(static_cast<std::size_t>(l)), N, st(), flash_kernel_);
         stage("attn fused bwd");
         attn_gemms(al.calls[kBwdQ], scale);
         stage("attn gemm");
@@ -1924,7 +1930,7 @@ class TrainGraph {
   ModelConfig c_;
   std::unique_ptr<Stream> stream_;
   std::unique_ptr<CublasHandle> blas_;
-  std::unique_ptr<TunedGemm> gemm_;  // the graph's GEMMs (cublasLt, timed kernel choice)
+  std::unique_ptr<TunedGemm> gemm_;      // the graph's GEMMs (cublasLt, timed kernel choice)
   std::unique_ptr<Stream> side_stream_;  // set_side_stream: the off-critical-path work, its cuBLAS handle and GEMMs
   std::unique_ptr<CublasHandle> side_blas_;
   std::unique_ptr<TunedGemm> side_gemm_;
@@ -1939,12 +1945,13 @@ class TrainGraph {
   std::vector<Param> params_;
   int n_mla_ = 0, lmin_ = -1;
   bool tf32_ = false, fused_on_ = true;
+  FlashKernel flash_kernel_ = FlashKernel::Auto;
   float recon_coef_ = 0;
   double recon_slots_ = 1;
   // Per-batch state.
   std::vector<int> off_;
   int n_tokens_ = 0, max_len_ = 0;
-  DeviceBuffer<int> d_off_;              // off_ and poff_ on the device (the fused attention's)
+  DeviceBuffer<int> d_off_;  // off_ and poff_ on the device (the fused attention's)
   DeviceBuffer<std::size_t> d_poff_;
   long long pred_ = 0;
   DeviceBuffer<int> d_ids_, d_pos_, d_target_;

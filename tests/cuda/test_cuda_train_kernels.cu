@@ -185,6 +185,15 @@ void check_sum_groups(int rows, int nkv, int group, int hd, int shift, std::mt19
   tk::sum_groups(dSrc.data(), dDst.data(), rows, nkv, group, hd, kStream);
   INFO("rows ", rows, " nkv ", nkv, " group ", group, " hd ", hd, " shift ", shift);
   CHECK(max_rel(dDst.host(want.size()), want) < 1e-6);
+  // Two pairs in one launch (the graph's dK and dV): the second sums the source negated.
+  std::vector<float> neg(src.size());
+  for (std::size_t i = 0; i < src.size(); ++i) neg[i] = -src[i];
+  std::vector<double> want_neg(want.size());
+  for (std::size_t i = 0; i < want.size(); ++i) want_neg[i] = -want[i];
+  Shifted dSrc2(neg, shift), dDst1(std::vector<float>(want.size(), 9.0f), shift), dDst2(std::vector<float>(want.size(), 9.0f), shift);
+  tk::sum_groups(dSrc.data(), dDst1.data(), rows, nkv, group, hd, kStream, dSrc2.data(), dDst2.data());
+  CHECK(max_rel(dDst1.host(want.size()), want) < 1e-6);
+  CHECK(max_rel(dDst2.host(want.size()), want_neg) < 1e-6);
 }
 
 void check_rope(int rows, int ld, int heads, int hd, bool with_bias, int shift, std::mt19937& g) {

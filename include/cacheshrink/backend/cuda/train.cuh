@@ -408,8 +408,12 @@ static __global__ void softmax_bwd_v4(const float* P, float* dP, int rows, int n
 }
 
 // dst (rows, nkv*hd) = sum over the group's query heads of src (rows, nh*hd); W = 4 needs hd % 4 == 0.
+// blockIdx.z picks the pair (src0, dst0) or (src1, dst1): dK and dV in one launch.
 template <int W>
-static __global__ void sum_head_groups(const float* __restrict__ src, float* __restrict__ dst, int rows, int nkv, int group, int hd) {
+static __global__ void sum_head_groups(const float* __restrict__ src0, float* __restrict__ dst0, const float* __restrict__ src1,
+                                       float* __restrict__ dst1, int rows, int nkv, int group, int hd) {
+  const float* src = blockIdx.z ? src1 : src0;
+  float* dst = blockIdx.z ? dst1 : dst0;
   const int c = (blockIdx.x * blockDim.x + threadIdx.x) * W;  // column of dst
   if (c >= nkv * hd) return;
   const int k = c / hd, d = c - k * hd;
@@ -758,11 +762,21 @@ inline void cross_entropy_rows(const float* z, int rows, int V, const int* targe
   CACHESHRINK_CUDA_LAUNCH_CHECK("cross_entropy");
 }
 /// dst (rows, nkv hd) = per-group sums of src (rows, nkv group hd).
-inline void sum_groups(const float* src, float* dst, int rows, int nkv, int group, int hd, cudaStream_t st) {
+// sum_head_groups of src into dst, and of src2 into dst2 in the same launch when given. Blocks
+// as wide as a row needs (down to 32 threads): a narrow kv width (512 floats at Qwen2.5-7B) no
+// longer leaves half of every 256-thread block idle.
+inline void sum_groups(const float* src, float* dst, int rows, int nkv, int group, int hd, cudaStream_t st, const float* src2 = nullptr,
+                       float* dst2 = nullptr) {
   if (rows <= 0) return;
-  if (hd % 4 == 0 && aligned(src) && aligned(dst))
-    sum_head_groups<4><<<vec_grid(rows, nkv * hd, 4), 256, 0, st>>>(src, dst, rows, nkv, group, hd);
-  else sum_head_groups<1><<<vec_grid(rows, nkv * hd, 1), 256, 0, st>>>(src, dst, rows, nkv, group, hd);
+  const bool two = src2 != nullptr;
+  const bool v4 = hd % 4 == 0 && aligned(src) && aligned(dst) && (!two || (aligned(src2) && aligned(dst2)));
+  const int W = v4 ? 4 : 1, lanes = nkv * hd / W;
+  int threads = 32;
+  while (threads < 256 && threads < lanes) threads *= 2;
+  dim3 grid = vec_grid(rows, nkv * hd, W, threads);
+  grid.z = two ? 2 : 1;
+  if (v4) sum_head_groups<4><<<grid, threads, 0, st>>>(src, dst, src2, dst2, rows, nkv, group, hd);
+  else sum_head_groups<1><<<grid, threads, 0, st>>>(src, dst, src2, dst2, rows, nkv, group, hd);
   CACHESHRINK_CUDA_LAUNCH_CHECK("sum_head_groups");
 }
 
@@ -1444,8 +1458,9 @@ class TrainGraph {
 
   // Appends to `out` the calls of one GEMM (kind) over every (sequence, head), one call per causal
   // block of each group of equal-length sequences (by_len: length -> sequences); pointers into ptrs.
+  // whole: one block per sequence (the full n x n product; B must read zero above the diagonal).
   void emit_attention(AttnKind kind, AttnOperand A, AttnOperand B, AttnOperand C, const std::map<int, std::vector<int>>& by_len,
-                      std::vector<AttnCall>& out, std::vector<float*>& ptrs) const {
+                      std::vector<AttnCall>& out, std::vector<float*>& ptrs, bool whole = false) const {
     const int nh = c_.n_heads, hd = c_.head_dim;
     const auto row_ptr = [&](const AttnOperand& o, int s, int h, int row) {
       return const_cast<float*>(o.base) +
@@ -1457,7 +1472,7 @@ class TrainGraph {
       return const_cast<float*>(o.base) + poff_[static_cast<std::size_t>(s)] + static_cast<std::size_t>(h) * n * n + elem;
     };
     for (const auto& [n, seqs] : by_len) {
-      const auto b = train_causal_blocks(n);
+      const auto b = whole ? std::vector<int>{0, n} : train_causal_blocks(n);
       for (std::size_t i = 0; i + 1 < b.size(); ++i) {
         const int lo = b[i], hi = b[i + 1];
         const std::size_t at = ptrs.size();
@@ -1500,9 +1515,10 @@ class TrainGraph {
   // Rebuilds every layer's attention calls and uploads the pointer table when the batch shape or a
   // buffer address changed since the last plan (buffers grow only, so a steady shape plans once).
   void plan_attention() {
-    // Same batch shape and buffers as last time: the plan stands.
+    // Same batch shape, buffers and attention form as last time: the plan stands.
     std::vector<const void*> key;
     for (int o : off_) key.push_back(reinterpret_cast<const void*>(static_cast<std::intptr_t>(o)));
+    key.push_back(reinterpret_cast<const void*>(static_cast<std::intptr_t>(fused_attention())));  // dQ's call shape
     for (const auto& a : acts_)
       for (const auto* b : {&a.y, &a.k, &a.v, &a.P, &a.attn}) key.push_back(b->data());
     for (const auto* b : {&tmp_, &dP_, &dcat_, &dk_, &dv_, &dkh_, &dvh_}) key.push_back(b->data());
@@ -1532,7 +1548,10 @@ class TrainGraph {
       // q and dq live in the fused projection's buffers: Acts::y (ld cat_base) and dcat_ (ld ycols).
       const AttnOperand K{a.k.data(), Dkv, group}, V{a.v.data(), Dkv, group}, Q{a.y.data(), layers_[l].cat_base}, P{a.P.data()},
           O{a.attn.data(), Dq};
-      emit_attention(AttnKind::Out, K, dP, {dcat_.data(), layers_[l].ycols}, by_len, al.calls[kBwdQ], ptrs);
+      // The fused attention's dQ = scale dS K is one GEMM per (sequence, head) over all n x n
+      // entries (dS is zero where the kernel does not write it): 128-query causal blocks of it run
+      // as 1-tile GEMMs, slower on the H200 than the full product's 1.6x FLOPs.
+      emit_attention(AttnKind::Out, K, dP, {dcat_.data(), layers_[l].ycols}, by_len, al.calls[kBwdQ], ptrs, fused_attention());
       if (a.P.empty()) continue;  // fused attention: dQ is its only batched GEMM
       emit_attention(AttnKind::Scores, K, Q, P, by_len, al.calls[kFwdScores], ptrs);
       emit_attention(AttnKind::Out, V, P, O, by_len, al.calls[kFwdOut], ptrs);
@@ -1825,8 +1844,7 @@ class TrainGraph {
         stage("attn gemm");
       }
       if (nkv != nh) {
-        train_kernels::sum_groups(dkh_.data(), dk_.data(), N, nkv, nh / nkv, hd, st());
-        train_kernels::sum_groups(dvh_.data(), dv_.data(), N, nkv, nh / nkv, hd, st());
+        train_kernels::sum_groups(dkh_.data(), dk_.data(), N, nkv, nh / nkv, hd, st(), dvh_.data(), dv_.data());
         stage("sum_head_groups");
       }
       // dq sits in dcat_ (tokens, ycols) at column 0, where the fused input projection's

@@ -130,6 +130,85 @@ __device__ __forceinline__ void flash_round(float* sm) {
 // Two consecutive 32-bit words of shared memory (8-byte aligned) as one load.
 __device__ __forceinline__ uint2 lds64(const unsigned* p) { return *reinterpret_cast<const uint2*>(p); }
 
+// A forward block's place (grid: heads, sequences, query blocks, the last query block, which has
+// the most key tiles, launched first so that the shortest blocks fill the last wave): its head,
+// sequence, first query and key tile, the thread's warp, fragment coordinates and two query rows.
+struct FlashFwdBlock {
+  int h, s, begin, n, q0, warp, g, t, kvh, wq, rq0, rq1, kt0, tiles;
+  const float *kb, *vb;  // the sequence's K / V rows at the KV head
+};
+template <int HD, int BQ, int BK>
+__device__ __forceinline__ FlashFwdBlock flash_fwd_block(const FlashTrainArgs& a) {
+  FlashFwdBlock b;
+  b.h = blockIdx.x;
+  b.s = blockIdx.y;
+  b.begin = a.off[b.s];
+  b.n = a.off[b.s + 1] - b.begin;
+  b.q0 = static_cast<int>(gridDim.z - 1 - blockIdx.z) * BQ;
+  b.warp = threadIdx.x >> 5;
+  b.g = (threadIdx.x & 31) >> 2;
+  b.t = threadIdx.x & 3;
+  b.kvh = b.h / (a.n_heads / a.n_kv_heads);
+  b.wq = b.q0 + b.warp * 16;  // the warp's first query
+  b.rq0 = b.wq + b.g;
+  b.rq1 = b.rq0 + 8;
+  const int q_last = min(b.q0 + BQ, b.n) - 1;
+  b.kt0 = (a.window > 0 ? max(0, b.q0 - a.window + 1) : 0) / BK;
+  b.tiles = q_last / BK - b.kt0 + 1;
+  b.kb = a.k + static_cast<long long>(b.begin) * a.ldkv + b.kvh * HD;
+  b.vb = a.v + static_cast<long long>(b.begin) * a.ldkv + b.kvh * HD;
+  return b;
+}
+// A backward block's place (grid: heads, sequences, key blocks, the first key block, seen by the
+// most queries, launched first): its first key, the thread's two key rows, the query tiles that
+// see the block (queries [k0, q_end): the last key k0 + BK - 1 is seen up to k0 + BK - 2 + window).
+struct FlashBwdBlock {
+  int h, s, begin, n, k0, warp, g, t, kvh, kw, kr0, kr1, tiles;
+  const float *qb, *db;  // the sequence's Q / dO rows at the head
+};
+template <int HD, int BQ, int BK>
+__device__ __forceinline__ FlashBwdBlock flash_bwd_block(const FlashTrainArgs& a) {
+  FlashBwdBlock b;
+  b.h = blockIdx.x;
+  b.s = blockIdx.y;
+  b.begin = a.off[b.s];
+  b.n = a.off[b.s + 1] - b.begin;
+  b.k0 = static_cast<int>(blockIdx.z) * BK;
+  b.warp = threadIdx.x >> 5;
+  b.g = (threadIdx.x & 31) >> 2;
+  b.t = threadIdx.x & 3;
+  b.kvh = b.h / (a.n_heads / a.n_kv_heads);
+  b.kw = b.k0 + b.warp * 16;  // the warp's first key
+  b.kr0 = b.kw + b.g;
+  b.kr1 = b.kr0 + 8;
+  const int q_end = a.window > 0 ? min(b.n, b.k0 + BK - 1 + a.window) : b.n;
+  b.tiles = (q_end - b.k0 + BQ - 1) / BQ;
+  b.qb = a.q + static_cast<long long>(b.begin) * a.ldq + b.h * HD;
+  b.db = a.dout + static_cast<long long>(b.begin) * a.lddo + b.h * HD;
+  return b;
+}
+// The backward's lse2 and delta of the BQ queries from q0 into ld (cp.async; 0 past the sequence,
+// masked later), by the first 2 BQ threads.
+template <int BQ>
+__device__ __forceinline__ void flash_load_lse_delta(const FlashTrainArgs& a, int begin, int n, int h, float* ld, int q0) {
+  if (threadIdx.x < 2 * BQ) {
+    const int j = static_cast<int>(threadIdx.x) % BQ, i = q0 + j;
+    const float* src = (threadIdx.x < BQ ? a.lse2 : a.delta) + static_cast<long long>(begin + min(i, n - 1)) * a.n_heads + h;
+    kernels::cp_async4(ld + threadIdx.x, src, i < n ? 4 : 0);
+  }
+}
+// Double buffering: starts tile it + 1's copies (load, into the stage tile it - 1 used) and waits
+// for this thread's copies of tile it.
+template <class Load>
+__device__ __forceinline__ void flash_next_tile(Load& load, int it, int tiles) {
+  if (it + 1 < tiles) {
+    load(it + 1);
+    kernels::cp_async_wait<1>();
+  } else {
+    kernels::cp_async_wait<0>();
+  }
+}
+
 // One 64-key tile of the forward's online softmax for the thread's two query rows rq0, rq1 (the
 // warp's rows start at wq): masks the scores sc (8 n8 tiles, keys from k0; causal / window) on
 // tiles that cross a limit, moves the running max m and sum l, rescales O, and leaves the
@@ -214,20 +293,10 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_fwd(Fl
   constexpr int NT = kFlashWarps * 32, BQ = T::BQ, BK = T::BK, SK = T::SK, SV = T::SV, KS = HD / 8, STAGE = T::STAGE;
   extern __shared__ __align__(16) unsigned char flash_smem[];
   float* sm = reinterpret_cast<float*>(flash_smem);  // two stages of [K tile | V tile]
-  // Grid (heads, sequences, query blocks), the last query block (the most key tiles) launched
-  // first, so the shortest blocks fill the last wave.
-  const int h = blockIdx.x, s = blockIdx.y;
-  const int begin = a.off[s], n = a.off[s + 1] - begin;
-  const int q0 = static_cast<int>(gridDim.z - 1 - blockIdx.z) * BQ;
-  if (q0 >= n) return;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int kvh = h / (a.n_heads / a.n_kv_heads);
-  const int wq = q0 + warp * 16;          // the warp's first query
-  const int rq0 = wq + g, rq1 = rq0 + 8;  // the thread's two query rows
-  const int q_last = min(q0 + BQ, n) - 1;
-  const int kt0 = (a.window > 0 ? max(0, q0 - a.window + 1) : 0) / BK, tiles = q_last / BK - kt0 + 1;
-  const float* kb = a.k + static_cast<long long>(begin) * a.ldkv + kvh * HD;
-  const float* vb = a.v + static_cast<long long>(begin) * a.ldkv + kvh * HD;
+  const FlashFwdBlock b = flash_fwd_block<HD, BQ, BK>(a);
+  if (b.q0 >= b.n) return;
+  const int h = b.h, begin = b.begin, n = b.n, g = b.g, t = b.t, wq = b.wq, rq0 = b.rq0, rq1 = b.rq1, kt0 = b.kt0, tiles = b.tiles;
+  const float *kb = b.kb, *vb = b.vb;
   auto load = [&](int it) {
     const int k0 = (kt0 + it) * BK;
     float* st = sm + (it & 1) * STAGE;
@@ -256,12 +325,7 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_fwd(Fl
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const float c = a.scale * 1.4426950408889634f;
   for (int it = 0; it < tiles; ++it) {
-    if (it + 1 < tiles) {
-      load(it + 1);  // into the stage the previous iteration finished reading
-      kernels::cp_async_wait<1>();
-    } else {
-      kernels::cp_async_wait<0>();
-    }
+    flash_next_tile(load, it, tiles);
     __syncthreads();
     float* Ks = sm + (it & 1) * STAGE;
     if (!a.rounded) {
@@ -379,8 +443,8 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_bwd(Fl
   float* Vs = Ks + BK * SP;
   float* stage0 = Vs + BK * SP;  // two stages of [Q tile | dO tile]
   float* LD = stage0 + 4 * QT;   // two stages of [lse2 | delta] (BQ each)
-  // Grid (heads, sequences, key blocks): the first key block (seen by the most queries) launched
-  // first, so the shortest blocks fill the last wave.
+  // (The block's place is computed inline here, not by flash_bwd_block: at head_dim 128 this
+  // kernel sits at 255 registers, and the struct form made ptxas spill.)
   const int h = blockIdx.x, s = blockIdx.y;
   const int begin = a.off[s], n = a.off[s + 1] - begin;
   const int k0 = static_cast<int>(blockIdx.z) * BK;
@@ -392,7 +456,6 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_bwd(Fl
   const int kw = k0 + warp * 16;          // the warp's first key
   const int kr0 = kw + g, kr1 = kr0 + 8;  // the thread's two key rows
   const float c = a.scale * 1.4426950408889634f;
-  // Queries [k0, q_end) see some key of the block (the last key k0 + BK - 1 up to query k0 + BK - 2 + window).
   const int q_end = a.window > 0 ? min(n, k0 + BK - 1 + a.window) : n;
   const int tiles = (q_end - k0 + BQ - 1) / BQ;
   const float* qb = a.q + static_cast<long long>(begin) * a.ldq + h * HD;
@@ -402,11 +465,7 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_bwd(Fl
     float* st = stage0 + 2 * (it & 1) * QT;
     flash_load<HD, BQ, SP, true, NT>(st, qb + static_cast<long long>(q0) * a.ldq, a.ldq, n - q0, v4);
     flash_load<HD, BQ, SP, true, NT>(st + QT, db + static_cast<long long>(q0) * a.lddo, a.lddo, n - q0, v4);
-    if (threadIdx.x < 2 * BQ) {  // lse2 and delta of the tile's queries (0 past the sequence: masked below)
-      const int j = static_cast<int>(threadIdx.x) % BQ, i = q0 + j;
-      const float* src = (threadIdx.x < BQ ? a.lse2 : a.delta) + static_cast<long long>(begin + min(i, n - 1)) * a.n_heads + h;
-      kernels::cp_async4(LD + 2 * BQ * (it & 1) + threadIdx.x, src, i < n ? 4 : 0);
-    }
+    flash_load_lse_delta<BQ>(a, begin, n, h, LD + 2 * BQ * (it & 1), q0);
     kernels::cp_async_commit();
   };
   load(0);  // K and V ride in its commit group
@@ -419,12 +478,7 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_bwd(Fl
   // Column reads of Q / dO rows 2t and 2t + 1 (same swizzle: rows 4..7 of 8 iff t >= 2).
   const int cswz = flash_swz<true>(2 * t);
   for (int it = 0; it < tiles; ++it) {
-    if (it + 1 < tiles) {
-      load(it + 1);
-      kernels::cp_async_wait<1>();
-    } else {
-      kernels::cp_async_wait<0>();
-    }
+    flash_next_tile(load, it, tiles);
     __syncthreads();
     float* st = stage0 + 2 * (it & 1) * QT;
     if (a.rounded) {
@@ -687,18 +741,12 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_fwd_wg
   float* Qs = flash_smem_1024(flash_smem);
   float* stages = Qs + T::QT;  // two stages of [K | V]
   float* Vt = stages + 4 * KT;
-  const int h = blockIdx.x, s = blockIdx.y;
-  const int begin = a.off[s], n = a.off[s + 1] - begin;
-  const int q0 = static_cast<int>(gridDim.z - 1 - blockIdx.z) * BQ;  // the most key tiles first
-  if (q0 >= n) return;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int kvh = h / (a.n_heads / a.n_kv_heads);
-  const int wq = q0 + warp * 16, wgq = q0 + (warp >> 2) * 64;  // the warp's and the warpgroup's first query
-  const int rq0 = wq + g, rq1 = rq0 + 8;
-  const int q_last = min(q0 + BQ, n) - 1;
-  const int kt0 = (a.window > 0 ? max(0, q0 - a.window + 1) : 0) / BK, tiles = q_last / BK - kt0 + 1;
-  const float* kb = a.k + static_cast<long long>(begin) * a.ldkv + kvh * HD;
-  const float* vb = a.v + static_cast<long long>(begin) * a.ldkv + kvh * HD;
+  const FlashFwdBlock b = flash_fwd_block<HD, BQ, BK>(a);
+  if (b.q0 >= b.n) return;
+  const int h = b.h, begin = b.begin, n = b.n, q0 = b.q0, warp = b.warp, t = b.t, wq = b.wq, rq0 = b.rq0, rq1 = b.rq1, kt0 = b.kt0,
+            tiles = b.tiles;
+  const int wgq = q0 + (warp >> 2) * 64;  // the warpgroup's first query
+  const float *kb = b.kb, *vb = b.vb;
   auto load = [&](int it) {
     const int k0 = (kt0 + it) * BK;
     float* st = stages + 2 * (it & 1) * KT;
@@ -714,12 +762,7 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_fwd_wg
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const float c = a.scale * 1.4426950408889634f;
   for (int it = 0; it < tiles; ++it) {
-    if (it + 1 < tiles) {
-      load(it + 1);
-      kernels::cp_async_wait<1>();
-    } else {
-      kernels::cp_async_wait<0>();
-    }
+    flash_next_tile(load, it, tiles);
     __syncthreads();
     float* Ks = stages + 2 * (it & 1) * KT;
     if (!a.rounded) {
@@ -764,31 +807,20 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_bwd_wg
   float* Qt = stages + 4 * QT;
   float* Ot = Qt + QT;  // dO^T
   float* LD = Ot + QT;  // two stages of [lse2 | delta]
-  const int h = blockIdx.x, s = blockIdx.y;
-  const int begin = a.off[s], n = a.off[s + 1] - begin;
-  const int k0 = static_cast<int>(blockIdx.z) * BK;  // the first key block (the most queries) first
-  if (k0 >= n) return;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int kvh = h / (a.n_heads / a.n_kv_heads);
-  flash_load_sw<HD, BK, NT>(Ks, a.k + static_cast<long long>(begin + k0) * a.ldkv + kvh * HD, a.ldkv, n - k0, v4);
-  flash_load_sw<HD, BK, NT>(Vs, a.v + static_cast<long long>(begin + k0) * a.ldkv + kvh * HD, a.ldkv, n - k0, v4);
-  const int kw = k0 + warp * 16, wgk = k0 + (warp >> 2) * 64;  // the warp's and the warpgroup's first key
-  const int kr0 = kw + g, kr1 = kr0 + 8;
+  const FlashBwdBlock b = flash_bwd_block<HD, BQ, BK>(a);
+  if (b.k0 >= b.n) return;
+  const int h = b.h, s = b.s, begin = b.begin, n = b.n, k0 = b.k0, warp = b.warp, t = b.t, kw = b.kw, kr0 = b.kr0, kr1 = b.kr1,
+            tiles = b.tiles;
+  const int wgk = k0 + (warp >> 2) * 64;  // the warpgroup's first key
+  flash_load_sw<HD, BK, NT>(Ks, a.k + static_cast<long long>(begin + k0) * a.ldkv + b.kvh * HD, a.ldkv, n - k0, v4);
+  flash_load_sw<HD, BK, NT>(Vs, a.v + static_cast<long long>(begin + k0) * a.ldkv + b.kvh * HD, a.ldkv, n - k0, v4);
   const float c = a.scale * 1.4426950408889634f;
-  const int q_end = a.window > 0 ? min(n, k0 + BK - 1 + a.window) : n;
-  const int tiles = (q_end - k0 + BQ - 1) / BQ;
-  const float* qb = a.q + static_cast<long long>(begin) * a.ldq + h * HD;
-  const float* db = a.dout + static_cast<long long>(begin) * a.lddo + h * HD;
   auto load = [&](int it) {
     const int q0 = k0 + it * BQ;
     float* st = stages + 2 * (it & 1) * QT;
-    flash_load_sw<HD, BQ, NT>(st, qb + static_cast<long long>(q0) * a.ldq, a.ldq, n - q0, v4);
-    flash_load_sw<HD, BQ, NT>(st + QT, db + static_cast<long long>(q0) * a.lddo, a.lddo, n - q0, v4);
-    if (threadIdx.x < 2 * BQ) {
-      const int j = static_cast<int>(threadIdx.x) % BQ, i = q0 + j;
-      const float* src = (threadIdx.x < BQ ? a.lse2 : a.delta) + static_cast<long long>(begin + min(i, n - 1)) * a.n_heads + h;
-      kernels::cp_async4(LD + 2 * BQ * (it & 1) + threadIdx.x, src, i < n ? 4 : 0);
-    }
+    flash_load_sw<HD, BQ, NT>(st, b.qb + static_cast<long long>(q0) * a.ldq, a.ldq, n - q0, v4);
+    flash_load_sw<HD, BQ, NT>(st + QT, b.db + static_cast<long long>(q0) * a.lddo, a.lddo, n - q0, v4);
+    flash_load_lse_delta<BQ>(a, begin, n, h, LD + 2 * BQ * (it & 1), q0);
     kernels::cp_async_commit();
   };
   load(0);  // K and V ride in its commit group
@@ -798,12 +830,7 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_bwd_wg
   float* dsb = a.ds + a.ds_off[s] + static_cast<std::size_t>(h) * n * n;
   const int ko = (warp >> 2) * 64 * 32;  // the warpgroup's rows of K and V (row 64 x 128 bytes on)
   for (int it = 0; it < tiles; ++it) {
-    if (it + 1 < tiles) {
-      load(it + 1);
-      kernels::cp_async_wait<1>();
-    } else {
-      kernels::cp_async_wait<0>();
-    }
+    flash_next_tile(load, it, tiles);
     __syncthreads();
     float* st = stages + 2 * (it & 1) * QT;
     if (!a.rounded && it == 0) flash_round_flat<2 * BK * HD, NT>(Ks);  // K and V are contiguous

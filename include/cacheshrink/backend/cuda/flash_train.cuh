@@ -24,6 +24,10 @@
 // gradients 4-7x further from float64 than the materialised TF32 path (measured, rejected).
 // tests/cuda/test_cuda_train_kernels.cu checks both kernels against float64 on odd lengths,
 // GQA/MQA, a window, unaligned operands and pre-rounded ones.
+//
+// flash_train_fwd_wg / flash_train_bwd_wg (sm_90a, FlashKernel::Auto's choice where the binary has
+// it): the same blocks and arithmetic with every product on tf32 wgmma (see "The wgmma (sm_90a)
+// forms" below); ~230 KB of shared memory at HD = 128. Both forms are tested on the same cases.
 #include <cuda_runtime.h>
 
 #include <cstddef>

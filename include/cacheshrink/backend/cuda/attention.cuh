@@ -146,8 +146,7 @@ __device__ __forceinline__ void flash_softmax_tile(float (&sc)[NS][4], bool edge
     float mx = -INFINITY;
 #pragma unroll
     for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    mx = quad_max(mx);
     const float m_new = fmaxf(m_i[r], mx * sl);
     alpha[r] = m_new == -INFINITY ? 1.0f : fast_exp2(m_i[r] - m_new);
     m_i[r] = m_new;
@@ -177,8 +176,7 @@ __device__ __forceinline__ void flash_store_rows(const float (&o)[NO][4], float 
                                                  __nv_bfloat16* obase, int ldo) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 1);
-    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 2);
+    l_i[r] = quad_sum(l_i[r]);
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -350,7 +348,7 @@ __global__ void __launch_bounds__(128, 3) flash_attn_wgmma(AttentionArgs<__nv_bf
   constexpr int BK = kWgBk, KD = HD / 16, NS = BK / 8, TILE = wg_tile_bytes<HD>();
   constexpr float kLog2e = 1.4426950408889634f;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - static_cast<unsigned>(__cvta_generic_to_shared(smem_raw)) % 1024) % 1024);
+  unsigned char* smem = smem_align_1024(smem_raw);
   auto sK = [&](int buf) { return smem + (2 * buf) * TILE; };
   auto sV = [&](int buf) { return smem + (2 * buf + 1) * TILE; };
 

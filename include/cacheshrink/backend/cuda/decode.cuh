@@ -606,8 +606,7 @@ __global__ void __launch_bounds__(128 * RT) decode_latent_mma(LatentDecodeArgs<_
       float mx = -INFINITY;
 #pragma unroll
       for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = quad_max(mx);
       if (tq == 0) red_max[(rt * 16 + g + 8 * r) * 4 + tw] = mx;
     }
     __syncthreads();
@@ -635,8 +634,7 @@ __global__ void __launch_bounds__(128 * RT) decode_latent_mma(LatentDecodeArgs<_
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
-      sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
+      sum[r] = quad_sum(sum[r]);
       if (tq == 0) red_sum[(rt * 16 + g + 8 * r) * 4 + tw] = sum[r];
     }
     __syncthreads();

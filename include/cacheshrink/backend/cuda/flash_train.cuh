@@ -36,6 +36,7 @@
 #include <type_traits>
 
 #include "cacheshrink/backend/cuda/check.cuh"
+#include "cacheshrink/backend/cuda/kernels.cuh"
 #include "cacheshrink/backend/cuda/mma.cuh"
 #include "cacheshrink/backend/cuda/wgmma.cuh"
 #include "cacheshrink/core/error.hpp"
@@ -239,8 +240,7 @@ __device__ __forceinline__ void flash_fwd_softmax(float (&sc)[8][4], float (&o)[
   float alpha[2], mc[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    mx[r] = quad_max(mx[r]);
     const float mu = mx[r] == -INFINITY ? 0.0f : mx[r];  // a row with nothing visible yet
     alpha[r] = kernels::fast_exp2((m[r] - mu) * c);
     m[r] = mx[r];
@@ -270,8 +270,7 @@ __device__ __forceinline__ void flash_fwd_store(const FlashTrainArgs& a, const f
   constexpr int HD = NO * 8, KS = NO;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    l[r] = quad_sum(l[r]);
   }
   float* ob = a.o + static_cast<long long>(begin) * a.ldo + h * HD + 2 * t;
 #pragma unroll
@@ -379,7 +378,7 @@ static __global__ void flash_delta(const float* o, int ldo, const float* dout, i
   const float* y = dout + r * lddo + h * hd;
   float acc = 0.0f;
   for (int d = lane; d < hd; d += 32) acc += x[d] * y[d];
-  for (int sh = 16; sh > 0; sh >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, sh);
+  acc = warp_sum(acc);
   if (lane == 0) delta[w] = acc;
 }
 
@@ -562,12 +561,6 @@ struct FlashBwdWgTiles {
   static constexpr int smem = (2 * KV + 6 * QT + 4 * BQ) * static_cast<int>(sizeof(float)) + 1024;
 };
 
-// The dynamic shared memory rounded up to the 1024-byte boundary of the swizzle (the smem sizes
-// above carry the slack).
-__device__ __forceinline__ float* flash_smem_1024(unsigned char* raw) {
-  return reinterpret_cast<float*>(raw + ((1024 - static_cast<unsigned>(__cvta_generic_to_shared(raw)) % 1024) % 1024));
-}
-
 // Rows [0, R) of an (R, HD) tile into the swizzled layout: valid rows from g (row stride ld), the
 // rest zero; v4 as flash_load. With v4 each thread copies the same 16-byte chunk of every
 // (NT / (HD / 4))-th row: its shared offsets differ by whole swizzle rows and its global ones by a
@@ -646,11 +639,11 @@ __device__ __forceinline__ void flash_transpose_sw(float* dst, float* src, bool 
 }
 
 // d (64 x N) = A B^T over the head dimension: A the warpgroup's 64 rows of a swizzled tile of
-// a_rows rows, B the b_rows rows of another (N = b_rows), 8 columns per wgmma; waits for it. Two
-// such products (d1, d2) share one commit group when given.
-template <int HD, int NJ>
+// a_rows rows, B the b_rows rows of another (N = b_rows), 8 columns per wgmma; waits for it. With
+// Two, a second product (d2 = a2 b2^T) shares the commit group; otherwise d2, a2, b2 are unused.
+template <int HD, int NJ, bool Two>
 __device__ __forceinline__ void flash_wg_scores(float (&d1)[NJ][4], const float* a1, const float* b1, float (&d2)[NJ][4], const float* a2,
-                                                const float* b2, bool two, int a_rows) {
+                                                const float* b2, int a_rows) {
 #if defined(CACHESHRINK_WGMMA_DEVICE)
   constexpr int b_rows = NJ * 8;
   const std::uint64_t da1 = kernels::sw128_desc(a1, 16, 1024), db1 = kernels::sw128_desc(b1, 16, 1024);
@@ -661,34 +654,34 @@ __device__ __forceinline__ void flash_wg_scores(float (&d1)[NJ][4], const float*
     const int oa = (ks >> 2) * (a_rows * 128) + (ks & 3) * 32, ob = (ks >> 2) * (b_rows * 128) + (ks & 3) * 32;
     if constexpr (NJ == 4) {
       kernels::wgmma_m64n32k8_tf32_ss(d1, kernels::sw128_desc_add(da1, oa), kernels::sw128_desc_add(db1, ob), ks > 0);
-      if (two) kernels::wgmma_m64n32k8_tf32_ss(d2, kernels::sw128_desc_add(da2, oa), kernels::sw128_desc_add(db2, ob), ks > 0);
+      if constexpr (Two) kernels::wgmma_m64n32k8_tf32_ss(d2, kernels::sw128_desc_add(da2, oa), kernels::sw128_desc_add(db2, ob), ks > 0);
     } else {
       kernels::wgmma_m64n64k8_tf32_ss(d1, kernels::sw128_desc_add(da1, oa), kernels::sw128_desc_add(db1, ob), ks > 0);
-      if (two) kernels::wgmma_m64n64k8_tf32_ss(d2, kernels::sw128_desc_add(da2, oa), kernels::sw128_desc_add(db2, ob), ks > 0);
+      if constexpr (Two) kernels::wgmma_m64n64k8_tf32_ss(d2, kernels::sw128_desc_add(da2, oa), kernels::sw128_desc_add(db2, ob), ks > 0);
     }
   }
   kernels::wgmma_commit();
   kernels::wgmma_wait<0>();
   kernels::wgmma_fence_operands(d1);
-  if (two) kernels::wgmma_fence_operands(d2);
+  if constexpr (Two) kernels::wgmma_fence_operands(d2);
 #else
-  (void)d1, (void)a1, (void)b1, (void)d2, (void)a2, (void)b2, (void)two, (void)a_rows;
+  (void)d1, (void)a1, (void)b1, (void)d2, (void)a2, (void)b2, (void)a_rows;
   __trap();
 #endif
 }
 
 // acc (64 x HD) += A B over KK k-steps of 8: A in registers (a[kk], fragment order), B a swizzled
 // transposed tile (HD rows; k-step kk at column block kk / 4, + 32 bytes per step inside it). Two
-// such products share one commit group when given. Returns with them in flight: the caller does
+// such products (Two) share one commit group. Returns with them in flight: the caller does
 // other work and then flash_wg_wait (acc and a must not be touched before).
-template <int HD, int KK>
+template <int HD, int KK, bool Two>
 __device__ __forceinline__ void flash_wg_accumulate(float (&acc1)[HD / 8][4], unsigned (&a1)[KK][4], const float* b1,
-                                                    float (&acc2)[HD / 8][4], unsigned (&a2)[KK][4], const float* b2, bool two) {
+                                                    float (&acc2)[HD / 8][4], unsigned (&a2)[KK][4], const float* b2) {
 #if defined(CACHESHRINK_WGMMA_DEVICE)
   const std::uint64_t d1 = kernels::sw128_desc(b1, 16, 1024), d2 = kernels::sw128_desc(b2, 16, 1024);
   kernels::wgmma_fence_operands(acc1);
   kernels::wgmma_fence_operands(a1);
-  if (two) {
+  if constexpr (Two) {
     kernels::wgmma_fence_operands(acc2);
     kernels::wgmma_fence_operands(a2);
   }
@@ -698,30 +691,30 @@ __device__ __forceinline__ void flash_wg_accumulate(float (&acc1)[HD / 8][4], un
     const int off = (kk >> 2) * (HD * 128) + (kk & 3) * 32;
     if constexpr (HD == 128) {
       kernels::wgmma_m64n128k8_tf32_rs(acc1, a1[kk], kernels::sw128_desc_add(d1, off), 1);
-      if (two) kernels::wgmma_m64n128k8_tf32_rs(acc2, a2[kk], kernels::sw128_desc_add(d2, off), 1);
+      if constexpr (Two) kernels::wgmma_m64n128k8_tf32_rs(acc2, a2[kk], kernels::sw128_desc_add(d2, off), 1);
     } else if constexpr (HD == 64) {
       kernels::wgmma_m64n64k8_tf32_rs(acc1, a1[kk], kernels::sw128_desc_add(d1, off), 1);
-      if (two) kernels::wgmma_m64n64k8_tf32_rs(acc2, a2[kk], kernels::sw128_desc_add(d2, off), 1);
+      if constexpr (Two) kernels::wgmma_m64n64k8_tf32_rs(acc2, a2[kk], kernels::sw128_desc_add(d2, off), 1);
     } else {
       kernels::wgmma_m64n32k8_tf32_rs(acc1, a1[kk], kernels::sw128_desc_add(d1, off), 1);
-      if (two) kernels::wgmma_m64n32k8_tf32_rs(acc2, a2[kk], kernels::sw128_desc_add(d2, off), 1);
+      if constexpr (Two) kernels::wgmma_m64n32k8_tf32_rs(acc2, a2[kk], kernels::sw128_desc_add(d2, off), 1);
     }
   }
   kernels::wgmma_commit();
 #else
-  (void)acc1, (void)a1, (void)b1, (void)acc2, (void)a2, (void)b2, (void)two;
+  (void)acc1, (void)a1, (void)b1, (void)acc2, (void)a2, (void)b2;
   __trap();
 #endif
 }
 // Waits for flash_wg_accumulate's products.
-template <int HD>
-__device__ __forceinline__ void flash_wg_wait(float (&acc1)[HD / 8][4], float (&acc2)[HD / 8][4], bool two) {
+template <int HD, bool Two>
+__device__ __forceinline__ void flash_wg_wait(float (&acc1)[HD / 8][4], float (&acc2)[HD / 8][4]) {
 #if defined(CACHESHRINK_WGMMA_DEVICE)
   kernels::wgmma_wait<0>();
   kernels::wgmma_fence_operands(acc1);
-  if (two) kernels::wgmma_fence_operands(acc2);
+  if constexpr (Two) kernels::wgmma_fence_operands(acc2);
 #else
-  (void)acc1, (void)acc2, (void)two;
+  (void)acc1, (void)acc2;
 #endif
 }
 
@@ -742,7 +735,7 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_fwd_wg
   using T = FlashFwdWgTiles<HD>;
   constexpr int NT = kFlashWarps * 32, BQ = T::BQ, BK = T::BK, KT = T::KT;
   extern __shared__ __align__(16) unsigned char flash_smem[];
-  float* Qs = flash_smem_1024(flash_smem);
+  float* Qs = reinterpret_cast<float*>(kernels::smem_align_1024(flash_smem));
   float* stages = Qs + T::QT;  // two stages of [K | V]
   float* Vt = stages + 4 * KT;
   const FlashFwdBlock b = flash_fwd_block<HD, BQ, BK>(a);
@@ -783,7 +776,7 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_fwd_wg
     const bool wg_none = wgq >= n || k0 > wgq + 63 || (a.window > 0 && k0 + BK - 1 <= wgq - a.window);
     if (!wg_none) {
       float sc[8][4];
-      flash_wg_scores<HD, 8>(sc, Qs + (warp >> 2) * 64 * 32, Ks, sc, Qs, Ks, false, BQ);  // S = Q K^T
+      flash_wg_scores<HD, 8, false>(sc, Qs + (warp >> 2) * 64 * 32, Ks, sc, Qs, Ks, BQ);  // S = Q K^T
       unsigned pa[8][4];
       if (!none) {
         flash_fwd_softmax(sc, o, m, l, k0, wq, rq0, rq1, t, a.window, c);
@@ -792,8 +785,8 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_fwd_wg
 #pragma unroll
         for (int j = 0; j < 8; ++j) pa[j][0] = pa[j][1] = pa[j][2] = pa[j][3] = 0u;
       }
-      flash_wg_accumulate<HD, 8>(o, pa, Vt, o, pa, Vt, false);  // O += P V
-      flash_wg_wait<HD>(o, o, false);
+      flash_wg_accumulate<HD, 8, false>(o, pa, Vt, o, pa, Vt);  // O += P V
+      flash_wg_wait<HD, false>(o, o);
     }
     __syncthreads();  // Vt and this stage are free again
   }
@@ -805,7 +798,7 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_bwd_wg
   using T = FlashBwdWgTiles<HD>;
   constexpr int NT = kFlashWarps * 32, BK = T::BK, BQ = T::BQ, KV = T::KV, QT = T::QT;
   extern __shared__ __align__(16) unsigned char flash_smem[];
-  float* Ks = flash_smem_1024(flash_smem);
+  float* Ks = reinterpret_cast<float*>(kernels::smem_align_1024(flash_smem));
   float* Vs = Ks + KV;
   float* stages = Vs + KV;  // two stages of [Q | dO]
   float* Qt = stages + 4 * QT;
@@ -849,7 +842,7 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_bwd_wg
     const bool wg_none = wgk >= n || wgk > q0 + BQ - 1 || (a.window > 0 && q0 - (wgk + 63) >= a.window);
     if (!wg_none) {
       float st4[4][4], dp[4][4];
-      flash_wg_scores<HD, 4>(st4, Ks + ko, st, dp, Vs + ko, st + QT, true, BK);  // S^T = K Q^T, dP^T = V dO^T
+      flash_wg_scores<HD, 4, true>(st4, Ks + ko, st, dp, Vs + ko, st + QT, BK);  // S^T = K Q^T, dP^T = V dO^T
       unsigned pa[4][4], sa[4][4];
       if (!none) {
         flash_bwd_p_ds(st4, dp, Ls, Ds, q0, kw, kr0, kr1, n, a.window, t, c);
@@ -859,9 +852,9 @@ static __global__ void __launch_bounds__(kFlashWarps * 32, 1) flash_train_bwd_wg
 #pragma unroll
         for (int j = 0; j < 4; ++j) pa[j][0] = pa[j][1] = pa[j][2] = pa[j][3] = sa[j][0] = sa[j][1] = sa[j][2] = sa[j][3] = 0u;
       }
-      flash_wg_accumulate<HD, 4>(dv, pa, Ot, dk, sa, Qt, true);  // dV += P^T dO, dK += dS^T Q
+      flash_wg_accumulate<HD, 4, true>(dv, pa, Ot, dk, sa, Qt);  // dV += P^T dO, dK += dS^T Q
       if (!none) flash_store_ds(dsb, dp, q0, kr0, kr1, n, t);    // while they run
-      flash_wg_wait<HD>(dv, dk, true);
+      flash_wg_wait<HD, true>(dv, dk);
     }
     __syncthreads();  // Qt, Ot and this stage are free again
   }

@@ -44,6 +44,11 @@ template <int R>
 __device__ __forceinline__ int sw128_offset_rows(int r, int c) {
   return (c >> 3) * (R * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4);
 }
+/// The dynamic shared memory rounded up to the 1024-byte boundary the swizzled tiles need (kernels
+/// size their dynamic shared memory with 1024 bytes of slack for it).
+__device__ __forceinline__ unsigned char* smem_align_1024(unsigned char* raw) {
+  return raw + ((1024 - static_cast<unsigned>(__cvta_generic_to_shared(raw)) % 1024) % 1024);
+}
 /// Float index of element (r, col) in a swizzled float32 (R, W) tile.
 template <int R>
 __device__ __forceinline__ int sw128_index_f32(int r, int col) {
